@@ -1,0 +1,419 @@
+"""YAML -> validated, frozen :class:`Settings`.
+
+Looked up as ``--config PATH``, else ``$AMQPTASKS_CONFIG``, else ``./config/amqptasks.yaml``;
+``$AMQPTASKS_BROKER_URL`` overrides ``broker.url``. The environment is passed in, never read at
+import time. Every error is one line naming the file, the key path
+(``queues.web_tasks.bindings[0].exchange``) and what was expected. Unknown keys are errors: a
+typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from .errors import ConfigError
+from .protocol import CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE
+from .routing import DEFAULT_EXCHANGE, Route, Router
+from .topology import DLQ_SUFFIX, DLX_EXCHANGE, QueueSpec, Topology, build_topology
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "BrokerSettings",
+    "ResultSettings",
+    "Settings",
+    "WorkerSettings",
+    "load_config",
+    "redact_url",
+]
+
+DEFAULT_CONFIG_PATH = Path("config/amqptasks.yaml")
+DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/%2F"
+EXCHANGE_TYPES = ("direct", "topic", "fanout")
+QUEUE_TYPES = ("classic", "quorum")
+POOLS = ("threads", "asyncio")
+ACCEPTABLE = (CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE)
+_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: safe for logs, banners and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    url: str = DEFAULT_BROKER_URL
+    #: Seconds a publish waits for the broker's confirm (or a connection) before raising.
+    publish_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    concurrency: int = 8
+    prefetch_multiplier: int = 4
+    pool: str = "threads"
+
+    @property
+    def prefetch(self) -> int:
+        return self.concurrency * self.prefetch_multiplier
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSettings:
+    #: Default for tasks that do not say: when true no reply is ever sent.
+    ignore_result: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated configuration. Build with :func:`load_config` or :meth:`from_mapping`."""
+
+    source: str = "<defaults>"
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    imports: tuple[str, ...] = ()
+    topology: Topology = field(default_factory=Topology)
+    routes: Mapping[str, Route] = field(default_factory=dict)
+    default_route: Route | None = None
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    results: ResultSettings = field(default_factory=ResultSettings)
+    accept: frozenset[str] = frozenset({CONTENT_TYPE_JSON})
+
+    def router(self) -> Router:
+        return Router(self.routes, self.default_route)
+
+    @classmethod
+    def from_mapping(
+        cls, data: Any, source: str = "<mapping>", env: Mapping[str, str] | None = None
+    ) -> Settings:
+        return _Parser(source).settings(data, env or {})
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Find, read and validate the config file; see the module docstring for the lookup order."""
+    env = os.environ if env is None else env
+    chosen = (
+        Path(path)
+        if path
+        else Path(env["AMQPTASKS_CONFIG"])
+        if env.get("AMQPTASKS_CONFIG")
+        else DEFAULT_CONFIG_PATH
+    )
+    source = str(chosen)
+    try:
+        text = chosen.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            source, "", "file not found (pass --config PATH or set AMQPTASKS_CONFIG)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, "", f"invalid YAML{where}: {problem}") from None
+    return _Parser(source).settings(data if data is not None else {}, env)
+
+
+T = TypeVar("T")
+
+
+class _Parser:
+    """Walks the YAML tree keeping the key path, so every error says exactly where."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, key, problem)
+
+    def mapping(
+        self, value: Any, key: str, allowed: tuple[str, ...] | None = None
+    ) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key or "<top level>", f"expected a mapping, got {_kind(value)}")
+        for k in value:
+            if not isinstance(k, str):
+                raise self.fail(key or "<top level>", f"keys must be strings, got {k!r}")
+        if allowed is not None:
+            for k in value:
+                if k not in allowed:
+                    raise self.fail(
+                        _join(key, k), f"unknown key (allowed here: {', '.join(allowed)})"
+                    )
+        return value
+
+    def typed(
+        self,
+        value: Any,
+        key: str,
+        typ: type[T],
+        what: str,
+        check: Callable[[T], bool] | None = None,
+    ) -> T:
+        ok = isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok or (check is not None and not check(value)):
+            raise self.fail(key, f"expected {what}, got {_show(value)}")
+        return value  # type: ignore[no-any-return]
+
+    def name(self, value: Any, key: str, what: str) -> str:
+        text = self.typed(value, key, str, f"{what} name (letters, digits, '_', '.', ':', '-')")
+        if not _NAME.match(text):
+            raise self.fail(
+                key, f"expected {what} name (letters, digits, '_', '.', ':', '-'), got {text!r}"
+            )
+        return text
+
+    def choice(self, value: Any, key: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(key, f"expected one of {', '.join(choices)}, got {_show(value)}")
+        return str(value)
+
+    # -- sections ---------------------------------------------------------------------------
+    def settings(self, data: Any, env: Mapping[str, str]) -> Settings:
+        top = self.mapping(
+            data,
+            "",
+            (
+                "broker",
+                "imports",
+                "serialization",
+                "exchanges",
+                "queues",
+                "routes",
+                "default_route",
+                "worker",
+                "results",
+            ),
+        )
+        broker = self.broker(top.get("broker", {}), env)
+        imports = tuple(
+            self.typed(m, f"imports[{i}]", str, "a module name", lambda s: bool(s.strip()))
+            for i, m in enumerate(self.seq(top.get("imports", []), "imports"))
+        )
+        exchanges = self.exchanges(top.get("exchanges", {}))
+        specs = self.queues(top.get("queues", {}), exchanges)
+        topology = build_topology(exchanges, specs)
+        routes = {
+            pattern: self.route(value, _join("routes", pattern), exchanges, topology)
+            for pattern, value in self.mapping(top.get("routes", {}), "routes").items()
+        }
+        default_route = (
+            self.route(top["default_route"], "default_route", exchanges, topology)
+            if top.get("default_route") is not None
+            else None
+        )
+        return Settings(
+            source=self.source,
+            broker=broker,
+            imports=imports,
+            topology=topology,
+            routes=routes,
+            default_route=default_route,
+            worker=self.worker(top.get("worker", {})),
+            results=self.results(top.get("results", {})),
+            accept=self.serialization(top.get("serialization", {})),
+        )
+
+    def seq(self, value: Any, key: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(key, f"expected a list, got {_kind(value)}")
+        return value
+
+    def broker(self, value: Any, env: Mapping[str, str]) -> BrokerSettings:
+        section = self.mapping(value, "broker", ("url", "publish_timeout"))
+        url = env.get("AMQPTASKS_BROKER_URL") or section.get("url", DEFAULT_BROKER_URL)
+        key = "$AMQPTASKS_BROKER_URL" if env.get("AMQPTASKS_BROKER_URL") else "broker.url"
+        url = self.typed(url, key, str, "an amqp:// or amqps:// URL")
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise self.fail(key, "expected an amqp:// or amqps:// URL") from None
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise self.fail(key, f"expected an amqp:// or amqps:// URL, got {redact_url(url)!r}")
+        timeout = self.typed(
+            section.get("publish_timeout", 10.0),
+            "broker.publish_timeout",
+            float,
+            "a positive number of seconds",
+            lambda v: v > 0,
+        )
+        return BrokerSettings(url=url, publish_timeout=timeout)
+
+    def exchanges(self, value: Any) -> dict[str, str]:
+        out = {}
+        for name, spec in self.mapping(value, "exchanges").items():
+            key = _join("exchanges", name)
+            self.name(name, key, "an exchange")
+            if name.startswith("amq.") or name == DLX_EXCHANGE:
+                raise self.fail(key, f"the name {name!r} is reserved")
+            spec = self.mapping(spec if spec is not None else {}, key, ("type",))
+            out[name] = self.choice(spec.get("type", "topic"), _join(key, "type"), EXCHANGE_TYPES)
+        return out
+
+    def queues(self, value: Any, exchanges: Mapping[str, str]) -> list[QueueSpec]:
+        specs = []
+        for name, spec in self.mapping(value, "queues").items():
+            key = _join("queues", name)
+            self.name(name, key, "a queue")
+            if name.startswith("amq.") or name.endswith(DLQ_SUFFIX):
+                raise self.fail(
+                    key,
+                    f"the name {name!r} is reserved ('amq.*' and '*{DLQ_SUFFIX}' are not allowed)",
+                )
+            spec = self.mapping(
+                spec if spec is not None else {}, key, ("bindings", "type", "max_priority")
+            )
+            bindings = []
+            for i, b in enumerate(self.seq(spec.get("bindings", []), _join(key, "bindings"))):
+                bkey = f"{_join(key, 'bindings')}[{i}]"
+                b = self.mapping(b, bkey, ("exchange", "routing_key"))
+                if "exchange" not in b:
+                    raise self.fail(_join(bkey, "exchange"), "is required")
+                exchange = self.typed(
+                    b["exchange"], _join(bkey, "exchange"), str, "an exchange name"
+                )
+                if exchange not in exchanges:
+                    raise self.fail(
+                        _join(bkey, "exchange"),
+                        f"exchange {exchange!r} is not declared under 'exchanges' "
+                        f"(declared: {', '.join(exchanges) or 'none'})",
+                    )
+                rk = self.typed(
+                    b.get("routing_key", ""),
+                    _join(bkey, "routing_key"),
+                    str,
+                    "a routing key string",
+                )
+                bindings.append((exchange, rk))
+            qtype = self.choice(spec.get("type", "classic"), _join(key, "type"), QUEUE_TYPES)
+            max_priority = spec.get("max_priority")
+            if max_priority is not None:
+                max_priority = self.typed(
+                    max_priority,
+                    _join(key, "max_priority"),
+                    int,
+                    "an integer from 1 to 255",
+                    lambda v: 1 <= v <= 255,
+                )
+                if qtype == "quorum":
+                    raise self.fail(
+                        _join(key, "max_priority"), "quorum queues do not support priorities"
+                    )
+            specs.append(QueueSpec(name, tuple(bindings), qtype, max_priority))
+        return specs
+
+    def route(
+        self, value: Any, key: str, exchanges: Mapping[str, str], topology: Topology
+    ) -> Route:
+        spec = self.mapping(value, key, ("exchange", "routing_key", "queue"))
+        if "queue" in spec:
+            if "exchange" in spec or "routing_key" in spec:
+                raise self.fail(key, "give either 'queue' or 'exchange' + 'routing_key', not both")
+            queue = self.typed(spec["queue"], _join(key, "queue"), str, "a queue name")
+            if topology.queue(queue) is None:
+                raise self.fail(
+                    _join(key, "queue"), f"queue {queue!r} is not declared under 'queues'"
+                )
+            return Route.to_queue(queue)
+        if "exchange" not in spec:
+            raise self.fail(_join(key, "exchange"), "is required (or give 'queue')")
+        exchange = self.typed(spec["exchange"], _join(key, "exchange"), str, "an exchange name")
+        if exchange != DEFAULT_EXCHANGE and exchange not in exchanges:
+            raise self.fail(
+                _join(key, "exchange"),
+                f"exchange {exchange!r} is not declared under 'exchanges' "
+                f"(declared: {', '.join(exchanges) or 'none'})",
+            )
+        if "routing_key" not in spec:
+            raise self.fail(_join(key, "routing_key"), "is required")
+        rk = self.typed(spec["routing_key"], _join(key, "routing_key"), str, "a routing key string")
+        if not topology.reaches(exchange, rk):
+            raise self.fail(
+                _join(key, "routing_key"),
+                f"routing key {rk!r} on exchange {exchange!r} reaches no declared queue "
+                "(add a matching binding under 'queues')",
+            )
+        return Route(exchange, rk)
+
+    def worker(self, value: Any) -> WorkerSettings:
+        section = self.mapping(value, "worker", ("concurrency", "prefetch_multiplier", "pool"))
+        return WorkerSettings(
+            concurrency=self.typed(
+                section.get("concurrency", 8),
+                "worker.concurrency",
+                int,
+                "a positive integer",
+                lambda v: v > 0,
+            ),
+            prefetch_multiplier=self.typed(
+                section.get("prefetch_multiplier", 4),
+                "worker.prefetch_multiplier",
+                int,
+                "a positive integer",
+                lambda v: v > 0,
+            ),
+            pool=self.choice(section.get("pool", "threads"), "worker.pool", POOLS),
+        )
+
+    def results(self, value: Any) -> ResultSettings:
+        section = self.mapping(value, "results", ("ignore_result",))
+        return ResultSettings(
+            ignore_result=self.typed(
+                section.get("ignore_result", False), "results.ignore_result", bool, "true or false"
+            ),
+        )
+
+    def serialization(self, value: Any) -> frozenset[str]:
+        section = self.mapping(value, "serialization", ("accept",))
+        accept = self.seq(section.get("accept", [CONTENT_TYPE_JSON]), "serialization.accept")
+        if not accept:
+            raise self.fail("serialization.accept", "must list at least one content type")
+        return frozenset(
+            self.choice(v, f"serialization.accept[{i}]", ACCEPTABLE) for i, v in enumerate(accept)
+        )
+
+
+def _join(key: str, part: str) -> str:
+    return f"{key}.{part}" if key else part
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    return (
+        f"{_kind(value)} {value!r}" if isinstance(value, (str, int, float, bool)) else _kind(value)
+    )

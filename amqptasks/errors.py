@@ -1,0 +1,166 @@
+"""The one exception tree of amqptasks.
+
+Every error the package raises on purpose derives from :class:`AmqpTasksError`, so a caller can
+catch "anything amqptasks says went wrong" in one clause. Client-library exceptions (pika,
+aio-pika, aiormq) are translated at the transport boundary with ``raise ... from exc``.
+
+::
+
+    AmqpTasksError
+    ├── ConfigError                 config file invalid: names file, key path, expectation
+    ├── ProtocolError               a message body/properties that cannot become an envelope
+    │   ├── DecodeError             not UTF-8 JSON object / missing or mistyped field
+    │   ├── EncodeError             arguments that cannot be serialised
+    │   └── ContentTypeRefused      content type not in the accepted list (pickle by default)
+    ├── RoutingError                no route for a task name
+    ├── TopologyError               broker objects differ from the config (which, what, values)
+    ├── BrokerError                 the broker could not be reached or talked to
+    │   └── PublishError            a publish did not get a positive confirm
+    │       ├── UnroutableError     mandatory publish returned: no queue bound
+    │       ├── PublishNacked       the broker nacked the publish
+    │       └── PublishTimeout      no confirm within the configured bound
+    ├── TaskNotRegistered           a task name the app does not know
+    ├── ResultError                 the result of a task cannot be given
+    │   ├── ResultTimeout           ``get(timeout=)`` ran out
+    │   └── ResultsDisabled         the task ignores results
+    └── TaskError                   a task raised remotely (re-raised by ``AsyncResult.get``)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AmqpTasksError",
+    "BrokerError",
+    "ConfigError",
+    "ContentTypeRefused",
+    "DecodeError",
+    "EncodeError",
+    "ProtocolError",
+    "PublishError",
+    "PublishNacked",
+    "PublishTimeout",
+    "ResultError",
+    "ResultTimeout",
+    "ResultsDisabled",
+    "RoutingError",
+    "TaskError",
+    "TaskNotRegistered",
+    "TopologyError",
+    "UnroutableError",
+]
+
+
+class AmqpTasksError(Exception):
+    """Root of every error amqptasks raises on purpose."""
+
+
+class ConfigError(AmqpTasksError):
+    """The configuration is invalid.
+
+    ``str()`` is one line a person can act on: ``file: key.path: what was expected``.
+    """
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        self.path = path
+        self.key = key
+        self.problem = problem
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {problem}")
+
+
+class ProtocolError(AmqpTasksError):
+    """A message could not be turned into an envelope.
+
+    ``reason`` is a short machine-friendly token (``decode-error``, ``content-type-refused``)
+    that the worker writes into the dead-letter headers next to the human message.
+    """
+
+    reason = "protocol-error"
+
+
+class DecodeError(ProtocolError):
+    """The body is not a UTF-8 JSON object of the documented shape."""
+
+    reason = "decode-error"
+
+
+class EncodeError(ProtocolError):
+    """Task arguments cannot be serialised into the wire format."""
+
+    reason = "encode-error"
+
+
+class ContentTypeRefused(ProtocolError):
+    """The message's content type is not accepted (pickle is refused unless enabled)."""
+
+    reason = "content-type-refused"
+
+
+class RoutingError(AmqpTasksError):
+    """No exchange/routing key could be chosen for a task."""
+
+
+class TopologyError(AmqpTasksError):
+    """The broker holds an object that differs from what the config declares."""
+
+
+class BrokerError(AmqpTasksError):
+    """The broker could not be reached or refused an operation."""
+
+
+class PublishError(BrokerError):
+    """A publish did not end in a positive publisher confirm."""
+
+
+class UnroutableError(PublishError):
+    """A mandatory publish was returned: no queue is bound for its exchange and routing key."""
+
+    def __init__(self, exchange: str, routing_key: str, reply_text: str = "NO_ROUTE") -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        super().__init__(
+            f"message unroutable: exchange {exchange!r} has no queue bound for routing key "
+            f"{routing_key!r} ({reply_text})"
+        )
+
+
+class PublishNacked(PublishError):
+    """The broker answered a publish with basic.nack (e.g. a full queue with reject-publish)."""
+
+
+class PublishTimeout(PublishError):
+    """No publisher confirm arrived within the configured bound."""
+
+
+class TaskNotRegistered(AmqpTasksError):
+    """A task name that no ``@app.task`` registered."""
+
+
+class ResultError(AmqpTasksError):
+    """The result of a task cannot be given."""
+
+
+class ResultTimeout(ResultError):
+    """``AsyncResult.get(timeout=...)`` ran out before a reply arrived."""
+
+
+class ResultsDisabled(ResultError):
+    """The task (or the config default) ignores results, so none will ever arrive."""
+
+
+class TaskError(AmqpTasksError):
+    """A task failed in a worker.
+
+    ``AsyncResult.get()`` raises a subclass whose ``__name__`` is the remote exception's type
+    name. No type named in a message is ever imported; only builtin exception types are mixed
+    in (so ``except ZeroDivisionError`` works) because they are already loaded.
+    """
+
+    def __init__(self, exc_type: str, message: str, traceback: str | None = None) -> None:
+        self.exc_type = exc_type
+        self.message = message
+        self.remote_traceback = traceback
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,418 @@
+"""The wire format: AMQP body + properties in, a typed :class:`Envelope` out, and back.
+
+Pure: no I/O, no client library. ``docs/protocol.md`` is the human spec and
+``amqptasks/schema/message-v1.json`` the machine one; tests check all three agree.
+
+The minimal valid message is ``{"task": "examples.tasks.add", "args": [2, 3]}`` published by any
+AMQP client with no properties at all, so every field but ``task`` has a default and an absent
+``content_type`` means JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+from .errors import ContentTypeRefused, DecodeError, EncodeError
+
+__all__ = [
+    "CONTENT_TYPE_JSON",
+    "CONTENT_TYPE_PICKLE",
+    "DEFAULT_ACCEPT",
+    "DL_PREFIX",
+    "FAILURE",
+    "PROTOCOL_VERSION",
+    "SUCCESS",
+    "Envelope",
+    "Properties",
+    "Reply",
+    "dead_letter_properties",
+    "decode",
+    "decode_reply",
+    "dumps",
+    "encode",
+    "encode_reply",
+    "loads",
+    "new_id",
+    "parse_time",
+]
+
+PROTOCOL_VERSION = 1
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_PICKLE = "application/x-python-serialize"
+#: Pickle is never accepted unless a user adds it to ``serialization.accept`` explicitly:
+#: unpickling a message runs code chosen by whoever could publish to the queue.
+DEFAULT_ACCEPT: frozenset[str] = frozenset({CONTENT_TYPE_JSON})
+_JSON_ALIASES = frozenset({"", CONTENT_TYPE_JSON, "application/json; charset=utf-8", "text/json"})
+
+# Fields a later feature fills; accepted and type-checked now so producers can rely on them.
+_LINK_FIELDS = ("callbacks", "errbacks", "chain", "chord")
+_KNOWN_FIELDS = frozenset(
+    {
+        "v",
+        "task",
+        "id",
+        "args",
+        "kwargs",
+        "retries",
+        "eta",
+        "countdown",
+        "expires",
+        "root_id",
+        "parent_id",
+        *_LINK_FIELDS,
+    }
+)
+
+
+def new_id() -> str:
+    """A fresh task id (UUID4 as text): unique without coordination."""
+    return str(uuid.uuid4())
+
+
+def dumps(value: Any) -> bytes:
+    """JSON-encode ``value`` as UTF-8 bytes (orjson: fast, strict, no NaN surprises)."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def loads(data: bytes | str) -> Any:
+    """Decode UTF-8 JSON; raises :class:`DecodeError` on anything else."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"body is not valid UTF-8 JSON: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Properties:
+    """The AMQP basic properties the protocol reads or writes, independent of any client."""
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    message_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    priority: int | None = None
+    headers: dict[str, Any] | None = None
+    delivery_mode: int | None = None
+    timestamp: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One task invocation as it travels: what to run, with what, and its delivery metadata."""
+
+    task: str
+    id: str = field(default_factory=new_id)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0
+    eta: datetime | None = None
+    expires: datetime | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    links: dict[str, Any] = field(default_factory=dict)
+    # From AMQP properties, not the body:
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    priority: int | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires is not None and now >= self.expires
+
+
+def parse_time(value: Any, key: str, now: datetime | None = None) -> datetime:
+    """An ISO 8601 string (naive means UTC) or, relative to ``now``, a number of seconds."""
+    if isinstance(value, bool):
+        raise DecodeError(f"field {key!r} must be an ISO 8601 time or seconds, got a boolean")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise DecodeError(f"field {key!r} must be a finite number of seconds")
+        return (now or datetime.now(timezone.utc)) + timedelta(seconds=value)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise DecodeError(f"field {key!r} is not an ISO 8601 time: {value!r}") from exc
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    raise DecodeError(
+        f"field {key!r} must be an ISO 8601 time or seconds, got {type(value).__name__}"
+    )
+
+
+def _body_object(body: bytes, content_type: str, accept: frozenset[str]) -> dict[str, Any]:
+    if content_type in _JSON_ALIASES:
+        if CONTENT_TYPE_JSON not in accept:
+            raise ContentTypeRefused(f"content type {CONTENT_TYPE_JSON!r} is not accepted")
+        obj = loads(body)
+    elif content_type == CONTENT_TYPE_PICKLE and CONTENT_TYPE_PICKLE in accept:
+        try:
+            obj = pickle.loads(body)
+        except Exception as exc:
+            raise DecodeError(f"pickle body could not be loaded: {exc}") from exc
+    else:
+        raise ContentTypeRefused(
+            f"content type {content_type!r} is not accepted (accepted: {', '.join(sorted(accept))})"
+        )
+    if not isinstance(obj, dict):
+        raise DecodeError(f"body must be a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    for typ, name in names.items():
+        if isinstance(value, typ):
+            return name
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _opt_str(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise DecodeError(f"field {key!r} must be a string, got {_json_type(value)}")
+    return value
+
+
+def decode(
+    body: bytes,
+    props: Properties,
+    accept: frozenset[str] = DEFAULT_ACCEPT,
+    now: datetime | None = None,
+) -> Envelope:
+    """Turn a delivery's body and properties into an :class:`Envelope`.
+
+    Raises :class:`DecodeError` or :class:`ContentTypeRefused` with a message naming the field
+    and what was expected; the worker dead-letters the delivery with that text as the reason.
+    """
+    content_type = (props.content_type or "").strip().lower()
+    obj = _body_object(body, content_type, accept)
+
+    task = obj.get("task")
+    if not isinstance(task, str) or not task:
+        raise DecodeError("field 'task' is required and must be a non-empty string")
+    unknown = obj.keys() - _KNOWN_FIELDS
+    if unknown:
+        raise DecodeError(f"unknown field(s) {', '.join(sorted(map(repr, unknown)))}")
+    version = obj.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(
+            f"field 'v' is {version!r}; this worker speaks version {PROTOCOL_VERSION}"
+        )
+
+    args = obj.get("args", [])
+    if not isinstance(args, list):
+        raise DecodeError(f"field 'args' must be a JSON array, got {_json_type(args)}")
+    kwargs = obj.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise DecodeError(f"field 'kwargs' must be a JSON object, got {_json_type(kwargs)}")
+    retries = obj.get("retries", 0)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise DecodeError("field 'retries' must be a non-negative integer")
+
+    task_id = _opt_str(obj, "id") or props.message_id or new_id()
+    eta = None
+    if obj.get("eta") is not None and obj.get("countdown") is not None:
+        raise DecodeError("fields 'eta' and 'countdown' are mutually exclusive")
+    if obj.get("eta") is not None:
+        eta = parse_time(obj["eta"], "eta", now)
+    elif obj.get("countdown") is not None:
+        if not isinstance(obj["countdown"], (int, float)) or isinstance(obj["countdown"], bool):
+            raise DecodeError("field 'countdown' must be a number of seconds")
+        eta = parse_time(obj["countdown"], "countdown", now)
+    expires = parse_time(obj["expires"], "expires", now) if obj.get("expires") is not None else None
+
+    links: dict[str, Any] = {}
+    for key in _LINK_FIELDS:
+        if obj.get(key) is not None:
+            links[key] = obj[key]
+    for key in ("callbacks", "errbacks", "chain"):
+        if key in links and not isinstance(links[key], list):
+            raise DecodeError(f"field {key!r} must be a JSON array")
+    if "chord" in links and not isinstance(links["chord"], dict):
+        raise DecodeError("field 'chord' must be a JSON object")
+
+    priority = props.priority
+    return Envelope(
+        task=task,
+        id=task_id,
+        args=tuple(args),
+        kwargs=kwargs,
+        retries=retries,
+        eta=eta,
+        expires=expires,
+        root_id=_opt_str(obj, "root_id"),
+        parent_id=_opt_str(obj, "parent_id"),
+        links=links,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        priority=priority,
+        headers=dict(props.headers) if props.headers else {},
+    )
+
+
+def encode(envelope: Envelope) -> tuple[bytes, Properties]:
+    """Serialise an envelope as the documented JSON body and persistent properties.
+
+    Only non-default fields are written, so a message stays as small as the minimal form.
+    """
+    obj: dict[str, Any] = {"task": envelope.task, "id": envelope.id, "args": list(envelope.args)}
+    if envelope.kwargs:
+        obj["kwargs"] = envelope.kwargs
+    if envelope.retries:
+        obj["retries"] = envelope.retries
+    if envelope.eta is not None:
+        obj["eta"] = envelope.eta.isoformat()
+    if envelope.expires is not None:
+        obj["expires"] = envelope.expires.isoformat()
+    if envelope.root_id is not None:
+        obj["root_id"] = envelope.root_id
+    if envelope.parent_id is not None:
+        obj["parent_id"] = envelope.parent_id
+    obj.update(envelope.links)
+    try:
+        body = dumps(obj)
+    except TypeError as exc:
+        raise EncodeError(
+            f"task {envelope.task!r} arguments are not JSON-serialisable: {exc}"
+        ) from exc
+    props = Properties(
+        content_type=CONTENT_TYPE_JSON,
+        content_encoding="utf-8",
+        message_id=envelope.id,
+        correlation_id=envelope.correlation_id or envelope.id,
+        reply_to=envelope.reply_to,
+        priority=envelope.priority,
+        headers=envelope.headers or None,
+        delivery_mode=2,
+    )
+    return body, props
+
+
+# -- replies ---------------------------------------------------------------------------------
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome of one task, sent to the caller's ``reply_to`` (see docs/protocol.md)."""
+
+    id: str
+    status: str
+    task: str = ""
+    result: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """The documented reply body. A result that is not JSON-serialisable becomes a FAILURE."""
+    obj: dict[str, Any] = {"id": reply.id, "task": reply.task, "status": reply.status}
+    if reply.status == SUCCESS:
+        obj["result"] = reply.result
+    else:
+        obj["error"] = {
+            "type": reply.error_type,
+            "message": reply.error_message,
+            "traceback": reply.traceback,
+        }
+    try:
+        return dumps(obj)
+    except TypeError as exc:
+        return dumps(
+            {
+                "id": reply.id,
+                "task": reply.task,
+                "status": FAILURE,
+                "error": {
+                    "type": "EncodeError",
+                    "message": f"result of type {type(reply.result).__name__} is not "
+                    f"JSON-serialisable: {exc}",
+                    "traceback": None,
+                },
+            }
+        )
+
+
+def decode_reply(body: bytes) -> Reply:
+    obj = loads(body)
+    if not isinstance(obj, dict) or obj.get("status") not in (SUCCESS, FAILURE):
+        raise DecodeError("reply must be a JSON object with status SUCCESS or FAILURE")
+    error = obj.get("error") or {}
+    if not isinstance(error, dict):
+        raise DecodeError("reply field 'error' must be a JSON object")
+    return Reply(
+        id=str(obj.get("id", "")),
+        status=obj["status"],
+        task=str(obj.get("task", "")),
+        result=obj.get("result"),
+        error_type=error.get("type"),
+        error_message=error.get("message"),
+        traceback=error.get("traceback"),
+    )
+
+
+# -- dead letters ----------------------------------------------------------------------------
+DL_PREFIX = "x-amqptasks-"
+TRACEBACK_LIMIT = 8192
+
+
+def dead_letter_properties(
+    props: Properties,
+    *,
+    reason: str,
+    detail: str,
+    queue: str,
+    exchange: str,
+    routing_key: str,
+    hostname: str,
+    failed_at: datetime,
+    exc_type: str | None = None,
+    exc_message: str | None = None,
+    traceback: str | None = None,
+    attempts: int = 1,
+) -> Properties:
+    """The original properties plus the documented ``x-amqptasks-*`` dead-letter headers.
+
+    The body is never changed, so a replay republishes exactly what the producer sent.
+    """
+    headers = dict(props.headers or {})
+    first = headers.get(DL_PREFIX + "first-failed-at") or failed_at.isoformat()
+    headers.update(
+        {
+            DL_PREFIX + "reason": reason,
+            DL_PREFIX + "detail": detail[:TRACEBACK_LIMIT],
+            DL_PREFIX + "queue": queue,
+            DL_PREFIX + "original-exchange": exchange,
+            DL_PREFIX + "original-routing-key": routing_key,
+            DL_PREFIX + "worker": hostname,
+            DL_PREFIX + "attempts": attempts,
+            DL_PREFIX + "first-failed-at": first,
+            DL_PREFIX + "last-failed-at": failed_at.isoformat(),
+        }
+    )
+    if exc_type is not None:
+        headers[DL_PREFIX + "exception-type"] = exc_type
+        headers[DL_PREFIX + "exception-message"] = (exc_message or "")[:TRACEBACK_LIMIT]
+    if traceback is not None:
+        headers[DL_PREFIX + "traceback"] = traceback[-TRACEBACK_LIMIT:]
+    return Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        priority=props.priority,
+        headers=headers,
+        delivery_mode=2,
+        timestamp=props.timestamp,
+    )

@@ -1,0 +1,134 @@
+"""Result handles over AMQP direct reply-to (the ``rpc`` backend: no extra infrastructure).
+
+A publisher that wants a reply sets ``reply_to = amq.rabbitmq.reply-to`` on a channel that
+consumes that pseudo-queue; the worker answers through the default exchange with the request's
+``correlation_id``. :class:`ResultCollector` matches replies to waiting :class:`AsyncResult`s.
+Replies are not stored: a handle dropped (or a process restarted) before the reply arrives
+means the reply is discarded — that is the rpc contract, documented in docs/results.md.
+
+Remote errors are re-raised as :class:`TaskError` subclasses *named* after the remote type.
+No type named in a message is ever imported; builtin exception types are mixed in (they are
+already loaded), so ``except ZeroDivisionError`` works for the common cases.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import weakref
+from typing import Any
+
+from .errors import ResultsDisabled, ResultTimeout, TaskError
+from .protocol import FAILURE, SUCCESS, Reply, decode_reply
+
+__all__ = ["PENDING", "AsyncResult", "ResultCollector", "remote_error"]
+
+PENDING = "PENDING"
+
+
+class _State:
+    """What one handle waits on; owned by the handle, looked up weakly by the collector."""
+
+    __slots__ = ("__weakref__", "event", "reply")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: Reply | None = None
+
+
+class ResultCollector:
+    """Routes replies (by correlation id) to the handles still alive in this process."""
+
+    def __init__(self) -> None:
+        self._waiting: weakref.WeakValueDictionary[str, _State] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def expect(self, correlation_id: str) -> _State:
+        state = _State()
+        with self._lock:
+            self._waiting[correlation_id] = state
+        return state
+
+    def deliver(self, correlation_id: str | None, body: bytes) -> bool:
+        """Hand a reply to its handle; False when nobody waits for it (handle dropped)."""
+        if correlation_id is None:
+            return False
+        with self._lock:
+            state = self._waiting.pop(correlation_id, None)
+        if state is None:
+            return False
+        try:
+            state.reply = decode_reply(body)
+        except Exception as exc:  # a malformed reply must still wake the caller
+            state.reply = Reply(
+                correlation_id,
+                FAILURE,
+                error_type="DecodeError",
+                error_message=f"malformed reply: {exc}",
+            )
+        state.event.set()
+        return True
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+
+def remote_error(reply: Reply) -> TaskError:
+    """A :class:`TaskError` whose class name is the remote type name (never imported)."""
+    name = reply.error_type or "TaskError"
+    bases: tuple[type, ...] = (TaskError,)
+    builtin = getattr(builtins, name, None)
+    if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin is not Exception:
+        bases = (TaskError, builtin)
+    safe = name if name.isidentifier() else "TaskError"
+    try:
+        cls = type(safe, bases, {"__module__": "amqptasks.remote"})
+    except TypeError:  # a builtin whose C layout cannot be mixed in
+        cls = type(safe, (TaskError,), {"__module__": "amqptasks.remote"})
+    err: TaskError = cls(name, reply.error_message or "", reply.traceback)
+    return err
+
+
+class AsyncResult:
+    """The handle ``delay()`` returns: ``.id``, ``.ready()``, ``.status``, ``.get(timeout=)``."""
+
+    def __init__(self, task_id: str, task: str, state: _State | None) -> None:
+        self.id = task_id
+        self.task = task
+        self._state = state
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.task}[{self.id}] {self.status}>"
+
+    @property
+    def status(self) -> str:
+        if self._state is None or self._state.reply is None:
+            return PENDING
+        return self._state.reply.status
+
+    def ready(self) -> bool:
+        return self._state is not None and self._state.event.is_set()
+
+    def successful(self) -> bool:
+        return self.status == SUCCESS
+
+    def get(self, timeout: float | None = 30.0, *, propagate: bool = True) -> Any:
+        """Wait for the reply; return the result or raise the task's error.
+
+        ``timeout=None`` waits forever (not recommended: a worker may never run the task).
+        """
+        if self._state is None:
+            raise ResultsDisabled(
+                f"task {self.task!r} ignores results (ignore_result): no reply will be sent"
+            )
+        if not self._state.event.wait(timeout):
+            raise ResultTimeout(f"no result for task {self.task!r} id {self.id} within {timeout}s")
+        reply = self._state.reply
+        assert reply is not None
+        if reply.status == FAILURE:
+            err = remote_error(reply)
+            if propagate:
+                raise err
+            return err
+        return reply.result

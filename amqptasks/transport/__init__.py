@@ -1,0 +1,1 @@
+"""Broker I/O: the only package that imports pika (sync publisher) and aio-pika (asyncio)."""

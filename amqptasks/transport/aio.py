@@ -1,0 +1,338 @@
+"""The asyncio transport: the only module that imports aio-pika.
+
+* :class:`AsyncPublisher` — awaitable confirmed, mandatory publishes (and a direct reply-to
+  consumer on the same channel when results are wanted).
+* :class:`AsyncConsumer` — one consuming connection with per-consumer QoS and manual acks,
+  handing each delivery to the worker as a client-independent :class:`Delivery`.
+
+Publishing and consuming use separate connections: a broker resource alarm blocks publishing
+connections only, and a consumer must keep acking while publishers are blocked.
+Client exceptions are translated here (``raise ... from exc``) into the amqptasks tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from ..config import redact_url
+from ..errors import (
+    BrokerError,
+    PublishError,
+    PublishNacked,
+    PublishTimeout,
+    TopologyError,
+    UnroutableError,
+)
+from ..protocol import Properties
+from ..topology import Binding, Exchange, Queue, Topology
+from .pika_publisher import REPLY_TO, ReplyHandler
+
+__all__ = ["AsyncConsumer", "AsyncPublisher", "Delivery", "declare_topology"]
+
+log = logging.getLogger("amqptasks.transport")
+
+
+def _message(body: bytes, props: Properties) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        priority=props.priority,
+        headers=props.headers,
+        delivery_mode=aio_pika.DeliveryMode(props.delivery_mode or 1),
+        timestamp=props.timestamp,
+    )
+
+
+async def _connect(url: str, name: str, timeout: float) -> aio_pika.abc.AbstractConnection:
+    try:
+        return await aio_pika.connect(
+            url, timeout=timeout, client_properties={"connection_name": name}
+        )
+    except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        raise BrokerError(f"cannot connect to broker {redact_url(url)}: {exc!r}") from exc
+
+
+class AsyncPublisher:
+    """Confirmed, mandatory publishing for asyncio callers and the worker."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        name: str = "amqptasks publisher",
+        on_reply: ReplyHandler | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.name = name
+        self.on_reply = on_reply
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def reply_to(self) -> str | None:
+        return REPLY_TO if self.on_reply is not None else None
+
+    async def _ready(self) -> aio_pika.abc.AbstractChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._lock:
+            if self._channel is None or self._channel.is_closed:
+                if self._conn is not None:
+                    await self._conn.close()
+                self._conn = await _connect(self.url, self.name, self.timeout)
+                self._channel = await self._conn.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._exchanges = {"": self._channel.default_exchange}
+                if self.on_reply is not None:
+                    await self._consume_replies(self._channel)
+            return self._channel
+
+    async def _consume_replies(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        handler = self.on_reply
+        assert handler is not None
+        queue = await channel.get_queue(REPLY_TO, ensure=False)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            handler(message.correlation_id, message.body)
+
+        await queue.consume(on_message, no_ack=True)
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: Properties,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm; raises a :class:`PublishError` if not."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            channel = await asyncio.wait_for(self._ready(), limit)
+            ex = self._exchanges.get(exchange)
+            if ex is None:
+                ex = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
+            await ex.publish(_message(body, props), routing_key, mandatory=True, timeout=limit)
+        except aio_pika.exceptions.PublishError as exc:
+            text = getattr(getattr(exc, "frame", None), "reply_text", "NO_ROUTE")
+            raise UnroutableError(exchange, routing_key, str(text)) from exc
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishNacked(
+                f"broker nacked the publish to exchange {exchange!r} routing key {routing_key!r}"
+            ) from exc
+        except asyncio.TimeoutError as exc:
+            raise PublishTimeout(
+                f"no confirm for the publish to exchange {exchange!r} routing key "
+                f"{routing_key!r} within {limit}s; it may or may not have been delivered"
+            ) from exc
+        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise PublishError(f"publish to exchange {exchange!r} failed: {exc!r}") from exc
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+        self._conn = self._channel = None
+
+
+class Delivery:
+    """A received message with its tag: the worker's client-independent view."""
+
+    __slots__ = (
+        "_message",
+        "body",
+        "exchange",
+        "properties",
+        "queue",
+        "redelivered",
+        "routing_key",
+    )
+
+    def __init__(self, message: aio_pika.abc.AbstractIncomingMessage, queue: str) -> None:
+        self._message = message
+        self.body: bytes = message.body
+        self.queue = queue
+        self.exchange: str = message.exchange or ""
+        self.routing_key: str = message.routing_key or ""
+        self.redelivered = bool(message.redelivered)
+        self.properties = Properties(
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            priority=message.priority,
+            headers=dict(message.headers) if message.headers else None,
+            delivery_mode=int(message.delivery_mode) if message.delivery_mode else None,
+            timestamp=message.timestamp,
+        )
+
+    async def ack(self) -> None:
+        await self._message.ack()
+
+    async def reject(self) -> None:
+        """Reject without requeue: the queue's dead-letter exchange takes it."""
+        await self._message.reject(requeue=False)
+
+    async def requeue(self) -> None:
+        """Give the message back to the queue (for prefetched work not started at shutdown)."""
+        await self._message.nack(requeue=True)
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+
+
+class AsyncConsumer:
+    """One consuming connection: per-consumer QoS, manual acks, one consumer per queue."""
+
+    def __init__(
+        self, url: str, *, prefetch: int, name: str = "amqptasks worker", timeout: float = 10.0
+    ) -> None:
+        self.url = url
+        self.prefetch = prefetch
+        self.name = name
+        self.timeout = timeout
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+
+    async def connect(self) -> None:
+        self._conn = await _connect(self.url, self.name, self.timeout)
+        self._channel = await self._conn.channel(publisher_confirms=False)
+        # global_=False: the limit applies to each consumer (RabbitMQ's per-consumer QoS).
+        await self._channel.set_qos(prefetch_count=self.prefetch, global_=False)
+
+    async def consume(self, queue: str, handler: DeliveryHandler) -> None:
+        assert self._channel is not None, "connect() first"
+        try:
+            q = await self._channel.get_queue(queue, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise BrokerError(
+                f"queue {queue!r} does not exist on the broker: run 'amqptasks topology apply'"
+            ) from exc
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await handler(Delivery(message, queue))
+
+        tag = await q.consume(on_message, no_ack=False)
+        self._consumers.append((q, tag))
+
+    async def cancel(self) -> None:
+        """Stop new deliveries; already delivered ones stay ours to settle."""
+        consumers, self._consumers = self._consumers, []
+        for q, tag in consumers:
+            try:
+                await q.cancel(tag)
+            except Exception as exc:  # a dead channel has no consumers left anyway
+                log.debug("cancel of %s failed: %r", q.name, exc)
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed:
+            await self._conn.close()
+        self._conn = self._channel = None
+
+    def add_close_callback(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(exc)`` when the consuming connection closes."""
+        assert self._conn is not None, "connect() first"
+        self._conn.close_callbacks.add(lambda _sender, exc=None: callback(exc))
+
+    @property
+    def is_closed(self) -> bool:
+        return self._conn is None or self._conn.is_closed
+
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
+    r"[^:]*: received (?P<ours>.+?) but current is (?P<theirs>.+)$"
+)
+
+
+def describe_mismatch(kind: str, name: str, text: str) -> str:
+    """Turn RabbitMQ's PRECONDITION_FAILED text into 'which object, which argument, values'."""
+    m = _INEQUIVALENT.search(text)
+    if m is None:
+        return f"{kind} {name!r}: the broker refused the declaration: {text}"
+    return (
+        f"{m['kind']} {m['name']!r}: argument {m['arg']!r} differs — broker has "
+        f"{m['theirs'].strip()}, config wants {m['ours'].strip()} "
+        "(delete the object or change the config)"
+    )
+
+
+async def declare_topology(url: str, topology: Topology, *, timeout: float = 10.0) -> list[str]:
+    """Declare every exchange, queue and binding idempotently; return what was declared.
+
+    Objects that already exist with other arguments are collected and reported together as a
+    :class:`TopologyError` naming each object, argument and both values, instead of stopping at
+    the first PRECONDITION_FAILED (each failure closes its channel, so a new one is opened).
+    """
+    conn = await _connect(url, "amqptasks topology", timeout)
+    done: list[str] = []
+    problems: list[str] = []
+    try:
+        channel = await conn.channel(publisher_confirms=False)
+
+        async def attempt(kind: str, name: str, op: Callable[[Any], Awaitable[Any]]) -> None:
+            nonlocal channel
+            try:
+                await op(channel)
+                done.append(f"{kind} {name}")
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                problems.append(
+                    describe_mismatch(kind, name, str(exc.args[0] if exc.args else exc))
+                )
+                channel = await conn.channel(publisher_confirms=False)
+            except aiormq.exceptions.AMQPError as exc:
+                problems.append(f"{kind} {name!r}: {exc!r}")
+                channel = await conn.channel(publisher_confirms=False)
+
+        for e in topology.exchanges:
+            await attempt("exchange", e.name, partial(_declare_exchange, e))
+        for q in topology.queues:
+            await attempt("queue", q.name, partial(_declare_queue, q))
+        for b in topology.bindings:
+            label = f"{b.exchange} -[{b.routing_key}]-> {b.queue}"
+            await attempt("binding", label, partial(_bind, b))
+    finally:
+        await conn.close()
+    if problems:
+        raise TopologyError("topology differs from the broker:\n  " + "\n  ".join(problems))
+    return done
+
+
+async def _declare_exchange(e: Exchange, channel: aio_pika.abc.AbstractChannel) -> None:
+    await channel.declare_exchange(
+        e.name,
+        aio_pika.ExchangeType(e.type),
+        durable=e.durable,
+        arguments=dict(e.arguments) or None,
+    )
+
+
+async def _declare_queue(q: Queue, channel: aio_pika.abc.AbstractChannel) -> None:
+    await channel.declare_queue(q.name, durable=q.durable, arguments=q.args or None)
+
+
+async def _bind(b: Binding, channel: aio_pika.abc.AbstractChannel) -> None:
+    queue = await channel.get_queue(b.queue, ensure=False)
+    await queue.bind(b.exchange, b.routing_key)

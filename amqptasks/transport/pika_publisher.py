@@ -1,0 +1,321 @@
+"""The synchronous, thread-safe publisher: the only module that imports pika.
+
+One background I/O thread owns a pika ``SelectConnection`` and a confirm-mode channel; callers
+on any thread hand it publishes through ``add_callback_threadsafe`` and wait on a future that
+the broker's ``basic.ack`` resolves. That gives three things a web app needs at once:
+
+* thread safety without a connection per thread (pika connections are not thread-safe);
+* pipelined confirms: many threads' publishes are in flight together, and
+  :meth:`SyncPublisher.publish_nowait` lets one caller pipeline a batch;
+* a direct reply-to consumer on the *same* channel, which RabbitMQ requires for replies.
+
+Every publish is ``mandatory``: a ``basic.return`` (no queue bound) arrives before the
+``basic.ack`` of the same message and turns that ack into :class:`UnroutableError`. A nack
+raises :class:`PublishNacked`; no confirm within the bound raises :class:`PublishTimeout`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pika.exceptions
+import pika.frame
+import pika.spec
+
+from ..config import redact_url
+from ..errors import BrokerError, PublishError, PublishNacked, PublishTimeout, UnroutableError
+from ..protocol import Properties
+
+__all__ = ["ReplyHandler", "SyncPublisher"]
+
+log = logging.getLogger("amqptasks.publisher")
+
+#: Called on the I/O thread with (correlation_id, body) for each direct reply-to message.
+ReplyHandler = Callable[[str | None, bytes], object]
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+def to_pika(props: Properties) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        priority=props.priority,
+        headers=props.headers,
+        delivery_mode=props.delivery_mode,
+    )
+
+
+class _Pending:
+    __slots__ = ("exchange", "future", "message_id", "routing_key")
+
+    def __init__(
+        self,
+        future: concurrent.futures.Future[None],
+        exchange: str,
+        routing_key: str,
+        message_id: str | None,
+    ) -> None:
+        self.future = future
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.message_id = message_id
+
+
+class _Link:
+    """One connection + confirm channel, driven by its own thread until it closes."""
+
+    def __init__(self, url: str, name: str, timeout: float, on_reply: ReplyHandler | None) -> None:
+        self.url = url
+        self.on_reply = on_reply
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.closed = False
+        self.channel: Any = None
+        self._seq = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._returned: dict[str, str] = {}
+        params = pika.URLParameters(url)
+        params.client_properties = {"connection_name": name}
+        params.connection_attempts = 1
+        params.socket_timeout = timeout
+        params.stack_timeout = timeout
+        params.blocked_connection_timeout = timeout
+        self.conn = pika.SelectConnection(
+            params,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_close,
+        )
+        self.thread = threading.Thread(target=self._run, name="amqptasks-publisher", daemon=True)
+        self.thread.start()
+
+    # -- I/O thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.conn.ioloop.start()
+        except Exception as exc:  # pragma: no cover - defensive: never leave callers waiting
+            log.exception("publisher I/O loop crashed")
+            self._fail_all(BrokerError(f"publisher I/O loop crashed: {exc}"))
+        finally:
+            self.closed = True
+            self.ready.set()
+            self.conn.ioloop.close()  # releases the loop's wake-up socket pair
+
+    def _on_open(self, conn: Any) -> None:
+        conn.channel(on_open_callback=self._on_channel)
+
+    def _on_channel(self, channel: Any) -> None:
+        self.channel = channel
+        channel.add_on_close_callback(self._on_channel_close)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_ok)
+
+    def _on_confirm_ok(self, _frame: Any) -> None:
+        if self.on_reply is None:
+            self.ready.set()
+            return
+        self.channel.basic_consume(
+            REPLY_TO, self._on_reply_message, auto_ack=True, callback=lambda _f: self.ready.set()
+        )
+
+    def _on_reply_message(self, _ch: Any, _method: Any, props: Any, body: bytes) -> None:
+        assert self.on_reply is not None
+        try:
+            self.on_reply(props.correlation_id, body)
+        except Exception:  # a bad handler must not kill the publisher
+            log.exception("reply handler failed")
+
+    def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
+        self.error = BrokerError(f"cannot connect to broker {redact_url(self.url)}: {exc}")
+        self.closed = True
+        self.ready.set()
+        self.conn.ioloop.stop()
+
+    def _on_close(self, _conn: Any, exc: BaseException) -> None:
+        self.closed = True
+        self.error = BrokerError(f"connection to broker {redact_url(self.url)} closed: {exc}")
+        self._fail_all(
+            BrokerError(
+                f"connection to broker closed before the publish was confirmed ({exc}); "
+                "the message may or may not have been delivered"
+            )
+        )
+        self.ready.set()
+        self.conn.ioloop.stop()
+
+    def _on_channel_close(self, _ch: Any, exc: BaseException) -> None:
+        self.closed = True
+        self.error = BrokerError(f"publisher channel closed: {exc}")
+        self._fail_all(BrokerError(f"publisher channel closed before the confirm: {exc}"))
+        if self.conn.is_open:
+            self.conn.close()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for rec in pending.values():
+            if not rec.future.done():
+                rec.future.set_exception(exc)
+
+    def _on_return(self, _ch: Any, method: Any, props: Any, _body: bytes) -> None:
+        # Arrives before the basic.ack of the same message (RabbitMQ confirms doc).
+        if props.message_id is not None:
+            self._returned[props.message_id] = method.reply_text
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        tag = method.delivery_tag
+        if method.multiple:
+            tags = [seq for seq in self._pending if seq <= tag]
+        else:
+            tags = [tag] if tag in self._pending else []
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        for seq in tags:
+            rec = self._pending.pop(seq)
+            if rec.future.done():
+                continue
+            returned = (
+                self._returned.pop(rec.message_id, None)
+                if self._returned and rec.message_id is not None
+                else None
+            )
+            if returned is not None:
+                rec.future.set_exception(UnroutableError(rec.exchange, rec.routing_key, returned))
+            elif acked:
+                rec.future.set_result(None)
+            else:
+                rec.future.set_exception(
+                    PublishNacked(
+                        f"broker nacked the publish to exchange {rec.exchange!r} routing key "
+                        f"{rec.routing_key!r} (e.g. a full queue with overflow reject-publish)"
+                    )
+                )
+
+    def _publish(self, rec: _Pending, body: bytes, props: pika.BasicProperties) -> None:
+        if self.closed or self.channel is None or not self.channel.is_open:
+            rec.future.set_exception(self.error or BrokerError("publisher channel is not open"))
+            return
+        seq = next(self._seq)
+        self._pending[seq] = rec
+        try:
+            self.channel.basic_publish(rec.exchange, rec.routing_key, body, props, mandatory=True)
+        except Exception as exc:
+            self._pending.pop(seq, None)
+            rec.future.set_exception(PublishError(f"publish failed: {exc}"))
+
+    # -- any thread ---------------------------------------------------------------------------
+    def submit(self, rec: _Pending, body: bytes, props: pika.BasicProperties) -> None:
+        try:
+            self.conn.ioloop.add_callback_threadsafe(lambda: self._publish(rec, body, props))
+        except Exception as exc:  # the loop already stopped
+            rec.future.set_exception(self.error or BrokerError(f"publisher is closed: {exc}"))
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self.conn.is_open:
+                self.conn.close()
+            elif not self.conn.is_closing:
+                self.conn.ioloop.stop()
+
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self.conn.ioloop.add_callback_threadsafe(_close)
+        self.thread.join(timeout=5)
+
+
+class SyncPublisher:
+    """Publishes with confirms from any thread; reconnects lazily after a lost connection."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        name: str = "amqptasks publisher",
+        on_reply: ReplyHandler | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.name = name
+        self.on_reply = on_reply
+        self._link: _Link | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def reply_to(self) -> str | None:
+        """The reply-to address for results, or None when this publisher takes no replies."""
+        return REPLY_TO if self.on_reply is not None else None
+
+    def _connected(self, deadline: float) -> _Link:
+        with self._lock:
+            link = self._link
+            if link is None or link.closed:
+                if link is not None:
+                    link.close()
+                link = self._link = _Link(self.url, self.name, self.timeout, self.on_reply)
+        if not link.ready.wait(max(0.0, deadline - time.monotonic())):
+            raise PublishTimeout(
+                f"could not open a channel to {redact_url(self.url)} within {self.timeout}s"
+            )
+        if link.closed:
+            raise link.error or BrokerError(f"cannot connect to broker {redact_url(self.url)}")
+        return link
+
+    def publish_nowait(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: Properties,
+        *,
+        timeout: float | None = None,
+    ) -> concurrent.futures.Future[None]:
+        """Start a publish; the future resolves on the broker's confirm (or its error)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        link = self._connected(deadline)
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        link.submit(_Pending(future, exchange, routing_key, props.message_id), body, to_pika(props))
+        return future
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: Properties,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish and block until the broker confirms; raises a :class:`PublishError` if not."""
+        limit = self.timeout if timeout is None else timeout
+        future = self.publish_nowait(exchange, routing_key, body, props, timeout=limit)
+        wait(future, limit, exchange, routing_key)
+
+    def close(self) -> None:
+        with self._lock:
+            link, self._link = self._link, None
+        if link is not None:
+            link.close()
+
+
+def wait(
+    future: concurrent.futures.Future[None], timeout: float, exchange: str, routing_key: str
+) -> None:
+    """Wait for one publish future, turning a timeout into :class:`PublishTimeout`."""
+    try:
+        future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise PublishTimeout(
+            f"no confirm for the publish to exchange {exchange!r} routing key {routing_key!r} "
+            f"within {timeout}s; the message may or may not have been delivered"
+        ) from None
