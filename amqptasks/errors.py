@@ -118,8 +118,9 @@ class UnroutableError(PublishError):
     def __init__(self, exchange: str, routing_key: str, reply_text: str = "NO_ROUTE") -> None:
         self.exchange = exchange
         self.routing_key = routing_key
+        where = f"exchange {exchange!r}" if exchange else "the default exchange (queue name)"
         super().__init__(
-            f"message unroutable: exchange {exchange!r} has no queue bound for routing key "
+            f"message unroutable: {where} has no queue bound for routing key "
             f"{routing_key!r} ({reply_text})"
         )
 

@@ -1,0 +1,218 @@
+"""Every config key and CLI option the docs name, exercised for real."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import subprocess
+import time
+
+import pika
+import pytest
+from broker_fixtures import ROOT, amqptasks_exe, cli_env, ledger_lines, wait_for, write_config
+
+from amqptasks import App, ResultsDisabled, load_config
+
+
+def test_quorum_queue_and_its_dlq_are_declared_as_quorum(tmp_path, broker, worker_factory):
+    cfg = write_config(
+        tmp_path,
+        broker,
+        queues={
+            "default": {
+                "type": "quorum",
+                "bindings": [{"exchange": "tasks", "routing_key": "task.#"}],
+            },
+            "web_tasks": {"bindings": [{"exchange": "tasks", "routing_key": "web.#"}]},
+        },
+        routes={},
+        default_route={"exchange": "tasks", "routing_key": "task.default"},
+    )
+    worker_factory(cfg, "-Q", "default")
+    assert broker.queue_info("default")["type"] == "quorum"
+    assert broker.queue_info("default.dlq")["type"] == "quorum"
+    app = App(load_config(cfg, env={}))
+    try:
+        assert app.send_task("examples.tasks.add", (1, 2)).get(timeout=20) == 3
+    finally:
+        app.close()
+
+
+def test_max_priority_queue_delivers_higher_priority_first(tmp_path, broker, worker_factory):
+    cfg = write_config(
+        tmp_path,
+        broker,
+        queues={
+            "default": {
+                "max_priority": 9,
+                "bindings": [{"exchange": "tasks", "routing_key": "task.#"}],
+            },
+            "web_tasks": {"bindings": [{"exchange": "tasks", "routing_key": "web.#"}]},
+        },
+        routes={},
+        default_route={"exchange": "tasks", "routing_key": "task.default"},
+    )
+    ledger = tmp_path / "ledger"
+    settings = load_config(cfg, env={})
+    app = App(settings)
+    try:
+        # Declared by a first worker run, then filled while no worker consumes.
+        w = worker_factory(cfg, "-Q", "default")
+        w.stop()
+        for tag, prio in [("low", 1), ("mid", 5), ("high", 9)]:
+            app.send_task("testtasks.record", (tag,), priority=prio, ignore_result=True)
+    finally:
+        app.close()
+    assert broker.queue_info("default")["arguments"]["x-max-priority"] == 9
+    worker_factory(cfg, "-Q", "default", "-c", "1", "--prefetch-multiplier", "1", ledger=ledger)
+    wait_for(lambda: len(ledger_lines(ledger)) == 6, message="three tasks")
+    assert [line for line in ledger_lines(ledger) if line.startswith("done")] == [
+        "done high",
+        "done mid",
+        "done low",
+    ]
+
+
+def test_pickle_runs_only_when_the_config_accepts_it(tmp_path, broker, worker_factory):
+    cfg = write_config(
+        tmp_path,
+        broker,
+        serialization={"accept": ["application/json", "application/x-python-serialize"]},
+    )
+    ledger = tmp_path / "ledger"
+    worker_factory(cfg, "-Q", "web_tasks", ledger=ledger)
+    body = pickle.dumps({"task": "testtasks.record", "args": ["pickled"]})
+    broker.publish_raw(
+        "tasks", "web.p", body, pika.BasicProperties(content_type="application/x-python-serialize")
+    )
+    wait_for(lambda: "done pickled" in ledger_lines(ledger), message="the pickled task")
+
+
+def test_results_ignore_result_config_default(tmp_path, broker, worker_factory):
+    cfg = write_config(tmp_path, broker, results={"ignore_result": True})
+    ledger = tmp_path / "ledger"
+    worker_factory(cfg, "-Q", "default", ledger=ledger)
+    app = App(load_config(cfg, env={}))
+    try:
+        r = app.send_task("testtasks.record", ("r",))
+        with pytest.raises(ResultsDisabled):
+            r.get(timeout=1)
+        wait_for(lambda: "done r" in ledger_lines(ledger), message="the task to run anyway")
+    finally:
+        app.close()
+
+
+def test_no_declare_worker_fails_clearly_when_queues_are_missing(tmp_path, broker):
+    cfg = write_config(tmp_path, broker)
+    out = subprocess.run(
+        [amqptasks_exe(), "worker", "-Q", "default", "--no-declare"],
+        cwd=ROOT,
+        env=cli_env(cfg),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "queue 'default' does not exist" in out.stderr
+    assert "topology apply" in out.stderr
+
+
+def test_loglevel_and_hostname_options(tmp_path, broker, worker_factory):
+    cfg = write_config(tmp_path, broker)
+    quiet = worker_factory(cfg, "-Q", "web_tasks", "-l", "WARNING", "-n", "w1@test")
+    loud = worker_factory(cfg, "-Q", "default", "-l", "INFO", "-n", "w2@test")
+    app = App(load_config(cfg, env={}))
+    try:
+        app.send_task("examples.web.sendmail", ("a@b",)).get(timeout=20)
+        app.send_task("examples.tasks.add", (1, 1)).get(timeout=20)
+        app.send_task("no.such.task", queue="web_tasks", ignore_result=True)
+    finally:
+        app.close()
+    wait_for(lambda: broker.depth("web_tasks.dlq") == 1, message="a dead letter")
+    [(props, _)] = broker.get_all("web_tasks.dlq")
+    assert props.headers["x-amqptasks-worker"] == "w1@test"
+    assert "amqptasks worker w1@test" in quiet.output()
+    assert "succeeded" not in quiet.output()
+    wait_for(lambda: "task examples.tasks.add[" in loud.output(), message="an INFO task line")
+
+
+def test_send_cli_queue_exchange_and_priority_options(tmp_path, broker, worker_factory):
+    cfg = write_config(tmp_path, broker)
+    env = cli_env(cfg)
+
+    def send(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [amqptasks_exe(), "send", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    unroutable = send("examples.tasks.add", "--queue", "queue_add")  # not declared yet
+    assert unroutable.returncode == 1
+    assert "default exchange" in unroutable.stderr and "'queue_add'" in unroutable.stderr
+    applied = subprocess.run(
+        [amqptasks_exe(), "topology", "apply"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert send("examples.tasks.add", "--args", "[1, 2]", "--queue", "queue_add").returncode == 0
+    assert (
+        send(
+            "examples.tasks.add",
+            "--exchange",
+            "direct_tasks",
+            "--routing-key",
+            "queue_add",
+            "--priority",
+            "3",
+        ).returncode
+        == 0
+    )
+    assert broker.depth("queue_add") == 2
+    props = [p for p, _ in broker.get_all("queue_add")]
+    assert props[1].priority == 3
+
+
+def test_second_signal_is_a_cold_shutdown_that_acks_nothing(tmp_path, broker, worker_factory):
+    cfg = write_config(tmp_path, broker)
+    ledger = tmp_path / "ledger"
+    w = worker_factory(cfg, "-Q", "default", ledger=ledger)
+    app = App(load_config(cfg, env={}))
+    app.send_task("testtasks.record", ("cold", 5.0), ignore_result=True)
+    app.close()
+    wait_for(lambda: "start cold" in ledger_lines(ledger), message="the task to start")
+    w.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 1
+    assert "cold shutdown" in w.output()
+    # Not acked: the message is back in the queue for another worker.
+    wait_for(lambda: broker.depth("default") == 1, message="the message back in the queue")
+
+
+def test_delay_async_publishes_and_gets_the_result(tmp_path, broker, worker_factory):
+    import asyncio
+
+    cfg = write_config(tmp_path, broker)
+    worker_factory(cfg, "-Q", "default")
+    app = App(load_config(cfg, env={}))
+
+    @app.task(name="examples.tasks.add")
+    def add(x: int, y: int) -> int:  # same name as the worker's task: only published here
+        return x + y
+
+    async def main() -> int:
+        try:
+            r = await add.delay_async(20, 22)
+            return await asyncio.to_thread(r.get, 20)
+        finally:
+            await app.aclose()
+
+    assert asyncio.run(main()) == 42
