@@ -1,0 +1,99 @@
+"""``amqptasks worker``: consume queues and run tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from ..loader import load_tasks
+from ..worker import Worker, WorkerOptions
+from . import config_option, friendly_errors, main, settings_for
+
+
+@main.command()
+@click.option(
+    "-Q",
+    "--queues",
+    default=None,
+    help="Comma-separated queues to consume (default: every queue in the config).",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tasks run at once (default: worker.concurrency).",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["threads", "asyncio", "processes"]),
+    default=None,
+    help="threads: sync tasks in a thread pool; asyncio: sync tasks inline on the "
+    "event loop (never block!). async def tasks always run on the loop.",
+)
+@click.option(
+    "--prefetch-multiplier",
+    type=click.IntRange(min=1),
+    default=None,
+    help="prefetch = concurrency x this (default: worker.prefetch_multiplier).",
+)
+@click.option(
+    "-l",
+    "--loglevel",
+    default="INFO",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option("-n", "--hostname", default=None, help="Worker name (default: amqptasks@HOST).")
+@click.option(
+    "--declare/--no-declare",
+    default=True,
+    show_default=True,
+    help="Declare the consumed queues (and their DLQs, exchanges, bindings) at start.",
+)
+@config_option
+@friendly_errors
+def worker(
+    queues: str | None,
+    concurrency: int | None,
+    pool: str | None,
+    prefetch_multiplier: int | None,
+    loglevel: str,
+    hostname: str | None,
+    declare: bool,
+    config_path: str | None,
+) -> None:
+    """Consume queues and run tasks (manual acks, ack after the outcome is safe)."""
+    settings = settings_for(config_path)
+    if pool == "processes":
+        raise click.UsageError(
+            "--pool processes is not available in this version; use threads (default) or asyncio"
+        )
+    logging.basicConfig(
+        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    names = (
+        tuple(q.strip() for q in queues.split(",") if q.strip())
+        if queues
+        else tuple(q.name for q in settings.topology.work_queues())
+    )
+    if not names:
+        raise click.UsageError("no queues to consume: pass -Q or declare queues in the config")
+    w = settings.worker
+    options = WorkerOptions(
+        queues=names,
+        concurrency=concurrency or w.concurrency,
+        prefetch_multiplier=prefetch_multiplier or w.prefetch_multiplier,
+        pool=pool or w.pool,
+        hostname=hostname or "",
+        declare=declare,
+    )
+    tasks = load_tasks(settings.imports)
+    wk = Worker(settings, tasks, options)
+    click.echo(wk.banner(), err=True)
+    wk.on_ready = lambda: click.echo(f"ready: consuming {', '.join(names)}", err=True)
+    sys.exit(asyncio.run(wk.run()))
