@@ -12,20 +12,22 @@ import atexit
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, overload
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, overload
 
 from .config import Settings, load_config
 from .errors import TaskNotRegistered
-from .protocol import Envelope, Properties, encode, new_id
+from .protocol import DL_PREFIX, Envelope, Properties, encode, new_id
 from .results import AsyncResult, ResultCollector
-from .routing import Route, Router
-from .tasks import Task
+from .routing import Router
+from .tasks import Sender, Task
+from .topology import delay_seconds
 from .transport.aio import AsyncPublisher
-from .transport.pika_publisher import REPLY_TO, SyncPublisher
+from .transport.pika_publisher import REPLY_TO, SyncPublisher, wait
 
 __all__ = ["App"]
 
-F = TypeVar("F", bound=Callable[..., Any])
 _PUBLISH_OPTIONS = frozenset(
     {
         "queue",
@@ -36,11 +38,36 @@ _PUBLISH_OPTIONS = frozenset(
         "task_id",
         "ignore_result",
         "timeout",
+        "countdown",
+        "eta",
+        "expires",
     }
 )
 
 
-class App:
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A publish ready to go, without I/O: destinations (one, or one per target queue when
+    delayed), body, properties, envelope, and whether a reply is wanted."""
+
+    destinations: tuple[tuple[str, str], ...]
+    body: bytes
+    props: Properties
+    envelope: Envelope
+    wants_reply: bool
+
+
+def _when(value: Any, key: str, now: datetime) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return now + timedelta(seconds=value)
+    raise TypeError(f"{key}= must be seconds or a datetime, got {type(value).__name__}")
+
+
+class App(Sender):
     """Holds settings, tasks and the publishers of one application."""
 
     def __init__(
@@ -48,7 +75,7 @@ class App:
     ) -> None:
         self._settings = settings
         self._config_path = config
-        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.tasks: dict[str, Task] = {}
         self.results = ResultCollector()
         self._router: Router | None = None
         self._publisher: SyncPublisher | None = None
@@ -82,16 +109,12 @@ class App:
 
     # -- tasks --------------------------------------------------------------------------------
     @overload
-    def task(self, fn: Callable[..., Any], /) -> Task[Any, Any]: ...
+    def task(self, fn: Callable[..., Any], /) -> Task: ...
 
     @overload
     def task(
-        self,
-        *,
-        name: str | None = None,
-        ignore_result: bool | None = None,
-        acks_early: bool = False,
-    ) -> Callable[[Callable[..., Any]], Task[Any, Any]]: ...
+        self, *, name: str | None = None, bind: bool = False, **options: Any
+    ) -> Callable[[Callable[..., Any]], Task]: ...
 
     def task(  # type: ignore[misc]  # mypy misreads the positional-only default
         self,
@@ -99,21 +122,21 @@ class App:
         /,
         *,
         name: str | None = None,
-        ignore_result: bool | None = None,
-        acks_early: bool = False,
-    ) -> Task[Any, Any] | Callable[[Callable[..., Any]], Task[Any, Any]]:
-        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., ...)``."""
+        bind: bool = False,
+        **options: Any,
+    ) -> Task | Callable[[Callable[..., Any]], Task]:
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True,
+        max_retries=..., autoretry_for=(...), retry_backoff=..., soft_time_limit=...,
+        time_limit=..., acks_early=..., ignore_result=...)``."""
 
-        def register(func: Callable[..., Any]) -> Task[Any, Any]:
-            t: Task[Any, Any] = Task(
-                func, self, name=name, ignore_result=ignore_result, acks_early=acks_early
-            )
+        def register(func: Callable[..., Any]) -> Task:
+            t = Task(func, self, name=name, bind=bind, **options)
             self.tasks[t.name] = t
             return t
 
         return register(fn) if fn is not None else register
 
-    def get_task(self, name: str) -> Task[Any, Any]:
+    def get_task(self, name: str) -> Task:
         try:
             return self.tasks[name]
         except KeyError:
@@ -152,12 +175,13 @@ class App:
         *,
         reply_to: str | None,
         **options: Any,
-    ) -> tuple[Route, bytes, Properties, Envelope, bool]:
-        """Everything a publish needs, without I/O: route, body, properties, envelope and
-        whether a reply is wanted."""
+    ) -> Prepared:
+        """Everything a publish needs, computed without I/O."""
         unknown = options.keys() - _PUBLISH_OPTIONS
         if unknown:
             raise TypeError(f"unknown publish option(s): {', '.join(sorted(unknown))}")
+        if options.get("countdown") is not None and options.get("eta") is not None:
+            raise TypeError("give countdown= or eta=, not both")
         route = self.router.route(
             name,
             exchange=options.get("exchange"),
@@ -171,17 +195,28 @@ class App:
         if ignore is None:
             ignore = self.settings.results.ignore_result
         wants_reply = not ignore and reply_to is not None
+        now = datetime.now(timezone.utc)
+        eta = _when(options.get("countdown"), "countdown", now) or _when(
+            options.get("eta"), "eta", now
+        )
         envelope = Envelope(
             task=name,
             id=options.get("task_id") or new_id(),
             args=tuple(args),
             kwargs=dict(kwargs or {}),
+            eta=eta,
+            expires=_when(options.get("expires"), "expires", now),
             reply_to=reply_to if wants_reply else None,
             priority=options.get("priority"),
             headers=dict(options.get("headers") or {}),
         )
+        delay = delay_seconds((eta - now).total_seconds()) if eta is not None else 0
+        destinations = self.settings.topology.destinations(route.exchange, route.routing_key, delay)
+        if delay >= 1:  # the route it waits for travels with it (for the DLQ and replay)
+            envelope.headers.setdefault(DL_PREFIX + "original-exchange", route.exchange)
+            envelope.headers.setdefault(DL_PREFIX + "original-routing-key", route.routing_key)
         body, props = encode(envelope)
-        return route, body, props, envelope, wants_reply
+        return Prepared(destinations, body, props, envelope, wants_reply)
 
     def send_task(
         self,
@@ -190,16 +225,27 @@ class App:
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> AsyncResult:
-        """Publish task ``name`` (registered here or not) and wait for the broker's confirm."""
-        route, body, props, env, wants_reply = self.prepare(
-            name, args, kwargs, reply_to=REPLY_TO, **options
-        )
+        """Publish task ``name`` (registered here or not) and wait for the broker's confirm
+        (of every copy, when a delayed route reaches several queues)."""
+        p = self.prepare(name, args, kwargs, reply_to=REPLY_TO, **options)
         publisher = self.publisher
-        state = self.results.expect(props.correlation_id or env.id) if wants_reply else None
-        publisher.publish(
-            route.exchange, route.routing_key, body, props, timeout=options.get("timeout")
+        state = (
+            self.results.expect(p.props.correlation_id or p.envelope.id)
+            if (p.wants_reply)
+            else None
         )
-        return AsyncResult(env.id, name, state)
+        timeout = options.get("timeout")
+        if len(p.destinations) == 1:
+            exchange, key = p.destinations[0]
+            publisher.publish(exchange, key, p.body, p.props, timeout=timeout)
+        else:
+            pending = [
+                (publisher.publish_nowait(ex, key, p.body, p.props, timeout=timeout), ex, key)
+                for ex, key in p.destinations
+            ]
+            for future, ex, key in pending:
+                wait(future, publisher.timeout if timeout is None else timeout, ex, key)
+        return AsyncResult(p.envelope.id, name, state)
 
     async def send_task_async(
         self,
@@ -209,14 +255,20 @@ class App:
         **options: Any,
     ) -> AsyncResult:
         """``send_task`` for asyncio callers (aio-pika; the loop is never blocked)."""
-        route, body, props, env, wants_reply = self.prepare(
-            name, args, kwargs, reply_to=REPLY_TO, **options
+        p = self.prepare(name, args, kwargs, reply_to=REPLY_TO, **options)
+        state = (
+            self.results.expect(p.props.correlation_id or p.envelope.id)
+            if (p.wants_reply)
+            else None
         )
-        state = self.results.expect(props.correlation_id or env.id) if wants_reply else None
-        await self.async_publisher().publish(
-            route.exchange, route.routing_key, body, props, timeout=options.get("timeout")
+        publisher = self.async_publisher()
+        await asyncio.gather(
+            *(
+                publisher.publish(ex, key, p.body, p.props, timeout=options.get("timeout"))
+                for ex, key in p.destinations
+            )
         )
-        return AsyncResult(env.id, name, state)
+        return AsyncResult(p.envelope.id, name, state)
 
     def close(self) -> None:
         """Close the sync publisher (async publishers: ``await app.aclose()``)."""

@@ -9,6 +9,7 @@ typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -21,14 +22,16 @@ import yaml
 
 from .errors import ConfigError
 from .protocol import CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE
-from .routing import DEFAULT_EXCHANGE, Route, Router
+from .routing import DEFAULT_EXCHANGE, Route, Router, is_glob
 from .topology import DLQ_SUFFIX, DLX_EXCHANGE, QueueSpec, Topology, build_topology
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "DEFAULT_POLICY",
     "BrokerSettings",
     "ResultSettings",
     "Settings",
+    "TaskPolicy",
     "WorkerSettings",
     "load_config",
     "redact_url",
@@ -38,8 +41,20 @@ DEFAULT_CONFIG_PATH = Path("config/amqptasks.yaml")
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/%2F"
 EXCHANGE_TYPES = ("direct", "topic", "fanout")
 QUEUE_TYPES = ("classic", "quorum")
-POOLS = ("threads", "asyncio")
+POOLS = ("threads", "asyncio", "processes")
 ACCEPTABLE = (CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE)
+TASK_KEYS = (
+    "max_retries",
+    "autoretry_for",
+    "retry_backoff",
+    "retry_backoff_max",
+    "retry_jitter",
+    "default_retry_delay",
+    "soft_time_limit",
+    "time_limit",
+    "acks_early",
+    "ignore_result",
+)
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
 
 
@@ -50,7 +65,11 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparseable url>"
     if parts.password is None:
-        return url
+        if url.count("@") == parts.netloc.count("@"):
+            return url  # no '@' at all, or only a user name (no password) in the netloc
+        # An '@' outside the netloc: without '//' ('user:pass@host', 'amqp:/user:pass@host')
+        # urlsplit finds no netloc and any credentials sit in the path. Hide all before it.
+        return "***@" + url.rsplit("@", 1)[1]
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
@@ -61,6 +80,13 @@ class BrokerSettings:
     url: str = DEFAULT_BROKER_URL
     #: Seconds a publish waits for the broker's confirm (or a connection) before raising.
     publish_timeout: float = 10.0
+    #: AMQP heartbeat (seconds) on every connection: a dead peer is noticed within ~2x this.
+    heartbeat: int = 30
+    #: The broker's ``consumer_timeout`` (RabbitMQ default 30 min): a delivery unacked longer
+    #: than this closes the channel, so hard time limits must stay below it.
+    consumer_timeout: float = 1800.0
+    #: How long a worker waits between reconnection attempts at most (exponential backoff).
+    reconnect_max_delay: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +98,48 @@ class WorkerSettings:
     @property
     def prefetch(self) -> int:
         return self.concurrency * self.prefetch_multiplier
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPolicy:
+    """Per-task delivery options. ``None`` means "not set here": the decorator's explicit
+    arguments win, then the YAML ``tasks`` entry (exact name, then globs in file order), then
+    the built-in defaults in :data:`DEFAULT_POLICY`."""
+
+    max_retries: int | None = None
+    autoretry_for: tuple[str, ...] | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    retry_jitter: bool | None = None
+    default_retry_delay: float | None = None
+    soft_time_limit: float | None = None
+    time_limit: float | None = None
+    acks_early: bool | None = None
+    ignore_result: bool | None = None
+
+    def merged(self, fallback: TaskPolicy) -> TaskPolicy:
+        """This policy with every unset field taken from ``fallback``."""
+        return TaskPolicy(
+            **{
+                f: getattr(fallback, f) if getattr(self, f) is None else getattr(self, f)
+                for f in self.__slots__
+            }
+        )
+
+
+#: Built-in defaults: 3 retries; a retry without countdown waits default_retry_delay
+#: seconds, or ``retry_backoff * 2**retries`` (capped, full jitter) when backoff is on.
+DEFAULT_POLICY = TaskPolicy(
+    max_retries=3,
+    autoretry_for=(),
+    retry_backoff=0.0,
+    retry_backoff_max=600.0,
+    retry_jitter=True,
+    default_retry_delay=3.0,
+    soft_time_limit=0.0,
+    time_limit=0.0,
+    acks_early=False,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +161,22 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     results: ResultSettings = field(default_factory=ResultSettings)
     accept: frozenset[str] = frozenset({CONTENT_TYPE_JSON})
+    #: Bodies larger than this are dead-lettered unread (reason ``too-large``).
+    max_body_size: int = 10 * 1024 * 1024
+    task_policies: Mapping[str, TaskPolicy] = field(default_factory=dict)
 
     def router(self) -> Router:
         return Router(self.routes, self.default_route)
+
+    def task_policy(self, name: str) -> TaskPolicy:
+        """The YAML ``tasks`` entry for ``name``: exact match, else the first matching glob."""
+        exact = self.task_policies.get(name)
+        if exact is not None:
+            return exact
+        for pattern, policy in self.task_policies.items():
+            if is_glob(pattern) and fnmatch.fnmatchcase(name, pattern):
+                return policy
+        return TaskPolicy()
 
     @classmethod
     def from_mapping(
@@ -206,6 +287,7 @@ class _Parser:
                 "default_route",
                 "worker",
                 "results",
+                "tasks",
             ),
         )
         broker = self.broker(top.get("broker", {}), env)
@@ -225,6 +307,7 @@ class _Parser:
             if top.get("default_route") is not None
             else None
         )
+        accept, max_body_size = self.serialization(top.get("serialization", {}))
         return Settings(
             source=self.source,
             broker=broker,
@@ -234,7 +317,9 @@ class _Parser:
             default_route=default_route,
             worker=self.worker(top.get("worker", {})),
             results=self.results(top.get("results", {})),
-            accept=self.serialization(top.get("serialization", {})),
+            accept=accept,
+            max_body_size=max_body_size,
+            task_policies=self.tasks(top.get("tasks", {})),
         )
 
     def seq(self, value: Any, key: str) -> list[Any]:
@@ -243,12 +328,17 @@ class _Parser:
         return value
 
     def broker(self, value: Any, env: Mapping[str, str]) -> BrokerSettings:
-        section = self.mapping(value, "broker", ("url", "publish_timeout"))
+        section = self.mapping(
+            value,
+            "broker",
+            ("url", "publish_timeout", "heartbeat", "consumer_timeout", "reconnect_max_delay"),
+        )
         url = env.get("AMQPTASKS_BROKER_URL") or section.get("url", DEFAULT_BROKER_URL)
         key = "$AMQPTASKS_BROKER_URL" if env.get("AMQPTASKS_BROKER_URL") else "broker.url"
         url = self.typed(url, key, str, "an amqp:// or amqps:// URL")
         try:
             parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
         except ValueError:
             raise self.fail(key, "expected an amqp:// or amqps:// URL") from None
         if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
@@ -260,7 +350,21 @@ class _Parser:
             "a positive number of seconds",
             lambda v: v > 0,
         )
-        return BrokerSettings(url=url, publish_timeout=timeout)
+        return BrokerSettings(
+            url=url,
+            publish_timeout=timeout,
+            heartbeat=self.positive(section, "broker", "heartbeat", 30, int),
+            consumer_timeout=self.positive(section, "broker", "consumer_timeout", 1800.0, float),
+            reconnect_max_delay=self.positive(
+                section, "broker", "reconnect_max_delay", 30.0, float
+            ),
+        )
+
+    def positive(
+        self, section: Mapping[str, Any], path: str, key: str, default: T, typ: type[T]
+    ) -> T:
+        what = "a positive integer" if typ is int else "a positive number"
+        return self.typed(section.get(key, default), _join(path, key), typ, what, lambda v: v > 0)  # type: ignore[operator]
 
     def exchanges(self, value: Any) -> dict[str, str]:
         out = {}
@@ -284,7 +388,9 @@ class _Parser:
                     f"the name {name!r} is reserved ('amq.*' and '*{DLQ_SUFFIX}' are not allowed)",
                 )
             spec = self.mapping(
-                spec if spec is not None else {}, key, ("bindings", "type", "max_priority")
+                spec if spec is not None else {},
+                key,
+                ("bindings", "type", "max_priority", "delivery_limit", "max_length", "overflow"),
             )
             bindings = []
             for i, b in enumerate(self.seq(spec.get("bindings", []), _join(key, "bindings"))):
@@ -322,7 +428,24 @@ class _Parser:
                     raise self.fail(
                         _join(key, "max_priority"), "quorum queues do not support priorities"
                     )
-            specs.append(QueueSpec(name, tuple(bindings), qtype, max_priority))
+            delivery_limit = None
+            if spec.get("delivery_limit") is not None:
+                delivery_limit = self.positive(spec, key, "delivery_limit", 1, int)
+                if qtype != "quorum":
+                    raise self.fail(
+                        _join(key, "delivery_limit"),
+                        "needs 'type: quorum' (classic queues count no deliveries)",
+                    )
+            max_length = None
+            if spec.get("max_length") is not None:
+                max_length = self.positive(spec, key, "max_length", 1, int)
+            if "overflow" in spec:
+                self.choice(spec["overflow"], _join(key, "overflow"), ("reject-publish",))
+                if max_length is None:
+                    raise self.fail(_join(key, "overflow"), "needs 'max_length'")
+            specs.append(
+                QueueSpec(name, tuple(bindings), qtype, max_priority, delivery_limit, max_length)
+            )
         return specs
 
     def route(
@@ -333,9 +456,15 @@ class _Parser:
             if "exchange" in spec or "routing_key" in spec:
                 raise self.fail(key, "give either 'queue' or 'exchange' + 'routing_key', not both")
             queue = self.typed(spec["queue"], _join(key, "queue"), str, "a queue name")
-            if topology.queue(queue) is None:
+            target = topology.queue(queue)
+            if target is None:
                 raise self.fail(
                     _join(key, "queue"), f"queue {queue!r} is not declared under 'queues'"
+                )
+            if target.role != "work":
+                raise self.fail(
+                    _join(key, "queue"),
+                    f"queue {queue!r} is a {target.role} queue; routes must target a work queue",
                 )
             return Route.to_queue(queue)
         if "exchange" not in spec:
@@ -350,12 +479,21 @@ class _Parser:
         if "routing_key" not in spec:
             raise self.fail(_join(key, "routing_key"), "is required")
         rk = self.typed(spec["routing_key"], _join(key, "routing_key"), str, "a routing key string")
-        if not topology.reaches(exchange, rk):
+        reached = topology.reaches(exchange, rk)
+        if not reached:
             raise self.fail(
                 _join(key, "routing_key"),
                 f"routing key {rk!r} on exchange {exchange!r} reaches no declared queue "
                 "(add a matching binding under 'queues')",
             )
+        for name in reached:  # e.g. exchange '' with routing key '<queue>.dlq'
+            target = topology.queue(name)
+            if target is not None and target.role != "work":
+                raise self.fail(
+                    _join(key, "routing_key"),
+                    f"routing key {rk!r} on exchange {exchange!r} reaches {name!r}, a "
+                    f"{target.role} queue; routes must target a work queue",
+                )
         return Route(exchange, rk)
 
     def worker(self, value: Any) -> WorkerSettings:
@@ -386,14 +524,73 @@ class _Parser:
             ),
         )
 
-    def serialization(self, value: Any) -> frozenset[str]:
-        section = self.mapping(value, "serialization", ("accept",))
+    def serialization(self, value: Any) -> tuple[frozenset[str], int]:
+        section = self.mapping(value, "serialization", ("accept", "max_body_size"))
         accept = self.seq(section.get("accept", [CONTENT_TYPE_JSON]), "serialization.accept")
         if not accept:
             raise self.fail("serialization.accept", "must list at least one content type")
-        return frozenset(
+        types = frozenset(
             self.choice(v, f"serialization.accept[{i}]", ACCEPTABLE) for i, v in enumerate(accept)
         )
+        size = self.positive(section, "serialization", "max_body_size", 10 * 1024 * 1024, int)
+        return types, size
+
+    def tasks(self, value: Any) -> dict[str, TaskPolicy]:
+        out = {}
+        for pattern, spec in self.mapping(value, "tasks").items():
+            key = _join("tasks", pattern)
+            spec = self.mapping(spec if spec is not None else {}, key, TASK_KEYS)
+            values: dict[str, Any] = {}
+            for name in ("max_retries",):
+                if name in spec:
+                    values[name] = self.typed(
+                        spec[name],
+                        _join(key, name),
+                        int,
+                        "a non-negative integer",
+                        lambda v: v >= 0,
+                    )
+            for name in (
+                "retry_backoff_max",
+                "default_retry_delay",
+                "soft_time_limit",
+                "time_limit",
+            ):
+                if name in spec:
+                    values[name] = self.positive(spec, key, name, 1.0, float)
+            if "retry_backoff" in spec:
+                raw = spec["retry_backoff"]
+                # true means "1 second base", like Celery; a number is the base in seconds.
+                values["retry_backoff"] = (
+                    (1.0 if raw else 0.0)
+                    if isinstance(raw, bool)
+                    else self.positive(spec, key, "retry_backoff", 1.0, float)
+                )
+            for name in ("retry_jitter", "acks_early", "ignore_result"):
+                if name in spec:
+                    values[name] = self.typed(spec[name], _join(key, name), bool, "true or false")
+            if "autoretry_for" in spec:
+                values["autoretry_for"] = tuple(
+                    self.typed(
+                        v,
+                        f"{_join(key, 'autoretry_for')}[{i}]",
+                        str,
+                        "an exception class name",
+                        lambda t: t.isidentifier(),
+                    )
+                    for i, v in enumerate(
+                        self.seq(spec["autoretry_for"], _join(key, "autoretry_for"))
+                    )
+                )
+            policy = TaskPolicy(**values)
+            if (
+                policy.soft_time_limit
+                and policy.time_limit
+                and (policy.soft_time_limit >= policy.time_limit)
+            ):
+                raise self.fail(_join(key, "soft_time_limit"), "must be below time_limit")
+            out[pattern] = policy
+        return out
 
 
 def _join(key: str, part: str) -> str:

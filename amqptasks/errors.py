@@ -20,6 +20,11 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
     │       ├── PublishNacked       the broker nacked the publish
     │       └── PublishTimeout      no confirm within the configured bound
     ├── TaskNotRegistered           a task name the app does not know
+    ├── Retry                       raised by ``task.retry()``: control flow, not a failure
+    ├── SoftTimeLimitExceeded       raised inside a task at its soft time limit (catchable)
+    ├── TimeLimitExceeded           a task outlived its hard time limit and was stopped
+    ├── MaxRetriesExceeded          ``retry()`` with no retries left and no ``exc`` given
+    ├── WorkerLost                  the process running a task died (killed, OOM, os._exit)
     ├── ResultError                 the result of a task cannot be given
     │   ├── ResultTimeout           ``get(timeout=)`` ran out
     │   └── ResultsDisabled         the task ignores results
@@ -35,6 +40,7 @@ __all__ = [
     "ContentTypeRefused",
     "DecodeError",
     "EncodeError",
+    "MaxRetriesExceeded",
     "ProtocolError",
     "PublishError",
     "PublishNacked",
@@ -42,11 +48,15 @@ __all__ = [
     "ResultError",
     "ResultTimeout",
     "ResultsDisabled",
+    "Retry",
     "RoutingError",
+    "SoftTimeLimitExceeded",
     "TaskError",
     "TaskNotRegistered",
+    "TimeLimitExceeded",
     "TopologyError",
     "UnroutableError",
+    "WorkerLost",
 ]
 
 
@@ -135,6 +145,38 @@ class PublishTimeout(PublishError):
 
 class TaskNotRegistered(AmqpTasksError):
     """A task name that no ``@app.task`` registered."""
+
+
+class Retry(AmqpTasksError):
+    """Raised by ``task.retry()``: the worker republishes the task (confirmed) with one more
+    retry and a broker-side delay, then acks the original."""
+
+    def __init__(
+        self,
+        exc: BaseException | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        self.exc = exc
+        self.countdown = countdown
+        self.max_retries = max_retries
+        super().__init__(f"retry requested ({exc!r})" if exc else "retry requested")
+
+
+class SoftTimeLimitExceeded(AmqpTasksError):
+    """Raised inside a running task when its soft time limit passes; catch it to clean up."""
+
+
+class TimeLimitExceeded(AmqpTasksError):
+    """A task ran past its hard time limit and was stopped (or abandoned, see docs)."""
+
+
+class MaxRetriesExceeded(AmqpTasksError):
+    """A task asked to retry with no retries left."""
+
+
+class WorkerLost(AmqpTasksError):
+    """The process running the task died before reporting an outcome."""
 
 
 class ResultError(AmqpTasksError):

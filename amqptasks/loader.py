@@ -18,11 +18,11 @@ from .tasks import Task
 __all__ = ["load_tasks"]
 
 
-def load_tasks(modules: Iterable[str]) -> dict[str, Task[Any, Any]]:
+def load_tasks(modules: Iterable[str]) -> dict[str, Task]:
     """Import ``modules`` and return their tasks by name."""
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # like `python -m`: task modules are found from the CWD
-    found: dict[str, Task[Any, Any]] = {}
+    found: dict[str, Task] = {}
     for name in modules:
         try:
             module = importlib.import_module(name)
@@ -40,10 +40,10 @@ def load_tasks(modules: Iterable[str]) -> dict[str, Task[Any, Any]]:
     return found
 
 
-def _tasks_in(module: Any) -> list[Task[Any, Any]]:
+def _tasks_in(module: Any) -> list[Task]:
     """Module-level tasks, plus those registered on an app object the module holds (tasks
     defined inside functions or under other names)."""
-    out: list[Task[Any, Any]] = []
+    out: list[Task] = []
     for value in vars(module).values():
         if isinstance(value, Task):
             out.append(value)

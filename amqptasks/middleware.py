@@ -35,6 +35,8 @@ class Outcome:
     exc: BaseException | None = None
     traceback: str | None = None
     runtime: float = 0.0
+    #: Set by the retry decision: the task runs again after this many seconds.
+    retry_countdown: float | None = None
 
 
 @dataclass(slots=True)
@@ -42,7 +44,7 @@ class Context:
     """One delivery on its way through the pipeline."""
 
     envelope: Envelope
-    task: Task[Any, Any]
+    task: Task
     queue: str
     hostname: str
     extra: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +76,8 @@ class ResultsMiddleware(Middleware):
         ignore = ctx.task.ignore_result
         if not env.reply_to or (self.default_ignore if ignore is None else ignore):
             return
+        if outcome.retry_countdown is not None:
+            return  # not final yet: the caller hears about the last attempt only
         if outcome.ok:
             reply = Reply(env.id, SUCCESS, env.task, result=outcome.result)
         else:

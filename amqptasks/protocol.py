@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -49,7 +50,16 @@ CONTENT_TYPE_PICKLE = "application/x-python-serialize"
 #: Pickle is never accepted unless a user adds it to ``serialization.accept`` explicitly:
 #: unpickling a message runs code chosen by whoever could publish to the queue.
 DEFAULT_ACCEPT: frozenset[str] = frozenset({CONTENT_TYPE_JSON})
-_JSON_ALIASES = frozenset({"", CONTENT_TYPE_JSON, "application/json; charset=utf-8", "text/json"})
+#: Media types (the part of ``content_type`` before any ``;`` parameters) read as JSON.
+_JSON_MEDIA_TYPES = frozenset({"", CONTENT_TYPE_JSON, "text/json"})
+#: RFC 3339 date-time, the same pattern as ``$defs.datetime`` in schema/message-v1.json: ``T``,
+#: ``t`` or a space between date and time, any number of fraction digits, upper-case ``Z`` or
+#: ``±HH:MM`` or no offset (UTC). Calendar validity is left to :class:`datetime`.
+_DATETIME = re.compile(
+    r"([0-9]{4})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]"
+    r"([01][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9])(?:\.([0-9]+))?"
+    r"(Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?"
+)
 
 # Fields a later feature fills; accepted and type-checked now so producers can rely on them.
 _LINK_FIELDS = ("callbacks", "errbacks", "chain", "chord")
@@ -77,7 +87,11 @@ def new_id() -> str:
 
 
 def dumps(value: Any) -> bytes:
-    """JSON-encode ``value`` as UTF-8 bytes (orjson: fast, strict, no NaN surprises)."""
+    """JSON-encode ``value`` as UTF-8 bytes with orjson (fast, strict UTF-8).
+
+    Like orjson, this writes a non-finite float (``nan``, ``inf``, ``-inf``) as ``null``: JSON
+    has no NaN or Infinity, and the value is not refused.
+    """
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
 
@@ -129,26 +143,47 @@ class Envelope:
 
 
 def parse_time(value: Any, key: str, now: datetime | None = None) -> datetime:
-    """An ISO 8601 string (naive means UTC) or, relative to ``now``, a number of seconds."""
-    if isinstance(value, bool):
-        raise DecodeError(f"field {key!r} must be an ISO 8601 time or seconds, got a boolean")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise DecodeError(f"field {key!r} must be a finite number of seconds")
-        return (now or datetime.now(timezone.utc)) + timedelta(seconds=value)
-    if isinstance(value, str):
+    """An RFC 3339 date-time string (no offset means UTC) or, relative to ``now``, seconds.
+
+    Strings are parsed by :data:`_DATETIME` (the schema's pattern), not
+    :meth:`datetime.fromisoformat`, whose accepted forms differ between Python 3.10 and 3.11.
+    A fraction finer than a microsecond is truncated.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if not math.isfinite(value):
+                raise DecodeError(f"field {key!r} must be a finite number of seconds")
+            return (now or datetime.now(timezone.utc)) + timedelta(seconds=value)
+        except (OverflowError, ValueError) as exc:
+            raise DecodeError(f"field {key!r} is out of range") from exc
+    if isinstance(value, str):
+        match = _DATETIME.fullmatch(value)
+        if match is None:
+            raise DecodeError(f"field {key!r} is not an ISO 8601 time: {value!r}")
+        year, month, day, hour, minute, second, fraction, offset = match.groups()
+        tz = timezone.utc
+        if offset not in (None, "Z"):
+            sign = -1 if offset[0] == "-" else 1
+            tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
+        try:
+            return datetime(
+                int(year),
+                int(month),
+                int(day),
+                int(hour),
+                int(minute),
+                int(second),
+                int((fraction or "")[:6].ljust(6, "0")),
+                tzinfo=tz,
+            )
         except ValueError as exc:
             raise DecodeError(f"field {key!r} is not an ISO 8601 time: {value!r}") from exc
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    raise DecodeError(
-        f"field {key!r} must be an ISO 8601 time or seconds, got {type(value).__name__}"
-    )
+    raise DecodeError(f"field {key!r} must be an ISO 8601 time or seconds, got {_json_type(value)}")
 
 
 def _body_object(body: bytes, content_type: str, accept: frozenset[str]) -> dict[str, Any]:
-    if content_type in _JSON_ALIASES:
+    """``content_type`` is the media type alone: lower-case, no parameters, no whitespace."""
+    if content_type in _JSON_MEDIA_TYPES:
         if CONTENT_TYPE_JSON not in accept:
             raise ContentTypeRefused(f"content type {CONTENT_TYPE_JSON!r} is not accepted")
         obj = loads(body)
@@ -192,8 +227,9 @@ def decode(
     Raises :class:`DecodeError` or :class:`ContentTypeRefused` with a message naming the field
     and what was expected; the worker dead-letters the delivery with that text as the reason.
     """
-    content_type = (props.content_type or "").strip().lower()
-    obj = _body_object(body, content_type, accept)
+    # Parameters (``; charset=utf-8``) are ignored: a JSON body is UTF-8 whatever they say.
+    media_type = (props.content_type or "").split(";", 1)[0].strip().lower()
+    obj = _body_object(body, media_type, accept)
 
     task = obj.get("task")
     if not isinstance(task, str) or not task:
@@ -202,6 +238,8 @@ def decode(
     if unknown:
         raise DecodeError(f"unknown field(s) {', '.join(sorted(map(repr, unknown)))}")
     version = obj.get("v", PROTOCOL_VERSION)
+    if isinstance(version, bool):  # True == 1 in Python, but not in JSON
+        raise DecodeError(f"field 'v' must be the number {PROTOCOL_VERSION}, got boolean")
     if version != PROTOCOL_VERSION:
         raise DecodeError(
             f"field 'v' is {version!r}; this worker speaks version {PROTOCOL_VERSION}"
@@ -214,6 +252,8 @@ def decode(
     if not isinstance(kwargs, dict):
         raise DecodeError(f"field 'kwargs' must be a JSON object, got {_json_type(kwargs)}")
     retries = obj.get("retries", 0)
+    if isinstance(retries, float) and retries.is_integer():
+        retries = int(retries)  # 1.0 is a JSON Schema integer; 1.5, nan and inf are not
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise DecodeError("field 'retries' must be a non-negative integer")
 
@@ -315,14 +355,18 @@ class Reply:
 
 
 def encode_reply(reply: Reply) -> bytes:
-    """The documented reply body. A result that is not JSON-serialisable becomes a FAILURE."""
+    """The documented reply body. A result that is not JSON-serialisable becomes a FAILURE.
+
+    A FAILURE without an error type is sent as ``TaskError`` (and a missing message as ``""``),
+    so the body always matches schema/reply-v1.json.
+    """
     obj: dict[str, Any] = {"id": reply.id, "task": reply.task, "status": reply.status}
     if reply.status == SUCCESS:
         obj["result"] = reply.result
     else:
         obj["error"] = {
-            "type": reply.error_type,
-            "message": reply.error_message,
+            "type": reply.error_type or "TaskError",
+            "message": reply.error_message if reply.error_message is not None else "",
             "traceback": reply.traceback,
         }
     try:
@@ -392,8 +436,12 @@ def dead_letter_properties(
             DL_PREFIX + "reason": reason,
             DL_PREFIX + "detail": detail[:TRACEBACK_LIMIT],
             DL_PREFIX + "queue": queue,
-            DL_PREFIX + "original-exchange": exchange,
-            DL_PREFIX + "original-routing-key": routing_key,
+            # A message that travelled through delay levels arrives from the delay exchange;
+            # the route it was first published to travels in these headers and wins.
+            DL_PREFIX + "original-exchange": headers.get(DL_PREFIX + "original-exchange", exchange),
+            DL_PREFIX + "original-routing-key": headers.get(
+                DL_PREFIX + "original-routing-key", routing_key
+            ),
             DL_PREFIX + "worker": hostname,
             DL_PREFIX + "attempts": attempts,
             DL_PREFIX + "first-failed-at": first,

@@ -82,11 +82,13 @@ def remote_error(reply: Reply) -> TaskError:
     if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin is not Exception:
         bases = (TaskError, builtin)
     safe = name if name.isidentifier() else "TaskError"
+    args = (name, reply.error_message or "", reply.traceback)
     try:
-        cls = type(safe, bases, {"__module__": "amqptasks.remote"})
-    except TypeError:  # a builtin whose C layout cannot be mixed in
-        cls = type(safe, (TaskError,), {"__module__": "amqptasks.remote"})
-    err: TaskError = cls(name, reply.error_message or "", reply.traceback)
+        err: TaskError = type(safe, bases, {"__module__": "amqptasks.remote"})(*args)
+    except (TypeError, ValueError):
+        # A builtin whose C layout cannot be mixed in, or whose constructor wants other
+        # arguments (UnicodeDecodeError, ExceptionGroup): carry the name on a plain TaskError.
+        err = type(safe, (TaskError,), {"__module__": "amqptasks.remote"})(*args)
     return err
 
 

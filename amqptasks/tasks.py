@@ -3,41 +3,48 @@
 A :class:`Task` wraps a function. Calling it runs the function in-process (no broker);
 ``delay``/``apply_async`` publish a message through the task's application. The task does not
 know how publishing works: it asks its owner, anything implementing :class:`Sender`.
+
+``bind=True`` passes a :class:`BoundTask` as the first argument: ``self.request`` (this
+execution's id, retries, ...) and ``self.retry(exc=, countdown=, max_retries=)``. A fresh bound
+object per execution keeps concurrent executions in threads from seeing each other's request.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .config import TaskPolicy
+from .errors import Retry
 
 if TYPE_CHECKING:
     from .results import AsyncResult
 
-__all__ = ["Sender", "Task", "task_name"]
-
-P = ParamSpec("P")
-R = TypeVar("R")
+__all__ = ["BoundTask", "Request", "Sender", "Task", "task_name"]
 
 
-class Sender(Protocol):
-    """What a task needs from its application to be published."""
+class Sender:
+    """What a task needs from its application to be published (the App implements it)."""
 
     def send_task(
         self,
         name: str,
-        args: tuple[Any, ...] = ...,
-        kwargs: Mapping[str, Any] | None = ...,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
         **options: Any,
-    ) -> AsyncResult: ...
+    ) -> AsyncResult:
+        raise NotImplementedError
 
     async def send_task_async(
         self,
         name: str,
-        args: tuple[Any, ...] = ...,
-        kwargs: Mapping[str, Any] | None = ...,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
         **options: Any,
-    ) -> AsyncResult: ...
+    ) -> AsyncResult:
+        raise NotImplementedError
 
 
 def task_name(fn: Callable[..., Any]) -> str:
@@ -45,41 +52,87 @@ def task_name(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
 
-class Task(Generic[P, R]):
-    """A registered function.
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a bound task knows about the message it is running."""
 
-    ``acks_early=True`` acks the message before running it (at-most-once: a crash mid-task
-    loses it); the default acks only after the task returned. ``ignore_result=None`` follows
-    the config's ``results.ignore_result``.
+    id: str
+    task: str
+    retries: int = 0
+    queue: str = ""
+    hostname: str = ""
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """A registered function with its delivery policy.
+
+    Policy arguments left as ``None`` are filled from the config's ``tasks`` section, then the
+    built-in defaults (see :class:`amqptasks.config.TaskPolicy`). ``acks_early=True`` acks the
+    message before running it (at-most-once); the default acks after the outcome is safe.
     """
 
     def __init__(
         self,
-        fn: Callable[P, R],
+        fn: Callable[..., Any],
         sender: Sender,
         *,
         name: str | None = None,
+        bind: bool = False,
         ignore_result: bool | None = None,
-        acks_early: bool = False,
+        acks_early: bool | None = None,
+        max_retries: int | None = None,
+        autoretry_for: tuple[type[BaseException], ...] = (),
+        retry_backoff: bool | float | None = None,
+        retry_backoff_max: float | None = None,
+        retry_jitter: bool | None = None,
+        default_retry_delay: float | None = None,
+        soft_time_limit: float | None = None,
+        time_limit: float | None = None,
     ) -> None:
         self.fn = fn
         self.sender = sender
         self.name = name or task_name(fn)
-        self.ignore_result = ignore_result
-        self.acks_early = acks_early
+        self.bind = bind
+        self.autoretry_for = tuple(autoretry_for)
+        backoff = (
+            (1.0 if retry_backoff else 0.0) if isinstance(retry_backoff, bool) else retry_backoff
+        )
+        #: Only what the decorator set explicitly; the worker merges config and defaults.
+        self.policy = TaskPolicy(
+            max_retries=max_retries,
+            retry_backoff=backoff,
+            retry_backoff_max=retry_backoff_max,
+            retry_jitter=retry_jitter,
+            default_retry_delay=default_retry_delay,
+            soft_time_limit=soft_time_limit,
+            time_limit=time_limit,
+            acks_early=acks_early,
+            ignore_result=ignore_result,
+        )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
+    @property
+    def ignore_result(self) -> bool | None:
+        return self.policy.ignore_result
+
+    @property
+    def acks_early(self) -> bool:
+        return bool(self.policy.acks_early)
+
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run in this process, like calling the function itself (an ``async def`` task
-        returns its coroutine)."""
+        returns its coroutine). A bound task gets a request with a local id."""
+        if self.bind:
+            return self.fn(BoundTask(self, Request(id="local", task=self.name)), *args, **kwargs)
         return self.fn(*args, **kwargs)
 
-    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Publish with the routed defaults; returns a result handle."""
         return self.apply_async(args, kwargs)
 
@@ -90,11 +143,12 @@ class Task(Generic[P, R]):
         **options: Any,
     ) -> AsyncResult:
         """Publish with options: ``queue``, ``routing_key``, ``exchange``, ``priority``,
-        ``headers``, ``task_id``, ``ignore_result``, ``timeout`` (confirm wait, seconds)."""
+        ``headers``, ``task_id``, ``countdown``, ``eta``, ``expires``, ``ignore_result``,
+        ``timeout`` (confirm wait, seconds)."""
         options.setdefault("ignore_result", self.ignore_result)
         return self.sender.send_task(self.name, tuple(args), kwargs, **options)
 
-    async def delay_async(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+    async def delay_async(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """``delay`` for asyncio callers: the publish is awaited, never blocks the loop."""
         return await self.apply_async_async(args, kwargs)
 
@@ -106,3 +160,31 @@ class Task(Generic[P, R]):
     ) -> AsyncResult:
         options.setdefault("ignore_result", self.ignore_result)
         return await self.sender.send_task_async(self.name, tuple(args), kwargs, **options)
+
+
+class BoundTask:
+    """``self`` of a ``bind=True`` task: the task plus this execution's request."""
+
+    def __init__(self, task: Task, request: Request) -> None:
+        self.task = task
+        self.request = request
+        self.name = task.name
+
+    def retry(
+        self,
+        exc: BaseException | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+    ) -> NoReturn:
+        """Ask the worker to run this task again later (raises :class:`Retry`).
+
+        ``countdown`` defaults to the task's backoff policy. With no retries left the task
+        fails with ``exc`` (or :class:`MaxRetriesExceeded`) and lands in the dead-letter queue.
+        """
+        raise Retry(exc=exc, countdown=countdown, max_retries=max_retries)
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        return self.task.delay(*args, **kwargs)
+
+    def apply_async(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        return self.task.apply_async(*args, **kwargs)

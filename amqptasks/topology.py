@@ -7,6 +7,9 @@ routing key, and ``<queue>.dlq`` is bound there. The worker also publishes rejec
 (with a reason header) through the same exchange, so broker-side and worker-side dead-lettering
 land in one place.
 
+Delays (countdown, eta, retry backoff) are held by the broker in :data:`DELAY_LEVELS` fixed-TTL
+queues (see :func:`delay_route` and docs/delays.md): no message ever waits in a worker's memory.
+
 Everything is durable: RabbitMQ 4.x refuses transient non-exclusive queues, and persistent
 messages in a transient queue would not survive a restart anyway.
 """
@@ -18,21 +21,35 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import RoutingError
+
 __all__ = [
+    "DELAY_DELIVER_EXCHANGE",
+    "DELAY_LEVELS",
     "DLQ_SUFFIX",
     "DLX_EXCHANGE",
+    "MAX_DELAY",
     "Binding",
     "Exchange",
+    "ExchangeBinding",
     "Queue",
     "QueueSpec",
     "Topology",
     "build_topology",
+    "delay_route",
+    "delay_seconds",
     "dlq_name",
     "topic_matches",
 ]
 
 DLX_EXCHANGE = "amqptasks.dlx"
 DLQ_SUFFIX = ".dlq"
+#: Binary delay levels: level n holds a message 2**n seconds. 22 levels reach 2**22 - 1 s
+#: (48.5 days), more than the 30 days we promise, in at most 22 hops.
+DELAY_LEVELS = 22
+MAX_DELAY: int = 2**DELAY_LEVELS - 1
+DELAY_PREFIX = "amqptasks.delay"
+DELAY_DELIVER_EXCHANGE = "amqptasks.delay.deliver"
 
 Args = tuple[tuple[str, Any], ...]
 
@@ -71,6 +88,16 @@ class Binding:
 
 
 @dataclass(frozen=True, slots=True)
+class ExchangeBinding:
+    """An exchange-to-exchange binding (RabbitMQ extension): ``source`` forwards to
+    ``destination`` what matches ``routing_key``."""
+
+    source: str
+    destination: str
+    routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
 class QueueSpec:
     """What the config says about one work queue (input to :func:`build_topology`)."""
 
@@ -78,6 +105,8 @@ class QueueSpec:
     bindings: tuple[tuple[str, str], ...] = ()
     type: str = "classic"
     max_priority: int | None = None
+    delivery_limit: int | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,7 @@ class Topology:
     exchanges: tuple[Exchange, ...] = ()
     queues: tuple[Queue, ...] = ()
     bindings: tuple[Binding, ...] = ()
+    exchange_bindings: tuple[ExchangeBinding, ...] = ()
     _by_queue: Mapping[str, Queue] = field(default_factory=dict, repr=False, compare=False)
 
     def queue(self, name: str) -> Queue | None:
@@ -99,15 +129,20 @@ class Topology:
         return tuple(b for b in self.bindings if b.queue == queue)
 
     def subset(self, queues: Iterable[str]) -> Topology:
-        """The part of the topology a worker consuming ``queues`` depends on (with DLQs)."""
+        """The part a worker consuming ``queues`` depends on: the queues, their DLQs and the
+        delay infrastructure its retries travel through."""
         wanted = set(queues)
         wanted |= {dlq_name(q) for q in wanted}
+        wanted |= {q.name for q in self.queues if q.role == "delay"}
         bindings = tuple(b for b in self.bindings if b.queue in wanted)
         exchange_names = {b.exchange for b in bindings}
+        exchange_names |= {e.source for e in self.exchange_bindings}
+        exchange_names |= {e.destination for e in self.exchange_bindings}
         return Topology(
             exchanges=tuple(e for e in self.exchanges if e.name in exchange_names),
             queues=tuple(q for q in self.queues if q.name in wanted),
             bindings=bindings,
+            exchange_bindings=self.exchange_bindings,
         )
 
     def reaches(self, exchange: str, routing_key: str) -> tuple[str, ...]:
@@ -128,6 +163,26 @@ class Topology:
                 found.append(b.queue)
         return tuple(dict.fromkeys(found))
 
+    def destinations(
+        self, exchange: str, routing_key: str, delay: int
+    ) -> tuple[tuple[str, str], ...]:
+        """Where to publish a message for ``exchange``/``routing_key`` due in ``delay`` s.
+
+        With no delay that is the route itself. A delayed message goes through the delay
+        levels to each queue the route reaches in this topology (the broker cannot route a
+        dead-lettered message by its original exchange), so a delay to a route that reaches no
+        declared queue is refused here rather than lost at the end of the wait.
+        """
+        if delay < 1:
+            return ((exchange, routing_key),)
+        targets = self.reaches(exchange, routing_key)
+        if not targets:
+            raise RoutingError(
+                f"cannot delay a message for exchange {exchange!r} routing key "
+                f"{routing_key!r}: it reaches no queue declared in the config"
+            )
+        return tuple(delay_route(q, delay) for q in targets)
+
     def describe(self) -> list[str]:
         """Human-readable lines: what ``topology show`` prints."""
         lines = ["exchanges:"]
@@ -142,13 +197,19 @@ class Topology:
         lines.append("bindings:")
         for b in self.bindings:
             lines.append(f"  {b.exchange} --[{b.routing_key}]--> {b.queue}")
+        lines.append("exchange-to-exchange bindings (delay levels):")
+        for x in self.exchange_bindings:
+            lines.append(f"  {x.source} --[{x.routing_key}]--> exchange {x.destination}")
         return lines
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
-    """AMQP topic matching: words split by '.', '*' is one word, '#' is zero or more words."""
-    pat = pattern.split(".")
-    key = routing_key.split(".")
+    """AMQP topic matching: words split by '.', '*' is one word, '#' is zero or more words.
+
+    An empty pattern or routing key is zero words (as in RabbitMQ), not one empty word.
+    """
+    pat = pattern.split(".") if pattern else []
+    key = routing_key.split(".") if routing_key else []
 
     @functools.cache
     def match(i: int, j: int) -> bool:
@@ -161,13 +222,69 @@ def topic_matches(pattern: str, routing_key: str) -> bool:
     return match(0, 0)
 
 
+def _level(n: int) -> str:
+    return f"{DELAY_PREFIX}.{n}"
+
+
+def delay_seconds(seconds: float) -> int:
+    """Whole seconds of broker-side delay for ``seconds`` (rounded; capped at MAX_DELAY)."""
+    whole: int = round(seconds)
+    return max(0, min(MAX_DELAY, whole))
+
+
+def delay_route(queue: str, seconds: int) -> tuple[str, str]:
+    """(exchange, routing key) that delivers to ``queue`` after ``seconds`` (>= 1).
+
+    The routing key is the delay in binary, one word per level from the highest, then the
+    queue name: ``0.0.….1.0.1.<queue>``. Level n's exchange sends words with a ``1`` at its
+    position into its queue (TTL 2**n s, dead-lettering on to level n-1's exchange, key kept)
+    and forwards a ``0`` straight to level n-1. Level 0 ends at the deliver exchange, bound
+    to each work queue with exactly :data:`DELAY_LEVELS` ``*`` words before the queue name, so
+    one queue's name can never match another's.
+    """
+    if not 1 <= seconds <= MAX_DELAY:
+        raise ValueError(f"delay must be 1..{MAX_DELAY} seconds, got {seconds}")
+    bits = format(seconds, f"0{DELAY_LEVELS}b")
+    return _level(DELAY_LEVELS - 1), ".".join(bits) + "." + queue
+
+
+def _delay_infrastructure(
+    work_queues: Iterable[str],
+) -> tuple[list[Exchange], list[Queue], list[Binding], list[ExchangeBinding]]:
+    exchanges = [Exchange(DELAY_DELIVER_EXCHANGE, "topic")]
+    queues: list[Queue] = []
+    bindings: list[Binding] = []
+    xbindings: list[ExchangeBinding] = []
+    for n in range(DELAY_LEVELS - 1, -1, -1):
+        name = _level(n)
+        onward = _level(n - 1) if n else DELAY_DELIVER_EXCHANGE
+        prefix = "*." * (DELAY_LEVELS - 1 - n)
+        exchanges.append(Exchange(name, "topic"))
+        queues.append(
+            Queue(
+                name,
+                role="delay",
+                arguments=(
+                    ("x-message-ttl", (2**n) * 1000),
+                    ("x-dead-letter-exchange", onward),
+                ),
+            )
+        )
+        bindings.append(Binding(name, name, prefix + "1.#"))
+        xbindings.append(ExchangeBinding(name, onward, prefix + "0.#"))
+    stars = "*." * DELAY_LEVELS
+    bindings.extend(Binding(DELAY_DELIVER_EXCHANGE, q, stars + q) for q in work_queues)
+    return exchanges, queues, bindings, xbindings
+
+
 def build_topology(exchanges: Mapping[str, str], queues: Iterable[QueueSpec]) -> Topology:
-    """Derive the full topology (work queues + dead-letter infrastructure) from the config."""
+    """Derive the full topology (work queues, dead-letter and delay infrastructure)."""
     ex = [Exchange(name, type_) for name, type_ in exchanges.items()]
     ex.append(Exchange(DLX_EXCHANGE, "direct"))
     qs: list[Queue] = []
     bs: list[Binding] = []
-    for spec in queues:
+    specs = list(queues)
+    for spec in specs:
         args: list[tuple[str, Any]] = [
             ("x-dead-letter-exchange", DLX_EXCHANGE),
             ("x-dead-letter-routing-key", spec.name),
@@ -176,6 +293,11 @@ def build_topology(exchanges: Mapping[str, str], queues: Iterable[QueueSpec]) ->
             args.append(("x-queue-type", "quorum"))
         if spec.max_priority is not None:
             args.append(("x-max-priority", spec.max_priority))
+        if spec.delivery_limit is not None:
+            args.append(("x-delivery-limit", spec.delivery_limit))
+        if spec.max_length is not None:
+            # Never drop-head: a full queue refuses the publish, and the publisher is told.
+            args.extend((("x-max-length", spec.max_length), ("x-overflow", "reject-publish")))
         qs.append(Queue(spec.name, arguments=tuple(args)))
         bs.extend(Binding(exchange, spec.name, key) for exchange, key in spec.bindings)
         dlq_args: tuple[tuple[str, Any], ...] = (
@@ -183,4 +305,5 @@ def build_topology(exchanges: Mapping[str, str], queues: Iterable[QueueSpec]) ->
         )
         qs.append(Queue(dlq_name(spec.name), arguments=dlq_args, role="dead-letter"))
         bs.append(Binding(DLX_EXCHANGE, dlq_name(spec.name), spec.name))
-    return Topology(tuple(ex), tuple(qs), tuple(bs))
+    dex, dqs, dbs, dxbs = _delay_infrastructure(s.name for s in specs)
+    return Topology(tuple(ex + dex), tuple(qs + dqs), tuple(bs + dbs), tuple(dxbs))

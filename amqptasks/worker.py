@@ -2,51 +2,58 @@
 
 One fixed pipeline per delivery (see :mod:`amqptasks.middleware`)::
 
-    decode -> lookup -> wait for a slot -> before_run -> run -> after_run -> settle
+    size -> decode -> lookup -> expiry -> not-yet-due? -> slot -> before_run -> run
+         -> retry decision -> after_run -> settle
 
-Settling is in one place, :meth:`Worker._settle`, and is one of:
+Settling is one of, decided in one place (:meth:`Worker._process`):
 
-* ``ack`` — the outcome is safe (task returned; or its dead-letter copy is confirmed);
-* ``dead-letter`` — publish the untouched body with ``x-amqptasks-*`` reason headers to the
-  queue's dead-letter queue, wait for the confirm, then ack. If that publish fails the delivery
-  is rejected without requeue, so the broker's own dead-lettering (``x-dead-letter-exchange``
-  on every work queue) still lands it in the same DLQ — never acked-and-dropped, never
-  requeued forever;
-* ``requeue`` — work prefetched but not started when a warm shutdown begins.
+* ``ack`` — the outcome is safe: the task returned; or its retry copy / dead-letter copy /
+  re-delayed copy was confirmed by the broker first;
+* ``dead-letter`` — the untouched body with ``x-amqptasks-*`` reason headers is published to
+  the queue's dead-letter queue, confirmed, then the delivery is acked. If that publish fails
+  the delivery is rejected without requeue, so the broker's own dead-lettering
+  (``x-dead-letter-exchange`` on every work queue) still lands it in the same DLQ;
+* ``requeue`` — prefetched work not started when a warm shutdown begins.
 
 Concurrency: at most ``concurrency`` tasks run at once; ``prefetch = concurrency ×
 prefetch_multiplier`` deliveries may wait for a slot. ``async def`` tasks run on the event
-loop; sync tasks run in a thread pool (``pool="threads"``) or inline on the loop
-(``pool="asyncio"``, for tasks that never block).
+loop; sync tasks in a thread pool, inline (``asyncio``) or in child processes.
+
+The consuming connection is re-established with exponential backoff when it drops (broker
+restart, network): consumers are re-attached to every queue; a task that was running keeps
+running, and its ack (on a dead channel) is skipped — the broker already gave the delivery
+back (at-least-once).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import signal
 import socket
-import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from functools import partial
 from typing import Any
 
-from .config import Settings, redact_url
-from .errors import AmqpTasksError, BrokerError, ProtocolError
+from .config import DEFAULT_POLICY, Settings, TaskPolicy, redact_url
+from .errors import AmqpTasksError, BrokerError, ProtocolError, TimeLimitExceeded, WorkerLost
 from .middleware import Context, Middleware, Outcome, ResultsMiddleware, run_after, run_before
-from .protocol import Envelope, dead_letter_properties, decode
-from .tasks import Task
-from .topology import DLX_EXCHANGE
+from .pool import AsyncRunner, Call, InlineRunner, Runner, ThreadRunner
+from .process_pool import ProcessRunner
+from .protocol import DL_PREFIX, Envelope, dead_letter_properties, decode, encode
+from .retry import decide
+from .tasks import Request, Task
+from .topology import DLX_EXCHANGE, delay_route, delay_seconds
 from .transport.aio import AsyncConsumer, AsyncPublisher, Delivery, declare_topology
 
 __all__ = ["Worker", "WorkerOptions", "default_hostname"]
 
 log = logging.getLogger("amqptasks.worker")
-POOLS = ("threads", "asyncio")
+POOLS = ("threads", "asyncio", "processes")
+#: Headers RabbitMQ adds when dead-lettering; a republished copy must not carry them, or the
+#: broker's cycle detection drops the copy when it passes a delay level it passed before.
+_BROKER_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
 
 
 def default_hostname() -> str:
@@ -61,6 +68,8 @@ class WorkerOptions:
     pool: str = "threads"
     hostname: str = ""
     declare: bool = True
+    max_tasks_per_child: int = 0
+    max_memory_per_child: int = 0  # KiB
 
     @property
     def prefetch(self) -> int:
@@ -73,7 +82,7 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        tasks: Mapping[str, Task[Any, Any]],
+        tasks: Mapping[str, Task],
         options: WorkerOptions,
         middleware: Sequence[Middleware] = (),
     ) -> None:
@@ -81,7 +90,8 @@ class Worker:
             raise AmqpTasksError(
                 f"pool {options.pool!r} is not available (choose from {', '.join(POOLS)})"
             )
-        missing = [q for q in options.queues if settings.topology.queue(q) is None]
+        work = {q.name for q in settings.topology.work_queues()}
+        missing = [q for q in options.queues if q not in work]
         if missing:
             declared = ", ".join(q.name for q in settings.topology.work_queues())
             raise AmqpTasksError(
@@ -92,45 +102,90 @@ class Worker:
         self.tasks = dict(tasks)
         self.options = options
         self.hostname = options.hostname or default_hostname()
-        url = settings.broker.url
-        self.consumer = AsyncConsumer(
-            url, prefetch=options.prefetch, name=f"{self.hostname} consumer"
-        )
+        self.policies: dict[str, TaskPolicy] = {
+            name: t.policy.merged(settings.task_policy(name)).merged(DEFAULT_POLICY)
+            for name, t in self.tasks.items()
+        }
         self.publisher = AsyncPublisher(
-            url, timeout=settings.broker.publish_timeout, name=f"{self.hostname} publisher"
+            settings.broker.url,
+            timeout=settings.broker.publish_timeout,
+            name=f"{self.hostname} publisher",
+            heartbeat=settings.broker.heartbeat,
         )
+        self.consumer: AsyncConsumer | None = None
         self.middleware: list[Middleware] = [
             ResultsMiddleware(self.publisher.publish, settings.results.ignore_result),
             *middleware,
         ]
+        self._async_runner = AsyncRunner()
+        self._runner: Runner | None = None
         self._slots = asyncio.Semaphore(options.concurrency)
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
+        self._lost = asyncio.Event()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._running = 0
         self._signals = 0
         self._exit_code = 0
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.processed = 0
-        #: Called once every consumer is attached (the CLI prints "ready: consuming ...").
+        self.reconnects = 0
+        #: True after a second signal: exit without waiting for running tasks.
+        self.cold = False
+        #: Called each time every consumer is attached (the CLI prints "ready: consuming").
         self.on_ready: Callable[[], None] | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------------
+    # -- start-up checks ------------------------------------------------------------------------
+    def check_limits(self) -> list[str]:
+        """Problems with time limits, found before consuming (not at 3 a.m.).
+
+        A hard limit at or above the broker's ``consumer_timeout`` is refused: the broker would
+        close the channel (and redeliver) before the limit fires. Limits the chosen pool cannot
+        enforce are warned about.
+        """
+        errors = []
+        timeout = self.settings.broker.consumer_timeout
+        for name, policy in sorted(self.policies.items()):
+            hard = policy.time_limit or 0
+            if hard and hard >= timeout:
+                errors.append(
+                    f"task {name}: time_limit {hard:g}s is not below the broker's "
+                    f"consumer_timeout ({timeout:g}s, broker.consumer_timeout)"
+                )
+            task = self.tasks[name]
+            if (
+                (hard or policy.soft_time_limit)
+                and not task.is_async
+                and (self.options.pool == "asyncio")
+            ):
+                log.warning(
+                    "task %s has time limits, which --pool asyncio cannot enforce for "
+                    "sync tasks (use threads or processes)",
+                    name,
+                )
+        return errors
+
     def banner(self) -> str:
         s = self.settings
         sub = s.topology.subset(self.options.queues)
+        extra = ""
+        if self.options.pool == "processes":
+            extra = (
+                f" max-tasks-per-child={self.options.max_tasks_per_child or '-'} "
+                f"max-memory-per-child={self.options.max_memory_per_child or '-'}KiB"
+            )
         lines = [
             f"amqptasks worker {self.hostname}",
             f"  broker:      {redact_url(s.broker.url)}",
             f"  config:      {s.source}",
             f"  pool:        {self.options.pool}  concurrency={self.options.concurrency} "
-            f"prefetch={self.options.prefetch} (per consumer)",
+            f"prefetch={self.options.prefetch} (per consumer){extra}",
             "  queues:",
         ]
         for q in self.options.queues:
             lines.append(f"    {q}  (dead letters: {q}.dlq)")
             for b in sub.bindings_of(q):
-                lines.append(f"      <- {b.exchange} [{b.routing_key}]")
+                if not b.exchange.startswith("amqptasks."):
+                    lines.append(f"      <- {b.exchange} [{b.routing_key}]")
         lines.append("  tasks:")
         lines.extend(
             f"    {name}{'  (async)' if t.is_async else ''}"
@@ -138,27 +193,37 @@ class Worker:
         )
         return "\n".join(lines)
 
-    async def run(self) -> int:
-        """Connect, consume until a signal (or a lost connection), drain, return exit code."""
-        loop = asyncio.get_running_loop()
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def _start_runner(self) -> None:
         if self.options.pool == "threads":
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                self.options.concurrency, thread_name_prefix="amqptasks-task"
+            self._runner = ThreadRunner(self.options.concurrency)
+        elif self.options.pool == "asyncio":
+            self._runner = InlineRunner()
+        else:
+            runner = ProcessRunner(
+                self.options.concurrency,
+                self.settings.imports,
+                max_tasks_per_child=self.options.max_tasks_per_child,
+                max_memory_per_child=self.options.max_memory_per_child,
             )
+            await runner.start()
+            self._runner = runner
+
+    async def run(self) -> int:
+        """Consume until a signal, reconnecting after connection loss; return the exit code."""
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
+            problems = self.check_limits()
+            if problems:
+                raise AmqpTasksError("refusing to start:\n  " + "\n  ".join(problems))
+            await self._start_runner()
             if self.options.declare:
                 await declare_topology(
                     self.settings.broker.url, self.settings.topology.subset(self.options.queues)
                 )
-            await self.consumer.connect()
-            self.consumer.add_close_callback(self._on_connection_lost)
-            for q in self.options.queues:
-                await self.consumer.consume(q, self._handle)
-            if self.on_ready is not None:
-                self.on_ready()
-            await self._done.wait()
+            await self._consume_forever()
         except (BrokerError, AmqpTasksError) as exc:
             log.error("%s", exc)
             self._exit_code = 1
@@ -167,6 +232,50 @@ class Worker:
                 loop.remove_signal_handler(sig)
             await self._shutdown()
         return self._exit_code
+
+    async def _consume_forever(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            self._lost.clear()
+            consumer = AsyncConsumer(
+                self.settings.broker.url,
+                prefetch=self.options.prefetch,
+                name=f"{self.hostname} consumer",
+                heartbeat=self.settings.broker.heartbeat,
+            )
+            try:
+                await consumer.connect()
+                self.consumer = consumer
+                consumer.add_close_callback(self._on_connection_lost)
+                for q in self.options.queues:
+                    await consumer.consume(q, self._handle)
+            except BrokerError as exc:
+                await consumer.close()
+                if attempt == 0 and self.reconnects == 0:
+                    raise  # never connected at all: a configuration problem, say so and exit
+                log.warning("reconnect failed: %s", exc)
+            else:
+                attempt = 0
+                if self.on_ready is not None:
+                    self.on_ready()
+                stop = asyncio.ensure_future(self._done.wait())
+                lost = asyncio.ensure_future(self._lost.wait())
+                await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                lost.cancel()
+                if self._done.is_set():
+                    return
+            delay = min(self.settings.broker.reconnect_max_delay, 0.5 * 2**attempt)
+            attempt += 1
+            self.reconnects += 1
+            log.warning(
+                "consuming connection lost; reconnecting in %.1fs (attempt %d)", delay, attempt
+            )
+            try:
+                await asyncio.wait_for(self._done.wait(), delay)
+                return
+            except asyncio.TimeoutError:
+                pass
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -183,6 +292,8 @@ class Worker:
                 signal.Signals(sig).name,
             )
             self._exit_code = 1
+            self.cold = True
+            self._stopping.set()
             for t in list(self._inflight):
                 t.cancel()
             self._done.set()
@@ -191,30 +302,28 @@ class Worker:
         if self._stopping.is_set():
             return
         log.error(
-            "connection to the broker lost (%s); unacked messages return to their "
-            "queues; exiting so a supervisor can restart the worker",
-            exc,
+            "connection to the broker lost (%s); unacked messages return to their queues", exc
         )
-        self._exit_code = 1
-        self._stopping.set()
-        self._done.set()
+        self._lost.set()
 
     async def stop(self) -> None:
         """Warm shutdown: stop consuming, let running tasks finish and settle, then exit."""
         if self._stopping.is_set():
             return
         self._stopping.set()
-        await self.consumer.cancel()
+        if self.consumer is not None:
+            await self.consumer.cancel()
         while self._inflight:
             await asyncio.wait(set(self._inflight))
         self._done.set()
 
     async def _shutdown(self) -> None:
         self._stopping.set()
-        await self.consumer.close()  # anything not acked goes back to its queue
+        if self.consumer is not None:
+            await self.consumer.close()  # anything not acked goes back to its queue
         await self.publisher.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._runner is not None:
+            self._runner.close()
 
     # -- the pipeline -----------------------------------------------------------------------------
     async def _handle(self, delivery: Delivery) -> None:
@@ -223,6 +332,15 @@ class Worker:
             self._inflight.add(task)
         try:
             await self._process(delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not leave the delivery unsettled silently
+            log.exception(
+                "unexpected error processing a delivery on %s; rejecting it to its "
+                "dead-letter queue",
+                delivery.queue,
+            )
+            await self._reject(delivery, "<unknown>")
         finally:
             if task is not None:
                 self._inflight.discard(task)
@@ -231,11 +349,22 @@ class Worker:
         if self._stopping.is_set():
             await self._requeue(delivery)
             return
+        if len(delivery.body) > self.settings.max_body_size:
+            await self._dead_letter(
+                delivery,
+                "too-large",
+                f"body of {len(delivery.body)} bytes is over the limit of "
+                f"{self.settings.max_body_size} (serialization.max_body_size)",
+            )
+            return
         now = datetime.now(timezone.utc)
         try:
             env = decode(delivery.body, delivery.properties, self.settings.accept, now=now)
         except ProtocolError as exc:
             await self._dead_letter(delivery, exc.reason, str(exc))
+            return
+        except Exception as exc:  # the decoder must never leave a delivery unsettled
+            await self._dead_letter(delivery, "decode-error", f"{type(exc).__name__}: {exc}")
             return
         task = self.tasks.get(env.task)
         if task is None:
@@ -246,35 +375,52 @@ class Worker:
                 env=env,
             )
             return
-        if env.is_expired(now):
+        if env.expires is not None and env.is_expired(now):
             await self._dead_letter(
                 delivery,
                 "expired",
-                f"expired at {env.expires.isoformat()}"  # type: ignore[union-attr]
-                f" before it started",
+                f"expired at {env.expires.isoformat()} before it started",
                 env=env,
             )
             return
-        unsupported = _unsupported(env, now)
-        if unsupported:
-            await self._dead_letter(delivery, "unsupported", unsupported, env=env)
+        if env.eta is not None and delay_seconds((env.eta - now).total_seconds()) >= 1:
+            # Not due yet (a producer's eta, or a delay level rounding early): back to the
+            # broker's delay levels, never held here.
+            if await self._republish(delivery, env, delay_seconds((env.eta - now).total_seconds())):
+                await self._ack(delivery)
+            return
+        if env.links:
+            await self._dead_letter(
+                delivery,
+                "unsupported",
+                f"workflow fields ({', '.join(sorted(env.links))}) are not supported yet",
+                env=env,
+            )
             return
         if not await self._slot():
             await self._requeue(delivery)
             return
+        policy = self.policies[env.task]
         self._running += 1
         try:
             ctx = Context(env, task, delivery.queue, self.hostname)
-            if task.acks_early:
+            if policy.acks_early:
                 await self._ack(delivery)
             await run_before(self.middleware, ctx)
-            outcome = await self._run(task, env)
+            outcome = await self._execute(task, env, delivery.queue, policy)
+            if not outcome.ok and not policy.acks_early:
+                assert outcome.exc is not None
+                decision = decide(policy, outcome.exc, env.retries, task.autoretry_for)
+                if decision.retry:
+                    outcome.retry_countdown = decision.countdown
+                else:
+                    outcome.exc = decision.exc
             await run_after(self.middleware, ctx, outcome)
         finally:
             self._running -= 1
             self._slots.release()
         self.processed += 1
-        if task.acks_early:
+        if policy.acks_early:
             if not outcome.ok:
                 log.error(
                     "task %s[%s] failed after an early ack (at-most-once): %s",
@@ -285,16 +431,77 @@ class Worker:
             return
         if outcome.ok:
             await self._ack(delivery)
+        elif outcome.retry_countdown is not None:
+            log.warning(
+                "task %s[%s] retry %d in %.1fs: %s",
+                env.task,
+                env.id,
+                env.retries + 1,
+                outcome.retry_countdown,
+                outcome.exc,
+            )
+            retried = replace(env, retries=env.retries + 1, eta=None)
+            if await self._republish(
+                delivery, retried, delay_seconds(outcome.retry_countdown), failed_at=now
+            ):
+                await self._ack(delivery)
         else:
             error = outcome.exc
+            reason = (
+                "time-limit"
+                if isinstance(error, TimeLimitExceeded)
+                else "worker-lost"
+                if isinstance(error, WorkerLost)
+                else "task-failed"
+            )
             await self._dead_letter(
                 delivery,
-                "task-failed",
+                reason,
                 f"{type(error).__name__}: {error}",
                 env=env,
                 exc=error,
                 tb=outcome.traceback,
             )
+
+    async def _execute(self, task: Task, env: Envelope, queue: str, policy: TaskPolicy) -> Outcome:
+        request = Request(
+            id=env.id,
+            task=env.task,
+            retries=env.retries,
+            queue=queue,
+            hostname=self.hostname,
+            headers=env.headers,
+        )
+        call = Call(
+            task,
+            env.args,
+            env.kwargs,
+            request,
+            soft=policy.soft_time_limit or 0.0,
+            hard=policy.time_limit or 0.0,
+        )
+        runner = self._async_runner if task.is_async else self._runner
+        assert runner is not None
+        outcome = await runner.run(call)
+        if outcome.ok:
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "task %s[%s] succeeded in %.3fs: %.200r",
+                    env.task,
+                    env.id,
+                    outcome.runtime,
+                    outcome.result,
+                )
+        else:
+            log.warning(
+                "task %s[%s] failed in %.3fs: %s: %s",
+                env.task,
+                env.id,
+                outcome.runtime,
+                type(outcome.exc).__name__,
+                outcome.exc,
+            )
+        return outcome
 
     async def _slot(self) -> bool:
         """Wait for a free concurrency slot; False if a warm shutdown starts meanwhile."""
@@ -313,34 +520,6 @@ class Worker:
         acquire.cancel()
         return False
 
-    async def _run(self, task: Task[Any, Any], env: Envelope) -> Outcome:
-        start = time.perf_counter()
-        try:
-            if task.is_async:
-                result = await task.fn(*env.args, **env.kwargs)
-            elif self._pool is not None:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(
-                    self._pool, partial(task.fn, *env.args, **env.kwargs)
-                )
-            else:
-                result = task.fn(*env.args, **env.kwargs)
-        except Exception as exc:
-            runtime = time.perf_counter() - start
-            log.warning(
-                "task %s[%s] failed in %.3fs: %s: %s",
-                env.task,
-                env.id,
-                runtime,
-                type(exc).__name__,
-                exc,
-            )
-            return Outcome(False, exc=exc, traceback=traceback.format_exc(), runtime=runtime)
-        runtime = time.perf_counter() - start
-        if log.isEnabledFor(logging.INFO):
-            log.info("task %s[%s] succeeded in %.3fs: %.200r", env.task, env.id, runtime, result)
-        return Outcome(True, result=result, runtime=runtime)
-
     # -- settling ---------------------------------------------------------------------------------
     async def _ack(self, delivery: Delivery) -> None:
         try:
@@ -356,6 +535,38 @@ class Worker:
         except Exception as exc:  # the channel closes next, which requeues anyway
             log.debug("requeue failed (%s); channel close will return it", exc)
 
+    async def _reject(self, delivery: Delivery, ident: str) -> None:
+        try:
+            await delivery.reject()
+        except Exception as exc:
+            log.error("reject of %s failed (%s); it will be redelivered", ident, exc)
+
+    async def _republish(
+        self, delivery: Delivery, env: Envelope, delay: int, *, failed_at: datetime | None = None
+    ) -> bool:
+        """Publish ``env`` to ``delivery.queue`` after ``delay`` s (confirmed). False when the
+        copy could not be confirmed: the delivery is then rejected to its dead-letter queue."""
+        headers = {k: v for k, v in env.headers.items() if not k.startswith(_BROKER_DEATH_HEADERS)}
+        if failed_at is not None:
+            headers.setdefault(DL_PREFIX + "first-failed-at", failed_at.isoformat())
+        headers.setdefault(DL_PREFIX + "original-exchange", delivery.exchange)
+        headers.setdefault(DL_PREFIX + "original-routing-key", delivery.routing_key)
+        body, props = encode(replace(env, headers=headers))
+        exchange, key = delay_route(delivery.queue, delay) if delay >= 1 else ("", delivery.queue)
+        try:
+            await self.publisher.publish(exchange, key, body, props)
+        except Exception as exc:
+            log.error(
+                "copy of %s for %s not confirmed (%s); rejecting it to the dead-letter "
+                "queue instead",
+                env.id,
+                delivery.queue,
+                exc,
+            )
+            await self._reject(delivery, env.id)
+            return False
+        return True
+
     async def _dead_letter(
         self,
         delivery: Delivery,
@@ -368,6 +579,7 @@ class Worker:
     ) -> None:
         ident = env.id if env else delivery.properties.message_id or "<no id>"
         log.error("message %s on %s dead-lettered: %s: %s", ident, delivery.queue, reason, detail)
+        exc_type = getattr(exc, "exc_type", None) or (type(exc).__name__ if exc else None)
         props = dead_letter_properties(
             delivery.properties,
             reason=reason,
@@ -377,7 +589,7 @@ class Worker:
             routing_key=delivery.routing_key,
             hostname=self.hostname,
             failed_at=datetime.now(timezone.utc),
-            exc_type=type(exc).__name__ if exc is not None else None,
+            exc_type=exc_type,
             exc_message=str(exc) if exc is not None else None,
             traceback=tb,
             attempts=(env.retries + 1) if env else 1,
@@ -391,21 +603,6 @@ class Worker:
                 ident,
                 pub_exc,
             )
-            try:
-                await delivery.reject()
-            except Exception as rej_exc:
-                log.error("reject of %s failed (%s); it will be redelivered", ident, rej_exc)
+            await self._reject(delivery, ident)
             return
         await self._ack(delivery)
-
-
-def _unsupported(env: Envelope, now: datetime) -> str | None:
-    """Fields this worker cannot honour yet are refused loudly, never silently ignored."""
-    if env.eta is not None and env.eta > now:
-        return (
-            "eta/countdown in the future needs broker-side delays, which this version "
-            "does not provide yet"
-        )
-    if env.links:
-        return f"workflow fields ({', '.join(sorted(env.links))}) are not supported yet"
-    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 import click
@@ -32,7 +33,20 @@ from . import config_option, friendly_errors, main, settings_for
     type=click.Choice(["threads", "asyncio", "processes"]),
     default=None,
     help="threads: sync tasks in a thread pool; asyncio: sync tasks inline on the "
-    "event loop (never block!). async def tasks always run on the loop.",
+    "event loop (never block!); processes: sync tasks in child processes (CPU-bound work, "
+    "hard time limits). async def tasks always run on the loop.",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--pool processes: replace a child after this many tasks.",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--pool processes: replace a child once its peak RSS passes this many KiB.",
 )
 @click.option(
     "--prefetch-multiplier",
@@ -59,6 +73,8 @@ def worker(
     queues: str | None,
     concurrency: int | None,
     pool: str | None,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: int | None,
     prefetch_multiplier: int | None,
     loglevel: str,
     hostname: str | None,
@@ -67,10 +83,9 @@ def worker(
 ) -> None:
     """Consume queues and run tasks (manual acks, ack after the outcome is safe)."""
     settings = settings_for(config_path)
-    if pool == "processes":
-        raise click.UsageError(
-            "--pool processes is not available in this version; use threads (default) or asyncio"
-        )
+    chosen_pool = pool or settings.worker.pool
+    if (max_tasks_per_child or max_memory_per_child) and chosen_pool != "processes":
+        raise click.UsageError("--max-tasks-per-child/--max-memory-per-child need --pool processes")
     logging.basicConfig(
         level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -88,12 +103,21 @@ def worker(
         queues=names,
         concurrency=concurrency or w.concurrency,
         prefetch_multiplier=prefetch_multiplier or w.prefetch_multiplier,
-        pool=pool or w.pool,
+        pool=chosen_pool,
         hostname=hostname or "",
         declare=declare,
+        max_tasks_per_child=max_tasks_per_child or 0,
+        max_memory_per_child=max_memory_per_child or 0,
     )
     tasks = load_tasks(settings.imports)
     wk = Worker(settings, tasks, options)
     click.echo(wk.banner(), err=True)
     wk.on_ready = lambda: click.echo(f"ready: consuming {', '.join(names)}", err=True)
-    sys.exit(asyncio.run(wk.run()))
+    code = asyncio.run(wk.run())
+    if wk.cold:
+        # Cold shutdown: do not wait for task threads or children to finish; their
+        # deliveries were not acked and are already back in their queues.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -34,7 +34,7 @@ from ..errors import (
     UnroutableError,
 )
 from ..protocol import Properties
-from ..topology import Binding, Exchange, Queue, Topology
+from ..topology import Binding, Exchange, ExchangeBinding, Queue, Topology
 from .pika_publisher import REPLY_TO, ReplyHandler
 
 __all__ = ["AsyncConsumer", "AsyncPublisher", "Delivery", "declare_topology"]
@@ -57,10 +57,21 @@ def _message(body: bytes, props: Properties) -> aio_pika.Message:
     )
 
 
-async def _connect(url: str, name: str, timeout: float) -> aio_pika.abc.AbstractConnection:
+def with_heartbeat(url: str, heartbeat: int | None) -> str:
+    """``url`` with ``?heartbeat=N`` unless it already sets one (aiormq reads it there)."""
+    if not heartbeat or "heartbeat=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
+
+
+async def _connect(
+    url: str, name: str, timeout: float, heartbeat: int | None = None
+) -> aio_pika.abc.AbstractConnection:
     try:
         return await aio_pika.connect(
-            url, timeout=timeout, client_properties={"connection_name": name}
+            with_heartbeat(url, heartbeat),
+            timeout=timeout,
+            client_properties={"connection_name": name},
         )
     except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError) as exc:
         raise BrokerError(f"cannot connect to broker {redact_url(url)}: {exc!r}") from exc
@@ -76,11 +87,14 @@ class AsyncPublisher:
         timeout: float = 10.0,
         name: str = "amqptasks publisher",
         on_reply: ReplyHandler | None = None,
+        heartbeat: int | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.name = name
         self.on_reply = on_reply
+        self.heartbeat = heartbeat
+        self.last_error: BaseException | None = None
         self._conn: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
@@ -98,7 +112,7 @@ class AsyncPublisher:
             if self._channel is None or self._channel.is_closed:
                 if self._conn is not None:
                     await self._conn.close()
-                self._conn = await _connect(self.url, self.name, self.timeout)
+                self._conn = await self._connect_retrying()
                 self._channel = await self._conn.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
@@ -106,6 +120,17 @@ class AsyncPublisher:
                 if self.on_reply is not None:
                     await self._consume_replies(self._channel)
             return self._channel
+
+    async def _connect_retrying(self) -> aio_pika.abc.AbstractConnection:
+        """Connect, retrying with backoff; the caller's deadline (``wait_for``) bounds it."""
+        delay = 0.1
+        while True:
+            try:
+                return await _connect(self.url, self.name, self.timeout, self.heartbeat)
+            except BrokerError as exc:
+                self.last_error = exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _consume_replies(self, channel: aio_pika.abc.AbstractChannel) -> None:
         handler = self.on_reply
@@ -130,6 +155,12 @@ class AsyncPublisher:
         limit = self.timeout if timeout is None else timeout
         try:
             channel = await asyncio.wait_for(self._ready(), limit)
+        except asyncio.TimeoutError as exc:
+            raise BrokerError(
+                f"broker {redact_url(self.url)} unreachable for {limit}s; nothing was published "
+                f"(last error: {self.last_error})"
+            ) from exc
+        try:
             ex = self._exchanges.get(exchange)
             if ex is None:
                 ex = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
@@ -206,9 +237,16 @@ class AsyncConsumer:
     """One consuming connection: per-consumer QoS, manual acks, one consumer per queue."""
 
     def __init__(
-        self, url: str, *, prefetch: int, name: str = "amqptasks worker", timeout: float = 10.0
+        self,
+        url: str,
+        *,
+        prefetch: int,
+        name: str = "amqptasks worker",
+        timeout: float = 10.0,
+        heartbeat: int | None = None,
     ) -> None:
         self.url = url
+        self.heartbeat = heartbeat
         self.prefetch = prefetch
         self.name = name
         self.timeout = timeout
@@ -217,7 +255,7 @@ class AsyncConsumer:
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
 
     async def connect(self) -> None:
-        self._conn = await _connect(self.url, self.name, self.timeout)
+        self._conn = await _connect(self.url, self.name, self.timeout, self.heartbeat)
         self._channel = await self._conn.channel(publisher_confirms=False)
         # global_=False: the limit applies to each consumer (RabbitMQ's per-consumer QoS).
         await self._channel.set_qos(prefetch_count=self.prefetch, global_=False)
@@ -313,6 +351,9 @@ async def declare_topology(url: str, topology: Topology, *, timeout: float = 10.
         for b in topology.bindings:
             label = f"{b.exchange} -[{b.routing_key}]-> {b.queue}"
             await attempt("binding", label, partial(_bind, b))
+        for x in topology.exchange_bindings:
+            label = f"{x.source} -[{x.routing_key}]-> exchange {x.destination}"
+            await attempt("binding", label, partial(_bind_exchange, x))
     finally:
         await conn.close()
     if problems:
@@ -331,6 +372,11 @@ async def _declare_exchange(e: Exchange, channel: aio_pika.abc.AbstractChannel) 
 
 async def _declare_queue(q: Queue, channel: aio_pika.abc.AbstractChannel) -> None:
     await channel.declare_queue(q.name, durable=q.durable, arguments=q.args or None)
+
+
+async def _bind_exchange(x: ExchangeBinding, channel: aio_pika.abc.AbstractChannel) -> None:
+    destination = await channel.get_exchange(x.destination, ensure=False)
+    await destination.bind(x.source, x.routing_key)
 
 
 async def _bind(b: Binding, channel: aio_pika.abc.AbstractChannel) -> None:

@@ -75,7 +75,14 @@ class _Pending:
 class _Link:
     """One connection + confirm channel, driven by its own thread until it closes."""
 
-    def __init__(self, url: str, name: str, timeout: float, on_reply: ReplyHandler | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        timeout: float,
+        on_reply: ReplyHandler | None,
+        heartbeat: int | None = None,
+    ) -> None:
         self.url = url
         self.on_reply = on_reply
         self.ready = threading.Event()
@@ -91,6 +98,8 @@ class _Link:
         params.socket_timeout = timeout
         params.stack_timeout = timeout
         params.blocked_connection_timeout = timeout
+        if heartbeat:
+            params.heartbeat = heartbeat
         self.conn = pika.SelectConnection(
             params,
             on_open_callback=self._on_open,
@@ -243,11 +252,13 @@ class SyncPublisher:
         timeout: float = 10.0,
         name: str = "amqptasks publisher",
         on_reply: ReplyHandler | None = None,
+        heartbeat: int | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.name = name
         self.on_reply = on_reply
+        self.heartbeat = heartbeat
         self._link: _Link | None = None
         self._lock = threading.Lock()
 
@@ -257,19 +268,33 @@ class SyncPublisher:
         return REPLY_TO if self.on_reply is not None else None
 
     def _connected(self, deadline: float) -> _Link:
-        with self._lock:
-            link = self._link
-            if link is None or link.closed:
-                if link is not None:
-                    link.close()
-                link = self._link = _Link(self.url, self.name, self.timeout, self.on_reply)
-        if not link.ready.wait(max(0.0, deadline - time.monotonic())):
-            raise PublishTimeout(
-                f"could not open a channel to {redact_url(self.url)} within {self.timeout}s"
-            )
-        if link.closed:
-            raise link.error or BrokerError(f"cannot connect to broker {redact_url(self.url)}")
-        return link
+        """An open link, reconnecting (with backoff) until ``deadline`` if the broker is down
+        or the last connection died: a publish waits a bounded time, then raises."""
+        delay = 0.1
+        while True:
+            with self._lock:
+                link = self._link
+                if link is None or link.closed:
+                    if link is not None:
+                        link.close()
+                    link = self._link = _Link(
+                        self.url, self.name, self.timeout, self.on_reply, self.heartbeat
+                    )
+            if not link.ready.wait(max(0.0, deadline - time.monotonic())):
+                raise PublishTimeout(
+                    f"could not open a channel to {redact_url(self.url)} within the publish "
+                    "timeout; nothing was published"
+                )
+            if not link.closed:
+                return link
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerError(
+                    f"broker {redact_url(self.url)} unreachable; nothing was published "
+                    f"(last error: {link.error})"
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 1.0)
 
     def publish_nowait(
         self,

@@ -300,11 +300,6 @@ def test_cli_reports_config_errors_with_file_and_key(tmp_path, broker):
     )
 
 
-def test_pool_processes_does_not_pretend(tmp_path, broker):
-    out = run_cli(write_config(tmp_path, broker), "worker", "--pool", "processes")
-    assert out.returncode == 2 and "not available" in out.stderr
-
-
 def test_topology_show_and_apply_cli(tmp_path, broker):
     cfg = write_config(tmp_path, broker)
     shown = run_cli(cfg, "topology", "show")

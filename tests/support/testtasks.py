@@ -46,3 +46,73 @@ def early(tag: str, seconds: float = 0.0) -> str:
 def quiet(tag: str) -> str:
     _record(f"done {tag}")
     return tag
+
+
+@app.task(name="testtasks.pid")
+def pid(tag: str = "") -> int:
+    _record(f"pid {tag} {os.getpid()}")
+    return os.getpid()
+
+
+@app.task(name="testtasks.crash_once")
+def crash_once(tag: str) -> str:
+    """Kills its own process the first time it runs for ``tag`` (a child dying mid-task)."""
+    ledger = os.environ.get("TESTTASKS_LEDGER", "")
+    seen = Path(ledger).read_text().splitlines() if ledger and Path(ledger).exists() else []
+    _record(f"start {tag}")
+    if f"start {tag}" not in seen:
+        os._exit(17)
+    _record(f"done {tag}")
+    return tag
+
+
+@app.task(name="testtasks.hog")
+def hog(mb: int) -> int:
+    block = bytearray(mb * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    _record(f"hog {os.getpid()}")
+    return os.getpid()
+
+
+@app.task(name="testtasks.busy")
+def busy(tag: str, seconds: float) -> str:
+    """Pure-Python busy loop (a soft limit can interrupt it in a thread), catching the soft
+    limit to record that it could clean up."""
+    from amqptasks.errors import SoftTimeLimitExceeded
+
+    _record(f"start {tag}")
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            sum(range(1000))
+    except SoftTimeLimitExceeded:
+        _record(f"soft {tag}")
+        return "cleaned up"
+    _record(f"done {tag}")
+    return "finished"
+
+
+@app.task(name="testtasks.flaky", bind=True, max_retries=3)
+def flaky(self, tag: str, countdown: float = 1.0) -> str:
+    """Always asks for a retry: runs max_retries + 1 times, then lands in the DLQ."""
+    _record(f"run {tag} {self.request.retries} {time.time():.3f}")
+    raise self.retry(exc=RuntimeError(f"flaky {tag}"), countdown=countdown)
+
+
+@app.task(
+    name="testtasks.auto",
+    autoretry_for=(ConnectionError,),
+    retry_backoff=1,
+    retry_jitter=False,
+    max_retries=2,
+)
+def auto(tag: str) -> None:
+    _record(f"run {tag} {time.time():.3f}")
+    raise ConnectionError(f"auto {tag}")
+
+
+@app.task(name="testtasks.when")
+def when(tag: str) -> float:
+    _record(f"ran {tag} {time.time():.3f}")
+    return time.time()

@@ -1,0 +1,208 @@
+"""Where a task's code runs, and how its time limits are enforced — honestly, per pool.
+
+=============  ======================================  ==========================================
+runner         soft_time_limit                         time_limit (hard)
+=============  ======================================  ==========================================
+async tasks    ``asyncio.CancelledError`` raised at    the worker stops waiting, reports
+(any pool)     the task's current ``await``            ``TimeLimitExceeded`` and settles; a task
+               (catchable; reported as                 that swallows cancellation keeps running
+               ``SoftTimeLimitExceeded``)              detached until it returns
+threads        ``SoftTimeLimitExceeded`` raised in     Python cannot kill a thread: the worker
+               the thread at its next bytecode (not    reports ``TimeLimitExceeded``, settles,
+               inside a blocking C call)               and the thread runs on until it returns
+asyncio        not enforced (the sync task blocks the  not enforced: the start-up check warns
+(inline)       event loop; nothing can interrupt it)
+processes      SIGALRM in the child raises             the child is killed (SIGKILL) and replaced
+               ``SoftTimeLimitExceeded``
+=============  ======================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+from .errors import SoftTimeLimitExceeded, TimeLimitExceeded
+from .middleware import Outcome
+from .tasks import BoundTask, Request, Task
+
+__all__ = ["AsyncRunner", "Call", "InlineRunner", "Runner", "ThreadRunner"]
+
+
+@dataclass(slots=True)
+class Call:
+    """One execution to run: the task, its arguments, its request and its limits (0 = none)."""
+
+    task: Task
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    request: Request
+    soft: float = 0.0
+    hard: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def arguments(self) -> tuple[Any, ...]:
+        if self.task.bind:
+            return (BoundTask(self.task, self.request), *self.args)
+        return self.args
+
+
+class Runner(Protocol):
+    async def run(self, call: Call) -> Outcome: ...
+
+    def close(self) -> None: ...
+
+
+def _failure(exc: BaseException, start: float, tb: str | None = None) -> Outcome:
+    return Outcome(
+        False, exc=exc, traceback=tb or traceback.format_exc(), runtime=time.perf_counter() - start
+    )
+
+
+class AsyncRunner:
+    """``async def`` tasks on the worker's event loop."""
+
+    async def run(self, call: Call) -> Outcome:
+        start = time.perf_counter()
+        coro = call.task.fn(*call.arguments(), **call.kwargs)
+        if not call.soft and not call.hard:
+            try:
+                return Outcome(True, result=await coro, runtime=time.perf_counter() - start)
+            except Exception as exc:
+                return _failure(exc, start)
+        job = asyncio.ensure_future(coro)
+        soft = call.soft or call.hard
+        done, _ = await asyncio.wait({job}, timeout=soft)
+        soft_hit = not done
+        if soft_hit:
+            job.cancel()  # CancelledError at the task's current await: its chance to clean up
+            remaining = (call.hard - soft) if call.hard and call.hard > soft else 0.05
+            done, _ = await asyncio.wait({job}, timeout=remaining)
+            if not done:
+                return _failure(
+                    TimeLimitExceeded(
+                        f"task {call.task.name} exceeded its time limit of {call.hard or soft}s"
+                    ),
+                    start,
+                    tb="",
+                )
+        try:
+            return Outcome(True, result=job.result(), runtime=time.perf_counter() - start)
+        except asyncio.CancelledError:
+            return _failure(
+                SoftTimeLimitExceeded(
+                    f"task {call.task.name} exceeded its soft time limit of {soft}s"
+                ),
+                start,
+                tb="",
+            )
+        except Exception as exc:
+            tb = "".join(traceback.format_exception(exc))
+            return _failure(exc, start, tb)
+
+    def close(self) -> None:
+        pass
+
+
+class InlineRunner:
+    """Sync tasks called directly on the event loop (``--pool asyncio``): fastest for tiny
+    tasks that never block; time limits cannot be enforced."""
+
+    async def run(self, call: Call) -> Outcome:
+        start = time.perf_counter()
+        try:
+            result = call.task.fn(*call.arguments(), **call.kwargs)
+        except Exception as exc:
+            return _failure(exc, start)
+        return Outcome(True, result=result, runtime=time.perf_counter() - start)
+
+    def close(self) -> None:
+        pass
+
+
+class _Running:
+    """Which thread runs a call, so a soft limit can be delivered to it (and only to it)."""
+
+    __slots__ = ("lock", "thread_id")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.thread_id: int | None = None
+
+
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type) if exc_type else None
+    )
+
+
+class ThreadRunner:
+    """Sync tasks in a thread pool of ``size`` threads (the default pool)."""
+
+    def __init__(self, size: int) -> None:
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            size, thread_name_prefix="amqptasks-task"
+        )
+
+    @staticmethod
+    def _call(
+        fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], running: _Running
+    ) -> Any:
+        with running.lock:
+            running.thread_id = threading.get_ident()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with running.lock:
+                running.thread_id = None
+                # A soft limit injected just as the task returned must not hit pool internals.
+                _raise_in_thread(threading.get_ident(), None)
+
+    async def run(self, call: Call) -> Outcome:
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        running = _Running()
+        future = loop.run_in_executor(
+            self.executor, partial(self._call, call.task.fn, call.arguments(), call.kwargs, running)
+        )
+        try:
+            if not call.soft and not call.hard:
+                result = await future
+            else:
+                result = await self._limited(call, future, running)
+        except TimeLimitExceeded as exc:
+            return _failure(exc, start, tb="")
+        except Exception as exc:
+            return _failure(exc, start, "".join(traceback.format_exception(exc)))
+        return Outcome(True, result=result, runtime=time.perf_counter() - start)
+
+    async def _limited(self, call: Call, future: asyncio.Future[Any], running: _Running) -> Any:
+        soft = call.soft or call.hard
+        done, _ = await asyncio.wait({future}, timeout=soft)
+        if done:
+            return future.result()
+        if call.soft:
+            with running.lock:
+                if running.thread_id is not None:
+                    _raise_in_thread(running.thread_id, SoftTimeLimitExceeded)
+        if call.hard and call.hard > soft:
+            done, _ = await asyncio.wait({future}, timeout=call.hard - soft)
+            if done:
+                return future.result()
+        elif call.soft and not call.hard:
+            return await future  # soft only: wait for the task to react
+        raise TimeLimitExceeded(
+            f"task {call.task.name} exceeded its time limit of {call.hard}s; its thread "
+            "cannot be killed and runs on detached"
+        )
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
