@@ -150,7 +150,10 @@ class App(Sender):
                 if self._publisher is None:
                     s = self.settings.broker
                     self._publisher = SyncPublisher(
-                        s.url, timeout=s.publish_timeout, on_reply=self.results.deliver
+                        s.url,
+                        timeout=s.publish_timeout,
+                        on_reply=self.results.deliver,
+                        heartbeat=s.heartbeat,
                     )
                     atexit.register(self._publisher.close)
         return self._publisher
@@ -163,7 +166,10 @@ class App(Sender):
         if pub is None:
             s = self.settings.broker
             pub = self._async_publishers[loop] = AsyncPublisher(
-                s.url, timeout=s.publish_timeout, on_reply=self.results.deliver
+                s.url,
+                timeout=s.publish_timeout,
+                on_reply=self.results.deliver,
+                heartbeat=s.heartbeat,
             )
         return pub
 

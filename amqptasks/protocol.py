@@ -298,6 +298,14 @@ def decode(
     )
 
 
+def _rfc3339(when: datetime) -> str:
+    """``when.isoformat()``, in UTC if its offset has seconds (RFC 3339 offsets are HH:MM)."""
+    offset = when.utcoffset()
+    if offset is not None and offset % timedelta(minutes=1):
+        when = when.astimezone(timezone.utc)
+    return when.isoformat()
+
+
 def encode(envelope: Envelope) -> tuple[bytes, Properties]:
     """Serialise an envelope as the documented JSON body and persistent properties.
 
@@ -309,9 +317,9 @@ def encode(envelope: Envelope) -> tuple[bytes, Properties]:
     if envelope.retries:
         obj["retries"] = envelope.retries
     if envelope.eta is not None:
-        obj["eta"] = envelope.eta.isoformat()
+        obj["eta"] = _rfc3339(envelope.eta)
     if envelope.expires is not None:
-        obj["expires"] = envelope.expires.isoformat()
+        obj["expires"] = _rfc3339(envelope.expires)
     if envelope.root_id is not None:
         obj["root_id"] = envelope.root_id
     if envelope.parent_id is not None:

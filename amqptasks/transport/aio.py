@@ -37,7 +37,13 @@ from ..protocol import Properties
 from ..topology import Binding, Exchange, ExchangeBinding, Queue, Topology
 from .pika_publisher import REPLY_TO, ReplyHandler
 
-__all__ = ["AsyncConsumer", "AsyncPublisher", "Delivery", "declare_topology"]
+__all__ = [
+    "AsyncConsumer",
+    "AsyncPublisher",
+    "DeadLetterSession",
+    "Delivery",
+    "declare_topology",
+]
 
 log = logging.getLogger("amqptasks.transport")
 
@@ -382,3 +388,79 @@ async def _bind_exchange(x: ExchangeBinding, channel: aio_pika.abc.AbstractChann
 async def _bind(b: Binding, channel: aio_pika.abc.AbstractChannel) -> None:
     queue = await channel.get_queue(b.queue, ensure=False)
     await queue.bind(b.exchange, b.routing_key)
+
+
+class DeadLetterSession:
+    """Browse and move messages of one dead-letter queue (``amqptasks dlq``).
+
+    Messages are taken with ``basic.get`` and left unacked, so whatever this session does not
+    move goes back to the queue when it closes. A move is one AMQP transaction: the publish to
+    the original route and the ack of the dead letter commit together, so an interrupted
+    replay neither loses nor doubles a message (RabbitMQ documents that a broker *crash*
+    mid-commit across two queues is the exception). A ``basic.return`` (unroutable) is waited
+    for with a round trip before committing, and rolls the move back.
+    """
+
+    def __init__(self, url: str, queue: str, *, timeout: float = 10.0) -> None:
+        self.url = url
+        self.queue_name = queue
+        self.timeout = timeout
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._tx: Any = None
+        self._returned: list[str] = []
+
+    async def open(self) -> int:
+        """Connect; return how many messages the queue holds now."""
+        self._conn = await _connect(self.url, "amqptasks dlq", self.timeout)
+        self._channel = await self._conn.channel(publisher_confirms=False)
+        try:
+            self._queue = await self._channel.declare_queue(self.queue_name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise BrokerError(f"queue {self.queue_name!r} does not exist") from exc
+        self._channel.return_callbacks.add(self._on_return)
+        self._tx = self._channel.transaction()
+        await self._tx.select()
+        count = self._queue.declaration_result.message_count
+        return int(count or 0)
+
+    def _on_return(self, _sender: Any, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._returned.append(message.message_id or "")
+
+    async def fetch(self) -> Delivery | None:
+        """The next message (unacked), or None when the queue has no more ready."""
+        assert self._queue is not None, "open() first"
+        message = await self._queue.get(no_ack=False, fail=False)
+        return None if message is None else Delivery(message, self.queue_name)
+
+    async def move(
+        self, delivery: Delivery, exchange: str, routing_key: str, body: bytes, props: Properties
+    ) -> None:
+        """Publish to ``exchange``/``routing_key`` and ack ``delivery`` atomically."""
+        assert self._channel is not None and self._tx is not None
+        self._returned.clear()
+        target = (
+            await self._channel.get_exchange(exchange, ensure=False)
+            if exchange
+            else (self._channel.default_exchange)
+        )
+        await target.publish(_message(body, props), routing_key, mandatory=True)
+        # A round trip: the broker answers in order, so a return for the publish comes first.
+        await self._channel.declare_queue(self.queue_name, passive=True)
+        if self._returned:
+            await self._tx.rollback()
+            raise UnroutableError(exchange, routing_key)
+        await delivery.ack()
+        await self._tx.commit()
+
+    async def purge(self) -> int:
+        assert self._queue is not None, "open() first"
+        result = await self._queue.purge()
+        await self._tx.commit()
+        return int(result.message_count or 0)
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed:
+            await self._conn.close()  # whatever was fetched but not moved goes back
+        self._conn = self._channel = self._queue = None

@@ -307,8 +307,10 @@ def test_quorum_poison_message_lands_in_dlq_after_delivery_limit(tmp_path, broke
         try:
             wait_for(
                 lambda: (
-                    (ledger_lines(ledger).count("start poison") > 0
-                    and ledger_lines(ledger)[-1] == "start poison")
+                    (
+                        ledger_lines(ledger).count("start poison") > 0
+                        and ledger_lines(ledger)[-1] == "start poison"
+                    )
                     or broker.depth("default.dlq") == 1
                 ),
                 timeout=20,

@@ -1,0 +1,200 @@
+"""``amqptasks dlq list|show|replay|purge``: see, replay and clear dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from ..config import Settings
+from ..dlq import DeadLetter, describe, replay_message
+from ..errors import AmqpTasksError, UnroutableError
+from ..topology import DLQ_SUFFIX, dlq_name
+from ..transport.aio import DeadLetterSession, Delivery
+from . import config_option, friendly_errors, main, settings_for
+
+
+def _dlq(settings: Settings, queue: str) -> str:
+    name = queue if queue.endswith(DLQ_SUFFIX) else dlq_name(queue)
+    work = name[: -len(DLQ_SUFFIX)]
+    if settings.topology.queue(work) is None:
+        declared = ", ".join(q.name for q in settings.topology.work_queues())
+        raise click.BadParameter(
+            f"{queue!r} is not a queue in {settings.source} (declared: {declared})",
+            param_hint="QUEUE",
+        )
+    return name
+
+
+def _view(d: Delivery) -> DeadLetter:
+    return describe(d.body, d.properties, d.exchange, d.routing_key)
+
+
+async def _browse(settings: Settings, queue: str, limit: int) -> list[DeadLetter]:
+    session = DeadLetterSession(settings.broker.url, queue)
+    try:
+        count = await session.open()
+        out = []
+        for _ in range(min(count, limit)):
+            d = await session.fetch()
+            if d is None:
+                break
+            out.append(_view(d))
+        return out
+    finally:
+        await session.close()  # nothing was acked: everything goes back
+
+
+@main.group()
+def dlq() -> None:
+    """Dead-letter queues: list, show, replay, purge."""
+
+
+@dlq.command("list")
+@click.argument("queue")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@config_option
+@friendly_errors
+def dlq_list(queue: str, limit: int, config_path: str | None) -> None:
+    """A table of the dead letters of QUEUE (a work queue, or its .dlq)."""
+    settings = settings_for(config_path)
+    name = _dlq(settings, queue)
+    letters = asyncio.run(_browse(settings, name, limit))
+    if not letters:
+        click.echo(f"{name}: empty")
+        return
+    rows = [("ID", "TASK", "REASON", "ATTEMPTS", "LAST FAILURE", "EXCEPTION", "ROUTE")]
+    rows += [
+        (
+            d.id or "-",
+            d.task or "-",
+            d.reason,
+            str(d.attempts),
+            d.last_failed_at[:19] or "-",
+            (d.exception or d.detail)[:60] or "-",
+            f"{d.original_exchange or '(default)'}/{d.original_routing_key}",
+        )
+        for d in letters
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    click.echo(f"{len(letters)} dead letter(s) in {name}")
+
+
+@dlq.command("show")
+@click.argument("queue")
+@click.argument("message_id")
+@config_option
+@friendly_errors
+def dlq_show(queue: str, message_id: str, config_path: str | None) -> None:
+    """Every detail of one dead letter, traceback included."""
+    settings = settings_for(config_path)
+    name = _dlq(settings, queue)
+    for d in asyncio.run(_browse(settings, name, 1_000_000)):
+        if d.id == message_id:
+            for field in (
+                "id",
+                "task",
+                "reason",
+                "detail",
+                "exception",
+                "attempts",
+                "first_failed_at",
+                "last_failed_at",
+                "original_exchange",
+                "original_routing_key",
+                "worker",
+            ):
+                click.echo(f"{field}: {getattr(d, field)}")
+            if d.traceback:
+                click.echo("traceback:\n" + d.traceback)
+            return
+    raise AmqpTasksError(f"no dead letter with id {message_id!r} in {name}")
+
+
+async def _replay(
+    settings: Settings, name: str, ids: set[str], every: bool, task: str | None
+) -> tuple[int, list[str]]:
+    session = DeadLetterSession(settings.broker.url, name, timeout=settings.broker.publish_timeout)
+    moved = 0
+    problems: list[str] = []
+    try:
+        count = await session.open()
+        with click.progressbar(length=count, label=f"replaying {name}", file=sys.stderr) as bar:
+            for _ in range(count):
+                d = await session.fetch()
+                if d is None:
+                    break
+                bar.update(1)
+                view = _view(d)
+                if not every and view.id not in ids:
+                    continue
+                if task is not None and view.task != task:
+                    continue
+                body, props = replay_message(d.body, d.properties)
+                try:
+                    await session.move(
+                        d, view.original_exchange, view.original_routing_key, body, props
+                    )
+                except UnroutableError as exc:
+                    problems.append(f"{view.id}: {exc}")
+                    continue
+                moved += 1
+                ids.discard(view.id)
+    finally:
+        await session.close()
+    problems += [f"{i}: not found" for i in sorted(ids)]
+    return moved, problems
+
+
+@dlq.command("replay")
+@click.argument("queue")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Replay every dead letter (see --task).")
+@click.option("--task", default=None, help="Only dead letters of this task.")
+@config_option
+@friendly_errors
+def dlq_replay(
+    queue: str, ids: tuple[str, ...], every: bool, task: str | None, config_path: str | None
+) -> None:
+    """Move dead letters back to their original exchange and routing key, attempts reset.
+
+    Each move publishes and acks in one transaction: interrupted, nothing is lost or doubled.
+    """
+    if not ids and not every:
+        raise click.UsageError("give message ids or --all")
+    if ids and every:
+        raise click.UsageError("give message ids or --all, not both")
+    settings = settings_for(config_path)
+    name = _dlq(settings, queue)
+    moved, problems = asyncio.run(_replay(settings, name, set(ids), every, task))
+    click.echo(f"replayed {moved} message(s) from {name}")
+    for p in problems:
+        click.echo(f"not replayed: {p}", err=True)
+    if problems:
+        sys.exit(1)
+
+
+@dlq.command("purge")
+@click.argument("queue")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@config_option
+@friendly_errors
+def dlq_purge(queue: str, yes: bool, config_path: str | None) -> None:
+    """Delete every dead letter of QUEUE (asks first)."""
+    settings = settings_for(config_path)
+    name = _dlq(settings, queue)
+    if not yes:
+        click.confirm(f"delete every message in {name}?", abort=True)
+
+    async def purge() -> int:
+        session = DeadLetterSession(settings.broker.url, name)
+        try:
+            await session.open()
+            return await session.purge()
+        finally:
+            await session.close()
+
+    click.echo(f"purged {asyncio.run(purge())} message(s) from {name}")

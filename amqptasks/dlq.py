@@ -1,0 +1,100 @@
+"""Dead letters as a person reads them, and how one is prepared for replay. Pure: no I/O.
+
+A dead letter is the original body with the original properties plus ``x-amqptasks-*``
+headers written by the worker (see docs/protocol.md). Messages that the broker dead-lettered
+itself (quorum ``delivery_limit``, a rejection after a failed dead-letter publish) carry only
+RabbitMQ's ``x-death``; :func:`describe` reads those too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import DL_PREFIX, Properties, dumps, loads
+
+__all__ = ["DeadLetter", "describe", "replay_message"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    task: str
+    reason: str
+    detail: str
+    exception: str
+    attempts: int
+    first_failed_at: str
+    last_failed_at: str
+    original_exchange: str
+    original_routing_key: str
+    worker: str
+    traceback: str
+
+
+def _h(headers: dict[str, Any], name: str, default: Any = "") -> Any:
+    value = headers.get(DL_PREFIX + name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def describe(
+    body: bytes, props: Properties, exchange: str = "", routing_key: str = ""
+) -> DeadLetter:
+    headers = dict(props.headers or {})
+    task = ""
+    body_id = ""
+    try:
+        obj = loads(body)
+        if isinstance(obj, dict):
+            task = str(obj.get("task", ""))
+            body_id = str(obj.get("id") or "")
+    except Exception:  # undecodable bodies are exactly what a DLQ holds
+        task = "<undecodable>"
+    deaths = headers.get("x-death") or []
+    death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
+    reason = _h(headers, "reason") or (f"broker:{death.get('reason')}" if death else "unknown")
+    exc_type = _h(headers, "exception-type")
+    exc_msg = _h(headers, "exception-message")
+    broker_keys = death.get("routing-keys") or [routing_key]
+    return DeadLetter(
+        id=props.message_id or body_id or "",
+        task=task,
+        reason=str(reason),
+        detail=str(_h(headers, "detail")),
+        exception=f"{exc_type}: {exc_msg}" if exc_type else "",
+        attempts=int(_h(headers, "attempts", 0) or int(death.get("count", 0) or 0)),
+        first_failed_at=str(_h(headers, "first-failed-at")),
+        last_failed_at=str(_h(headers, "last-failed-at")),
+        original_exchange=str(_h(headers, "original-exchange", death.get("exchange", exchange))),
+        original_routing_key=str(_h(headers, "original-routing-key", broker_keys[0])),
+        worker=str(_h(headers, "worker")),
+        traceback=str(_h(headers, "traceback")),
+    )
+
+
+def replay_message(body: bytes, props: Properties) -> tuple[bytes, Properties]:
+    """The message to republish: attempts reset (``retries`` removed from a JSON body), the
+    dead-letter and broker death headers dropped, everything else as the producer sent it."""
+    try:
+        obj = loads(body)
+    except Exception:
+        obj = None
+    if isinstance(obj, dict) and "retries" in obj:
+        obj = {k: v for k, v in obj.items() if k != "retries"}
+        body = dumps(obj)
+    headers = {
+        k: v
+        for k, v in (props.headers or {}).items()
+        if not k.startswith((DL_PREFIX, "x-death", "x-first-death-", "x-last-death-"))
+    }
+    return body, Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        reply_to=None,  # the original caller's reply channel is long gone
+        priority=props.priority,
+        headers=headers or None,
+        delivery_mode=2,
+        timestamp=props.timestamp,
+    )

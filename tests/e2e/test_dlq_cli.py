@@ -1,0 +1,140 @@
+"""``amqptasks dlq list|show|replay|purge`` through the real CLI."""
+
+from __future__ import annotations
+
+import subprocess
+
+from broker_fixtures import ROOT, amqptasks_exe, cli_env, ledger_lines, wait_for, write_config
+
+from amqptasks import App, load_config
+
+
+def dlq(cfg, *args, input=None):
+    return subprocess.run(
+        [amqptasks_exe(), "dlq", *args],
+        cwd=ROOT,
+        env=cli_env(cfg),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input=input,
+    )
+
+
+def _fill(tmp_path, broker, worker_factory):
+    cfg = write_config(tmp_path, broker)
+    ledger = tmp_path / "ledger"
+    w = worker_factory(cfg, "-Q", "default", ledger=ledger)
+    app = App(load_config(cfg, env={}))
+    ids = [app.send_task("testtasks.fail", (f"boom {i}",), ignore_result=True).id for i in range(3)]
+    ids.append(app.send_task("no.such.task", queue="default", ignore_result=True).id)
+    app.close()
+    wait_for(lambda: broker.depth("default.dlq") == 4, message="4 dead letters")
+    return cfg, ledger, w, ids
+
+
+def test_list_and_show(tmp_path, broker, worker_factory):
+    cfg, _, _, ids = _fill(tmp_path, broker, worker_factory)
+    out = dlq(cfg, "list", "default")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ID", "TASK", "REASON", "ATTEMPTS"]
+    assert sum("task-failed" in x and "ValueError: boom" in x for x in lines) == 3
+    assert any("unknown-task" in x and ids[3] in x for x in lines)
+    assert lines[-1] == "4 dead letter(s) in default.dlq"
+    assert broker.depth("default.dlq") == 4  # listing takes nothing away
+    shown = dlq(cfg, "show", "default.dlq", ids[0])
+    assert shown.returncode == 0
+    assert "reason: task-failed" in shown.stdout
+    assert "original_routing_key: task.default" in shown.stdout
+    assert "Traceback" in shown.stdout and "ValueError: boom 0" in shown.stdout
+    missing = dlq(cfg, "show", "default", "nope")
+    assert missing.returncode == 1 and "no dead letter with id 'nope'" in missing.stderr
+    bad = dlq(cfg, "list", "nosuchqueue")
+    assert bad.returncode == 2 and "not a queue" in bad.stderr
+
+
+def test_replay_by_id_and_by_task_resets_attempts(tmp_path, broker, worker_factory):
+    cfg, _, w, ids = _fill(tmp_path, broker, worker_factory)
+    w.stop()  # replayed messages must wait in the work queue to be inspected
+    out = dlq(cfg, "replay", "default", ids[0])
+    assert out.returncode == 0, out.stderr
+    assert "replayed 1 message(s)" in out.stdout
+    assert broker.depth("default.dlq") == 3 and broker.depth("default") == 1
+    [(props, body)] = broker.get_all("default")
+    assert not any(k.startswith("x-amqptasks-") for k in (props.headers or {}))
+    assert b'"retries"' not in body and props.message_id == ids[0]
+    out = dlq(cfg, "replay", "default", "--all", "--task", "testtasks.fail")
+    assert "replayed 2 message(s)" in out.stdout
+    assert broker.depth("default.dlq") == 1  # the unknown task stays
+    assert broker.depth("default") == 2
+    notfound = dlq(cfg, "replay", "default", "missing-id")
+    assert notfound.returncode == 1 and "missing-id: not found" in notfound.stderr
+
+
+def test_replayed_message_runs_again(tmp_path, broker, worker_factory):
+    cfg = write_config(tmp_path, broker)
+    ledger = tmp_path / "ledger"
+    worker_factory(cfg, "-Q", "web_tasks", ledger=ledger)
+    # A replayed failure really runs again on its original route (and fails again, visibly).
+    broker.publish_raw("tasks", "web.x", b'{"task": "testtasks.record", "args": ["r"]}')
+    wait_for(lambda: "done r" in ledger_lines(ledger))
+    app = App(load_config(cfg, env={}))
+    app.send_task("testtasks.fail", ("x",), queue="web_tasks", ignore_result=True)
+    app.close()
+    wait_for(lambda: broker.depth("web_tasks.dlq") == 1)
+    out = dlq(cfg, "replay", "web_tasks", "--all")
+    assert "replayed 1" in out.stdout
+    wait_for(lambda: broker.depth("web_tasks.dlq") == 1, message="it fails again, visibly")
+
+
+def test_purge_asks_first(tmp_path, broker, worker_factory):
+    cfg, _, _, _ = _fill(tmp_path, broker, worker_factory)
+    refused = dlq(cfg, "purge", "default", input="n\n")
+    assert refused.returncode == 1 and broker.depth("default.dlq") == 4
+    out = dlq(cfg, "purge", "default", "--yes")
+    assert out.returncode == 0 and "purged 4 message(s)" in out.stdout
+    assert broker.depth("default.dlq") == 0
+
+
+def test_interrupted_replay_neither_loses_nor_doubles(tmp_path, broker, worker_factory):
+    import signal
+    import time
+
+    import pika
+
+    cfg = write_config(tmp_path, broker)
+    w = worker_factory(cfg, "-Q", "default")
+    w.stop()
+    total = 400
+    ch = broker.channel()
+    ch.confirm_delivery()
+    for i in range(total):
+        ch.basic_publish(
+            "amqptasks.dlx",
+            "default",
+            b'{"task": "t", "args": []}',
+            pika.BasicProperties(
+                message_id=f"m{i}",
+                headers={
+                    "x-amqptasks-reason": "task-failed",
+                    "x-amqptasks-original-exchange": "tasks",
+                    "x-amqptasks-original-routing-key": "task.default",
+                },
+            ),
+        )
+    proc = subprocess.Popen(
+        [amqptasks_exe(), "dlq", "replay", "default", "--all"],
+        cwd=ROOT,
+        env=cli_env(cfg),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: broker.depth("default") >= 20, interval=0.01, message="replay under way")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    time.sleep(0.5)  # the broker requeues what the dead client held
+    moved = [p.message_id for p, _ in broker.get_all("default", limit=total + 10)]
+    left = [p.message_id for p, _ in broker.get_all("default.dlq", limit=total + 10)]
+    assert 20 <= len(moved) < total
+    assert sorted(moved + left, key=lambda m: int(m[1:])) == [f"m{i}" for i in range(total)]
