@@ -216,3 +216,41 @@ def test_delay_async_publishes_and_gets_the_result(tmp_path, broker, worker_fact
             await app.aclose()
 
     assert asyncio.run(main()) == 42
+
+
+def test_broker_heartbeat_is_negotiated_on_worker_connections(tmp_path, broker, worker_factory):
+    import urllib.parse
+
+    from broker_fixtures import mgmt
+
+    cfg = write_config(tmp_path, broker, broker={"url": broker.url, "heartbeat": 7})
+    worker_factory(cfg, "-Q", "default")
+    vh = urllib.parse.quote(broker.vhost, safe="")
+    conns = wait_for(
+        lambda: [
+            c
+            for c in mgmt("GET", f"/vhosts/{vh}/connections")
+            if "amqptasks@" in c.get("client_properties", {}).get("connection_name", "")
+        ],
+        message="the worker's connections",
+    )
+    assert {c["timeout"] for c in conns} == {7}
+
+
+def test_consumer_timeout_setting_bounds_hard_limits(tmp_path, broker):
+    cfg = write_config(
+        tmp_path,
+        broker,
+        broker={"url": broker.url, "consumer_timeout": 10},
+        tasks={"testtasks.record": {"time_limit": 20}},
+    )
+    out = subprocess.run(
+        [amqptasks_exe(), "worker", "--config", str(cfg)],
+        cwd=ROOT,
+        env=cli_env(cfg),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "consumer_timeout (10s" in out.stderr

@@ -180,14 +180,19 @@ class WorkerProcess:
     """``amqptasks worker`` as a subprocess, the way a user runs it."""
 
     def __init__(
-        self, config: Path, *args: str, ledger: Path | None = None, log: Path | None = None
+        self,
+        config: Path,
+        *args: str,
+        ledger: Path | None = None,
+        log: Path | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.log_path = log or config.with_name(f"worker-{uuid.uuid4().hex[:6]}.log")
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [amqptasks_exe(), "worker", "--config", str(config), *args],
             cwd=ROOT,
-            env=cli_env(config, ledger),
+            env={**cli_env(config, ledger), **(extra_env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -227,9 +232,13 @@ def worker_factory() -> Iterator[Any]:
     started: list[WorkerProcess] = []
 
     def start(
-        config: Path, *args: str, ledger: Path | None = None, ready: bool = True
+        config: Path,
+        *args: str,
+        ledger: Path | None = None,
+        ready: bool = True,
+        extra_env: dict[str, str] | None = None,
     ) -> WorkerProcess:
-        w = WorkerProcess(config, *args, ledger=ledger)
+        w = WorkerProcess(config, *args, ledger=ledger, extra_env=extra_env)
         started.append(w)
         if ready:
             w.wait_ready()
