@@ -20,9 +20,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, RoutingError
 from .protocol import CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE
 from .routing import DEFAULT_EXCHANGE, Route, Router, is_glob
+from .schedule import SCHEDULE_KEYS, Schedule, ScheduleFieldError, build_schedule, zone
 from .topology import DLQ_SUFFIX, DLX_EXCHANGE, QueueSpec, Topology, build_topology
 
 __all__ = [
@@ -164,6 +165,10 @@ class Settings:
     #: Bodies larger than this are dead-lettered unread (reason ``too-large``).
     max_body_size: int = 10 * 1024 * 1024
     task_policies: Mapping[str, TaskPolicy] = field(default_factory=dict)
+    #: Default zone of cron schedules (``timezone:``), an IANA name.
+    timezone: str = "UTC"
+    #: Periodic tasks (``schedules:``), run by ``amqptasks beat`` / ``worker -B``.
+    schedules: tuple[Schedule, ...] = ()
 
     def router(self) -> Router:
         return Router(self.routes, self.default_route)
@@ -288,6 +293,8 @@ class _Parser:
                 "worker",
                 "results",
                 "tasks",
+                "timezone",
+                "schedules",
             ),
         )
         broker = self.broker(top.get("broker", {}), env)
@@ -320,6 +327,13 @@ class _Parser:
             accept=accept,
             max_body_size=max_body_size,
             task_policies=self.tasks(top.get("tasks", {})),
+            timezone=self.timezone(top.get("timezone", "UTC")),
+            schedules=self.schedules(
+                top.get("schedules", {}),
+                self.timezone(top.get("timezone", "UTC")),
+                Router(routes, default_route),
+                topology,
+            ),
         )
 
     def seq(self, value: Any, key: str) -> list[Any]:
@@ -534,6 +548,44 @@ class _Parser:
         )
         size = self.positive(section, "serialization", "max_body_size", 10 * 1024 * 1024, int)
         return types, size
+
+    def timezone(self, value: Any) -> str:
+        name = self.typed(value, "timezone", str, "an IANA time zone name such as 'UTC'")
+        try:
+            zone(name)
+        except ValueError as exc:
+            raise self.fail("timezone", str(exc)) from None
+        return name
+
+    def schedules(
+        self, value: Any, default_tz: str, router: Router, topology: Topology
+    ) -> tuple[Schedule, ...]:
+        out = []
+        for name, spec in self.mapping(value, "schedules").items():
+            key = _join("schedules", name)
+            spec = self.mapping(spec if spec is not None else {}, key, SCHEDULE_KEYS)
+            try:
+                s = build_schedule(name, spec, default_tz)
+            except ScheduleFieldError as exc:
+                raise self.fail(_join(key, exc.key) if exc.key else key, exc.problem) from None
+            override = next(
+                (k for k in ("queue", "routing_key", "exchange") if spec.get(k) is not None),
+                "task",
+            )
+            try:
+                route = router.route(
+                    s.task, exchange=s.exchange, routing_key=s.routing_key, queue=s.queue
+                )
+            except RoutingError as exc:
+                raise self.fail(_join(key, override), str(exc)) from None
+            if not topology.reaches(route.exchange, route.routing_key):
+                raise self.fail(
+                    _join(key, override),
+                    f"task {s.task!r} would be published to exchange {route.exchange!r} with "
+                    f"routing key {route.routing_key!r}, which reaches no declared queue",
+                )
+            out.append(s)
+        return tuple(out)
 
     def tasks(self, value: Any) -> dict[str, TaskPolicy]:
         out = {}

@@ -53,6 +53,16 @@ class Context:
 class Middleware:
     """Base class: every hook is a no-op; override the ones a feature needs."""
 
+    def wants(self, envelope: Envelope) -> bool:
+        """Whether this middleware has anything to do for ``envelope``. The worker's inline
+        fast path (which runs no hooks) is only taken when no middleware wants a message."""
+        return True
+
+    async def should_run(self, ctx: Context) -> bool:
+        """False settles the delivery (ack) without running it, e.g. a duplicate. Called after
+        decoding and lookup; a delivery that passed every ``should_run`` gets ``after_run``."""
+        return True
+
     async def before_run(self, ctx: Context) -> None:
         """Called before the task runs (after decoding and lookup)."""
 
@@ -70,6 +80,9 @@ class ResultsMiddleware(Middleware):
     def __init__(self, publish: Publish, default_ignore: bool) -> None:
         self.publish = publish
         self.default_ignore = default_ignore
+
+    def wants(self, envelope: Envelope) -> bool:
+        return envelope.reply_to is not None
 
     async def after_run(self, ctx: Context, outcome: Outcome) -> None:
         env = ctx.envelope
@@ -99,6 +112,18 @@ class ResultsMiddleware(Middleware):
             await self.publish("", env.reply_to, encode_reply(reply), props)
         except Exception as exc:  # the caller may be gone; the task's outcome stands
             log.debug("reply for %s[%s] not delivered: %s", env.task, env.id, exc)
+
+
+async def run_should_run(middleware: list[Middleware], ctx: Context) -> bool:
+    """False as soon as one middleware says so; a hook that raises counts as True (a broken
+    hook must never drop work)."""
+    for m in middleware:
+        try:
+            if not await m.should_run(ctx):
+                return False
+        except Exception:
+            log.exception("middleware %s.should_run failed", type(m).__name__)
+    return True
 
 
 async def run_before(middleware: list[Middleware], ctx: Context) -> None:

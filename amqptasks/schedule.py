@@ -38,6 +38,8 @@ from .errors import ConfigError
 
 __all__ = [
     "CATCH_UP_POLICIES",
+    "FIRE_TIME_HEADER",
+    "SCHEDULE_HEADER",
     "SCHEDULE_KEYS",
     "Cron",
     "Interval",
@@ -57,6 +59,9 @@ __all__ = [
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 CATCH_UP_POLICIES = ("none", "one", "all")
+#: Headers on every scheduled message: the schedule's name and the (nominal) fire time.
+SCHEDULE_HEADER = "x-amqptasks-schedule"
+FIRE_TIME_HEADER = "x-amqptasks-fire-time"
 #: The keys a schedule accepts (YAML ``schedules.<name>.*`` and :func:`schedule` keywords).
 SCHEDULE_KEYS = (
     "task",
@@ -328,6 +333,8 @@ class Schedule:
     #: Publish up to this long after the fire time (spreads load); the id keeps the fire time.
     jitter: timedelta = timedelta(0)
     catch_up: str = "one"
+    #: The zone fire times are shown in (and cron is matched in); an IANA name.
+    timezone: str = "UTC"
 
     def next_after(self, t: datetime) -> datetime:
         return self.timing.next_after(t)
@@ -460,6 +467,7 @@ def build_schedule(name: str, spec: Mapping[str, Any], default_timezone: str = "
         expires=durations["expires"],
         jitter=durations["jitter"] or timedelta(0),
         catch_up=catch_up,
+        timezone=tz_name,
     )
 
 

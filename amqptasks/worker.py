@@ -31,21 +31,34 @@ import asyncio
 import logging
 import signal
 import socket
+import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from .config import DEFAULT_POLICY, Settings, TaskPolicy, redact_url
+from .dedupe import ScheduledDedupe
 from .errors import AmqpTasksError, BrokerError, ProtocolError, TimeLimitExceeded, WorkerLost
-from .middleware import Context, Middleware, Outcome, ResultsMiddleware, run_after, run_before
+from .middleware import (
+    Context,
+    Middleware,
+    Outcome,
+    ResultsMiddleware,
+    run_after,
+    run_before,
+    run_should_run,
+)
 from .pool import AsyncRunner, Call, InlineRunner, Runner, ThreadRunner
 from .process_pool import ProcessRunner
 from .protocol import DL_PREFIX, Envelope, dead_letter_properties, decode, encode
 from .retry import decide
-from .tasks import Request, Task
+from .tasks import BoundTask, Request, Task
 from .topology import DLX_EXCHANGE, delay_route, delay_seconds
-from .transport.aio import AsyncConsumer, AsyncPublisher, Delivery, declare_topology
+from .transport.aio import AsyncPublisher, declare_topology
+from .transport.pika_consumer import PikaConsumer
+from .transport.pika_consumer import PikaDelivery as Delivery
 
 __all__ = ["Worker", "WorkerOptions", "default_hostname"]
 
@@ -112,9 +125,10 @@ class Worker:
             name=f"{self.hostname} publisher",
             heartbeat=settings.broker.heartbeat,
         )
-        self.consumer: AsyncConsumer | None = None
+        self.consumer: PikaConsumer | None = None
         self.middleware: list[Middleware] = [
             ResultsMiddleware(self.publisher.publish, settings.results.ignore_result),
+            ScheduledDedupe(),
             *middleware,
         ]
         self._async_runner = AsyncRunner()
@@ -131,6 +145,16 @@ class Worker:
         self.reconnects = 0
         #: True after a second signal: exit without waiting for running tasks.
         self.cold = False
+        #: Tasks the synchronous fast path may run (see :meth:`_on_delivery`).
+        self._fast_tasks: dict[str, Task] = {
+            name: t
+            for name, t in self.tasks.items()
+            if options.pool == "asyncio"
+            and not t.is_async
+            and not self.policies[name].acks_early
+            and not self.policies[name].time_limit
+            and not self.policies[name].soft_time_limit
+        }
         #: Called each time every consumer is attached (the CLI prints "ready: consuming").
         self.on_ready: Callable[[], None] | None = None
 
@@ -237,7 +261,7 @@ class Worker:
         attempt = 0
         while not self._stopping.is_set():
             self._lost.clear()
-            consumer = AsyncConsumer(
+            consumer = PikaConsumer(
                 self.settings.broker.url,
                 prefetch=self.options.prefetch,
                 name=f"{self.hostname} consumer",
@@ -248,7 +272,7 @@ class Worker:
                 self.consumer = consumer
                 consumer.add_close_callback(self._on_connection_lost)
                 for q in self.options.queues:
-                    await consumer.consume(q, self._handle)
+                    await consumer.consume(q, self._on_delivery)
             except BrokerError as exc:
                 await consumer.close()
                 if attempt == 0 and self.reconnects == 0:
@@ -326,12 +350,100 @@ class Worker:
             self._runner.close()
 
     # -- the pipeline -----------------------------------------------------------------------------
-    async def _handle(self, delivery: Delivery) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
+    def _on_delivery(self, delivery: Delivery) -> None:
+        """Called by the consumer for each delivery, on the loop, without a task.
+
+        The common case — a sync task run inline (``--pool asyncio``), no reply wanted, no
+        limits, nothing to wait for — runs right here; everything else becomes a task
+        running the full pipeline (:meth:`_process`). Both settle through the same ack window.
+        """
+        if not self._fast_run(delivery):
+            self._spawn(self._process(delivery), delivery)
+
+    def _spawn(self, work: Any, delivery: Delivery) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(work, delivery))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _fast_run(self, delivery: Delivery) -> bool:
+        if self._stopping.is_set() or len(delivery.body) > self.settings.max_body_size:
+            return False
         try:
-            await self._process(delivery)
+            env = decode(delivery.body, delivery.properties, self.settings.accept)
+        except Exception:
+            return False  # the full pipeline dead-letters it with the reason
+        if (
+            env.task not in self._fast_tasks
+            or env.expires is not None
+            or (env.eta is not None or env.links)
+            or any(m.wants(env) for m in self.middleware)
+        ):
+            return False
+        task = self._fast_tasks[env.task]
+        start = time.perf_counter()
+        try:
+            if task.bind:
+                result = task.fn(
+                    BoundTask(
+                        task,
+                        Request(
+                            env.id,
+                            env.task,
+                            env.retries,
+                            delivery.queue,
+                            self.hostname,
+                            env.headers,
+                        ),
+                    ),
+                    *env.args,
+                    **env.kwargs,
+                )
+            else:
+                result = task.fn(*env.args, **env.kwargs)
+        except Exception as exc:
+            outcome = Outcome(
+                False,
+                exc=exc,
+                traceback=traceback.format_exc(),
+                runtime=time.perf_counter() - start,
+            )
+            log.warning(
+                "task %s[%s] failed in %.3fs: %s: %s",
+                env.task,
+                env.id,
+                outcome.runtime,
+                type(exc).__name__,
+                exc,
+            )
+            ctx = Context(env, task, delivery.queue, self.hostname)
+            self._spawn(
+                self._finish(
+                    delivery,
+                    env,
+                    task,
+                    self.policies[env.task],
+                    ctx,
+                    outcome,
+                    datetime.now(timezone.utc),
+                ),
+                delivery,
+            )
+            return True
+        self.processed += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "task %s[%s] succeeded in %.3fs: %.200r",
+                env.task,
+                env.id,
+                time.perf_counter() - start,
+                result,
+            )
+        delivery.ack_now()
+        return True
+
+    async def _guard(self, work: Any, delivery: Delivery) -> None:
+        try:
+            await work
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not leave the delivery unsettled silently
@@ -341,9 +453,6 @@ class Worker:
                 delivery.queue,
             )
             await self._reject(delivery, "<unknown>")
-        finally:
-            if task is not None:
-                self._inflight.discard(task)
 
     async def _process(self, delivery: Delivery) -> None:
         if self._stopping.is_set():
@@ -404,21 +513,38 @@ class Worker:
         self._running += 1
         try:
             ctx = Context(env, task, delivery.queue, self.hostname)
+            if not await run_should_run(self.middleware, ctx):
+                await self._ack(delivery)  # settled without running (e.g. a duplicate)
+                return
             if policy.acks_early:
                 await self._ack(delivery)
             await run_before(self.middleware, ctx)
             outcome = await self._execute(task, env, delivery.queue, policy)
-            if not outcome.ok and not policy.acks_early:
-                assert outcome.exc is not None
-                decision = decide(policy, outcome.exc, env.retries, task.autoretry_for)
-                if decision.retry:
-                    outcome.retry_countdown = decision.countdown
-                else:
-                    outcome.exc = decision.exc
-            await run_after(self.middleware, ctx, outcome)
         finally:
             self._running -= 1
             self._slots.release()
+        await self._finish(delivery, env, task, policy, ctx, outcome, now)
+
+    async def _finish(
+        self,
+        delivery: Delivery,
+        env: Envelope,
+        task: Task,
+        policy: TaskPolicy,
+        ctx: Context,
+        outcome: Outcome,
+        now: datetime,
+    ) -> None:
+        """Retry decision, ``after_run`` hooks, then settle: the one place a ran task's
+        delivery is settled."""
+        if not outcome.ok and not policy.acks_early:
+            assert outcome.exc is not None
+            decision = decide(policy, outcome.exc, env.retries, task.autoretry_for)
+            if decision.retry:
+                outcome.retry_countdown = decision.countdown
+            else:
+                outcome.exc = decision.exc
+        await run_after(self.middleware, ctx, outcome)
         self.processed += 1
         if policy.acks_early:
             if not outcome.ok:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import sys
+from pathlib import Path
 
 import click
 
-from ..config import Settings
+from ..config import Settings, redact_url
 from ..dlq import DeadLetter, describe, replay_message
 from ..errors import AmqpTasksError, UnroutableError
 from ..topology import DLQ_SUFFIX, dlq_name
@@ -114,8 +117,45 @@ def dlq_show(queue: str, message_id: str, config_path: str | None) -> None:
     raise AmqpTasksError(f"no dead letter with id {message_id!r} in {name}")
 
 
+class ReplayLedger:
+    """Remembers copies published but whose dead letter was not yet acked (an interrupted
+    replay), so the next run acks those dead letters instead of publishing them again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pending: set[str] = set()
+        if path.exists():
+            for line in path.read_text().splitlines():
+                state, _, key = line.partition(" ")
+                if state == "sent":
+                    self.pending.add(key)
+                elif state == "settled":
+                    self.pending.discard(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a")
+
+    @staticmethod
+    def key(vhost_url: str, queue: str, d: Delivery) -> str:
+        digest = hashlib.sha256(d.body)
+        digest.update(repr(sorted((d.properties.headers or {}).items())).encode())
+        return f"{hashlib.sha256(vhost_url.encode()).hexdigest()[:12]}:{queue}:{digest.hexdigest()}"
+
+    def write(self, state: str, key: str) -> None:
+        self._file.write(f"{state} {key}\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
 async def _replay(
-    settings: Settings, name: str, ids: set[str], every: bool, task: str | None
+    settings: Settings,
+    name: str,
+    ids: set[str],
+    every: bool,
+    task: str | None,
+    ledger: ReplayLedger,
 ) -> tuple[int, list[str]]:
     session = DeadLetterSession(settings.broker.url, name, timeout=settings.broker.publish_timeout)
     moved = 0
@@ -133,14 +173,19 @@ async def _replay(
                     continue
                 if task is not None and view.task != task:
                     continue
-                body, props = replay_message(d.body, d.properties)
-                try:
-                    await session.move(
-                        d, view.original_exchange, view.original_routing_key, body, props
-                    )
-                except UnroutableError as exc:
-                    problems.append(f"{view.id}: {exc}")
-                    continue
+                key = ReplayLedger.key(redact_url(settings.broker.url), name, d)
+                if key not in ledger.pending:  # else: sent by an interrupted run already
+                    body, props = replay_message(d.body, d.properties)
+                    try:
+                        await session.publish(
+                            view.original_exchange, view.original_routing_key, body, props
+                        )
+                    except UnroutableError as exc:
+                        problems.append(f"{view.id}: {exc}")
+                        continue
+                    ledger.write("sent", key)
+                await d.ack()
+                ledger.write("settled", key)
                 moved += 1
                 ids.discard(view.id)
     finally:
@@ -154,14 +199,28 @@ async def _replay(
 @click.argument("ids", nargs=-1)
 @click.option("--all", "every", is_flag=True, help="Replay every dead letter (see --task).")
 @click.option("--task", default=None, help="Only dead letters of this task.")
+@click.option(
+    "--ledger",
+    "ledger_path",
+    type=click.Path(dir_okay=False),
+    default=".amqptasks/dlq-replay.log",
+    show_default=True,
+    help="Where an interrupted replay is remembered, so re-running it doubles nothing.",
+)
 @config_option
 @friendly_errors
 def dlq_replay(
-    queue: str, ids: tuple[str, ...], every: bool, task: str | None, config_path: str | None
+    queue: str,
+    ids: tuple[str, ...],
+    every: bool,
+    task: str | None,
+    ledger_path: str,
+    config_path: str | None,
 ) -> None:
     """Move dead letters back to their original exchange and routing key, attempts reset.
 
-    Each move publishes and acks in one transaction: interrupted, nothing is lost or doubled.
+    Each copy is confirmed by the broker before its dead letter is acked (never lost); a
+    replay interrupted in between is finished by running it again (never doubled).
     """
     if not ids and not every:
         raise click.UsageError("give message ids or --all")
@@ -169,7 +228,11 @@ def dlq_replay(
         raise click.UsageError("give message ids or --all, not both")
     settings = settings_for(config_path)
     name = _dlq(settings, queue)
-    moved, problems = asyncio.run(_replay(settings, name, set(ids), every, task))
+    ledger = ReplayLedger(Path(ledger_path))
+    try:
+        moved, problems = asyncio.run(_replay(settings, name, set(ids), every, task, ledger))
+    finally:
+        ledger.close()
     click.echo(f"replayed {moved} message(s) from {name}")
     for p in problems:
         click.echo(f"not replayed: {p}", err=True)

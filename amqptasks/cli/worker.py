@@ -10,6 +10,7 @@ import sys
 import click
 
 from ..loader import load_tasks
+from ..scheduler import run_with_beat
 from ..worker import Worker, WorkerOptions
 from . import config_option, friendly_errors, main, settings_for
 
@@ -67,6 +68,14 @@ from . import config_option, friendly_errors, main, settings_for
     show_default=True,
     help="Declare the consumed queues (and their DLQs, exchanges, bindings) at start.",
 )
+@click.option(
+    "-B",
+    "--beat",
+    "embed_beat",
+    is_flag=True,
+    help="Also run the periodic scheduler in this process (development; it joins the same "
+    "lock as 'amqptasks beat', so only one scheduler fires).",
+)
 @config_option
 @friendly_errors
 def worker(
@@ -79,6 +88,7 @@ def worker(
     loglevel: str,
     hostname: str | None,
     declare: bool,
+    embed_beat: bool,
     config_path: str | None,
 ) -> None:
     """Consume queues and run tasks (manual acks, ack after the outcome is safe)."""
@@ -113,7 +123,9 @@ def worker(
     wk = Worker(settings, tasks, options)
     click.echo(wk.banner(), err=True)
     wk.on_ready = lambda: click.echo(f"ready: consuming {', '.join(names)}", err=True)
-    code = asyncio.run(wk.run())
+    code = asyncio.run(
+        run_with_beat(wk.run(), settings, hostname=wk.hostname) if embed_beat else wk.run()
+    )
     if wk.cold:
         # Cold shutdown: do not wait for task threads or children to finish; their
         # deliveries were not acked and are already back in their queues.

@@ -2,8 +2,10 @@
 
 * :class:`AsyncPublisher` — awaitable confirmed, mandatory publishes (and a direct reply-to
   consumer on the same channel when results are wanted).
-* :class:`AsyncConsumer` — one consuming connection with per-consumer QoS and manual acks,
-  handing each delivery to the worker as a client-independent :class:`Delivery`.
+* :class:`DeadLetterSession` — browse and move dead letters (``amqptasks dlq``).
+
+The worker's consuming connection lives in :mod:`.pika_consumer` (profiles showed aio-pika's
+per-delivery tasks were the cost on the hot path).
 
 Publishing and consuming use separate connections: a broker resource alarm blocks publishing
 connections only, and a consumer must keep acking while publishers are blocked.
@@ -38,7 +40,6 @@ from ..topology import Binding, Exchange, ExchangeBinding, Queue, Topology
 from .pika_publisher import REPLY_TO, ReplyHandler
 
 __all__ = [
-    "AsyncConsumer",
     "AsyncPublisher",
     "DeadLetterSession",
     "Delivery",
@@ -236,75 +237,6 @@ class Delivery:
         await self._message.nack(requeue=True)
 
 
-DeliveryHandler = Callable[[Delivery], Awaitable[None]]
-
-
-class AsyncConsumer:
-    """One consuming connection: per-consumer QoS, manual acks, one consumer per queue."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefetch: int,
-        name: str = "amqptasks worker",
-        timeout: float = 10.0,
-        heartbeat: int | None = None,
-    ) -> None:
-        self.url = url
-        self.heartbeat = heartbeat
-        self.prefetch = prefetch
-        self.name = name
-        self.timeout = timeout
-        self._conn: aio_pika.abc.AbstractConnection | None = None
-        self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
-
-    async def connect(self) -> None:
-        self._conn = await _connect(self.url, self.name, self.timeout, self.heartbeat)
-        self._channel = await self._conn.channel(publisher_confirms=False)
-        # global_=False: the limit applies to each consumer (RabbitMQ's per-consumer QoS).
-        await self._channel.set_qos(prefetch_count=self.prefetch, global_=False)
-
-    async def consume(self, queue: str, handler: DeliveryHandler) -> None:
-        assert self._channel is not None, "connect() first"
-        try:
-            q = await self._channel.get_queue(queue, ensure=True)
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise BrokerError(
-                f"queue {queue!r} does not exist on the broker: run 'amqptasks topology apply'"
-            ) from exc
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            await handler(Delivery(message, queue))
-
-        tag = await q.consume(on_message, no_ack=False)
-        self._consumers.append((q, tag))
-
-    async def cancel(self) -> None:
-        """Stop new deliveries; already delivered ones stay ours to settle."""
-        consumers, self._consumers = self._consumers, []
-        for q, tag in consumers:
-            try:
-                await q.cancel(tag)
-            except Exception as exc:  # a dead channel has no consumers left anyway
-                log.debug("cancel of %s failed: %r", q.name, exc)
-
-    async def close(self) -> None:
-        if self._conn is not None and not self._conn.is_closed:
-            await self._conn.close()
-        self._conn = self._channel = None
-
-    def add_close_callback(self, callback: Callable[[BaseException | None], None]) -> None:
-        """Call ``callback(exc)`` when the consuming connection closes."""
-        assert self._conn is not None, "connect() first"
-        self._conn.close_callbacks.add(lambda _sender, exc=None: callback(exc))
-
-    @property
-    def is_closed(self) -> bool:
-        return self._conn is None or self._conn.is_closed
-
-
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
     r"[^:]*: received (?P<ours>.+?) but current is (?P<theirs>.+)$"
@@ -394,11 +326,15 @@ class DeadLetterSession:
     """Browse and move messages of one dead-letter queue (``amqptasks dlq``).
 
     Messages are taken with ``basic.get`` and left unacked, so whatever this session does not
-    move goes back to the queue when it closes. A move is one AMQP transaction: the publish to
-    the original route and the ack of the dead letter commit together, so an interrupted
-    replay neither loses nor doubles a message (RabbitMQ documents that a broker *crash*
-    mid-commit across two queues is the exception). A ``basic.return`` (unroutable) is waited
-    for with a round trip before committing, and rolls the move back.
+    move goes back to the queue when it closes. A move publishes the copy (confirmed,
+    mandatory: an unroutable original route raises and the dead letter stays) and only then
+    acks the dead letter: never lost. An interruption between the two leaves the dead letter
+    in place although its copy went out; the CLI's replay ledger recognises it on the next
+    run and settles it without publishing again, so it is not doubled either.
+
+    (An AMQP transaction looked tempting — publish and ack commit together — but RabbitMQ
+    sends a transaction's ``basic.return`` only at commit, after the ack is already
+    committed: an unroutable replay would lose the message.)
     """
 
     def __init__(self, url: str, queue: str, *, timeout: float = 10.0) -> None:
@@ -408,25 +344,17 @@ class DeadLetterSession:
         self._conn: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._queue: aio_pika.abc.AbstractQueue | None = None
-        self._tx: Any = None
-        self._returned: list[str] = []
 
     async def open(self) -> int:
         """Connect; return how many messages the queue holds now."""
         self._conn = await _connect(self.url, "amqptasks dlq", self.timeout)
-        self._channel = await self._conn.channel(publisher_confirms=False)
+        self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         try:
             self._queue = await self._channel.declare_queue(self.queue_name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise BrokerError(f"queue {self.queue_name!r} does not exist") from exc
-        self._channel.return_callbacks.add(self._on_return)
-        self._tx = self._channel.transaction()
-        await self._tx.select()
         count = self._queue.declaration_result.message_count
         return int(count or 0)
-
-    def _on_return(self, _sender: Any, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self._returned.append(message.message_id or "")
 
     async def fetch(self) -> Delivery | None:
         """The next message (unacked), or None when the queue has no more ready."""
@@ -434,33 +362,31 @@ class DeadLetterSession:
         message = await self._queue.get(no_ack=False, fail=False)
         return None if message is None else Delivery(message, self.queue_name)
 
-    async def move(
-        self, delivery: Delivery, exchange: str, routing_key: str, body: bytes, props: Properties
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, props: Properties
     ) -> None:
-        """Publish to ``exchange``/``routing_key`` and ack ``delivery`` atomically."""
-        assert self._channel is not None and self._tx is not None
-        self._returned.clear()
+        """Publish a copy (confirmed, mandatory); raises :class:`UnroutableError`."""
+        assert self._channel is not None, "open() first"
         target = (
             await self._channel.get_exchange(exchange, ensure=False)
             if exchange
-            else (self._channel.default_exchange)
+            else self._channel.default_exchange
         )
-        await target.publish(_message(body, props), routing_key, mandatory=True)
-        # A round trip: the broker answers in order, so a return for the publish comes first.
-        await self._channel.declare_queue(self.queue_name, passive=True)
-        if self._returned:
-            await self._tx.rollback()
-            raise UnroutableError(exchange, routing_key)
-        await delivery.ack()
-        await self._tx.commit()
+        try:
+            await target.publish(
+                _message(body, props), routing_key, mandatory=True, timeout=self.timeout
+            )
+        except aio_pika.exceptions.PublishError as exc:
+            raise UnroutableError(exchange, routing_key) from exc
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishNacked(f"broker nacked the copy to {exchange!r}/{routing_key!r}") from exc
 
     async def purge(self) -> int:
         assert self._queue is not None, "open() first"
         result = await self._queue.purge()
-        await self._tx.commit()
         return int(result.message_count or 0)
 
     async def close(self) -> None:
         if self._conn is not None and not self._conn.is_closed:
-            await self._conn.close()  # whatever was fetched but not moved goes back
+            await self._conn.close()  # whatever was fetched but not acked goes back
         self._conn = self._channel = self._queue = None

@@ -124,7 +124,7 @@ def test_interrupted_replay_neither_loses_nor_doubles(tmp_path, broker, worker_f
             ),
         )
     proc = subprocess.Popen(
-        [amqptasks_exe(), "dlq", "replay", "default", "--all"],
+        [amqptasks_exe(), "dlq", "replay", "default", "--all", "--ledger", str(tmp_path / "l")],
         cwd=ROOT,
         env=cli_env(cfg),
         stdout=subprocess.DEVNULL,
@@ -134,7 +134,37 @@ def test_interrupted_replay_neither_loses_nor_doubles(tmp_path, broker, worker_f
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     time.sleep(0.5)  # the broker requeues what the dead client held
+    assert 20 <= broker.depth("default") < total
+    assert broker.depth("default") + broker.depth("default.dlq") >= total  # nothing lost
+    # Running the replay again finishes the job; the ledger keeps it from doubling anything.
+    again = dlq(cfg, "replay", "default", "--all", "--ledger", str(tmp_path / "l"))
+    assert again.returncode == 0, again.stderr
     moved = [p.message_id for p, _ in broker.get_all("default", limit=total + 10)]
-    left = [p.message_id for p, _ in broker.get_all("default.dlq", limit=total + 10)]
-    assert 20 <= len(moved) < total
-    assert sorted(moved + left, key=lambda m: int(m[1:])) == [f"m{i}" for i in range(total)]
+    assert broker.depth("default.dlq") == 0
+    assert sorted(moved, key=lambda m: int(m[1:])) == [f"m{i}" for i in range(total)]
+
+
+def test_unroutable_replay_keeps_the_dead_letter(tmp_path, broker, worker_factory):
+    import pika
+
+    cfg = write_config(tmp_path, broker)
+    w = worker_factory(cfg, "-Q", "default")
+    w.stop()
+    ch = broker.channel()
+    ch.confirm_delivery()
+    ch.basic_publish(
+        "amqptasks.dlx",
+        "default",
+        b'{"task": "t", "args": []}',
+        pika.BasicProperties(
+            message_id="lost-route",
+            headers={
+                "x-amqptasks-reason": "task-failed",
+                "x-amqptasks-original-exchange": "tasks",
+                "x-amqptasks-original-routing-key": "nowhere.bound",
+            },
+        ),
+    )
+    out = dlq(cfg, "replay", "default", "--all")
+    assert out.returncode == 1 and "lost-route" in out.stderr and "unroutable" in out.stderr
+    assert broker.depth("default.dlq") == 1

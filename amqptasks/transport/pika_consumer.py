@@ -1,0 +1,316 @@
+"""The worker's consuming connection: pika's asyncio adapter on the worker's event loop.
+
+Why not aio-pika here: profiles showed the client was the cost. aio-pika/aiormq pass every
+frame through an asyncio queue and create two tasks per delivery; pika's ``AsyncioConnection``
+parses frames in ``data_received`` and calls a plain function per delivery. The worker then
+runs the common case (a sync task, no reply wanted) without creating a task at all.
+
+Acks after the outcome, batched safely (:class:`AckWindow`): a ``basic.ack multiple=True`` up
+to tag T is sent only when every delivery with a tag ≤ T is settled — so a delivery still
+running (or waiting for its dead-letter copy to be confirmed) is never acked by a neighbour.
+The window is flushed once per event-loop turn, after all frames read in that turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from functools import partial
+from typing import Any
+
+import pika
+import pika.adapters.asyncio_connection
+import pika.exceptions
+
+from ..config import redact_url
+from ..errors import BrokerError
+from ..protocol import Properties
+
+__all__ = ["AckWindow", "PikaConsumer", "PikaDelivery"]
+
+log = logging.getLogger("amqptasks.transport")
+
+
+def _cancel(channel: Any, tag: str, callback: Callable[[Any], None]) -> None:
+    channel.basic_cancel(tag, callback=callback)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class AckWindow:
+    """Tracks unsettled delivery tags of one channel and acks settled prefixes at once."""
+
+    __slots__ = ("done_max", "last_acked", "pending")
+
+    def __init__(self) -> None:
+        self.pending: set[int] = set()
+        self.done_max = 0
+        self.last_acked = 0
+
+    def delivered(self, tag: int) -> None:
+        self.pending.add(tag)
+
+    def settle(self, tag: int, acked: bool) -> None:
+        self.pending.discard(tag)
+        if acked and tag > self.done_max:
+            self.done_max = tag
+
+    def ackable(self) -> int:
+        """The highest tag that may be acked with ``multiple=True`` now (0: nothing)."""
+        limit = min(self.pending) - 1 if self.pending else self.done_max
+        target = min(limit, self.done_max)
+        return target if target > self.last_acked else 0
+
+
+class PikaDelivery:
+    """A received message with its tag: the worker's client-independent view."""
+
+    __slots__ = (
+        "_consumer",
+        "body",
+        "exchange",
+        "properties",
+        "queue",
+        "redelivered",
+        "routing_key",
+        "tag",
+    )
+
+    def __init__(
+        self, consumer: PikaConsumer, queue: str, method: Any, props: Any, body: bytes
+    ) -> None:
+        self._consumer = consumer
+        self.queue = queue
+        self.body = body
+        self.tag: int = method.delivery_tag
+        self.exchange: str = method.exchange or ""
+        self.routing_key: str = method.routing_key or ""
+        self.redelivered = bool(method.redelivered)
+        ts = props.timestamp
+        self.properties = Properties(
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
+            message_id=props.message_id,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            priority=props.priority,
+            headers=props.headers,
+            delivery_mode=props.delivery_mode,
+            timestamp=datetime.fromtimestamp(ts, timezone.utc) if ts else None,
+        )
+
+    def ack_now(self) -> None:
+        """Settle as done: acked with the next flush (batched, in tag order)."""
+        self._consumer.settle(self.tag, acked=True)
+
+    async def ack(self) -> None:
+        self.ack_now()
+
+    async def reject(self) -> None:
+        """Reject without requeue: the queue's dead-letter exchange takes it."""
+        self._consumer.reject(self.tag, requeue=False)
+
+    async def requeue(self) -> None:
+        """Give the message back to the queue (prefetched work not started at shutdown)."""
+        self._consumer.reject(self.tag, requeue=True)
+
+
+DeliveryCallback = Callable[[PikaDelivery], None]
+
+
+class PikaConsumer:
+    """One consuming connection and channel: per-consumer QoS, manual acks."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefetch: int,
+        name: str = "amqptasks worker",
+        timeout: float = 10.0,
+        heartbeat: int | None = None,
+    ) -> None:
+        self.url = url
+        self.prefetch = prefetch
+        self.name = name
+        self.timeout = timeout
+        self.heartbeat = heartbeat
+        self._conn: Any = None
+        self._channel: Any = None
+        self._tags: list[str] = []
+        self._window = AckWindow()
+        self._flush_scheduled = False
+        self._close_callbacks: list[Callable[[BaseException | None], None]] = []
+        self._closed: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- connection --------------------------------------------------------------------------
+    async def connect(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        self._closed = loop.create_future()
+        params = pika.URLParameters(self.url)
+        params.client_properties = {"connection_name": self.name}
+        params.connection_attempts = 1
+        params.socket_timeout = self.timeout
+        params.stack_timeout = self.timeout
+        if self.heartbeat:
+            params.heartbeat = self.heartbeat
+
+        def fail(exc: BaseException) -> None:
+            if not opened.done():
+                opened.set_exception(
+                    BrokerError(f"cannot connect to broker {redact_url(self.url)}: {exc!r}")
+                )
+
+        def on_channel(channel: Any) -> None:
+            self._channel = channel
+            channel.add_on_close_callback(self._on_channel_closed)
+            # global_qos=False: the limit applies to each consumer (per-consumer QoS).
+            channel.basic_qos(
+                prefetch_count=self.prefetch,
+                global_qos=False,
+                callback=lambda _f: _resolve(opened, None),
+            )
+
+        self._conn = pika.adapters.asyncio_connection.AsyncioConnection(
+            params,
+            on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel),
+            on_open_error_callback=lambda _c, exc: fail(exc),
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=loop,
+        )
+        try:
+            await asyncio.wait_for(opened, self.timeout)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise BrokerError(
+                f"cannot connect to broker {redact_url(self.url)}: timed out after {self.timeout}s"
+            ) from None
+
+    def _on_connection_closed(self, _conn: Any, exc: BaseException) -> None:
+        self._notify(exc)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def _on_channel_closed(self, _channel: Any, exc: BaseException) -> None:
+        self._notify(exc)
+        if self._conn is not None and self._conn.is_open:
+            self._conn.close()
+
+    def _notify(self, exc: BaseException | None) -> None:
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for cb in callbacks:
+            try:
+                cb(exc)
+            except Exception:
+                log.exception("close callback failed")
+
+    def add_close_callback(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(exc)`` once when the connection or channel closes."""
+        self._close_callbacks.append(callback)
+
+    async def _rpc(self, start: Callable[[Callable[[Any], None]], None]) -> Any:
+        assert self._loop is not None
+        done: asyncio.Future[Any] = self._loop.create_future()
+        closed = self._closed
+        start(lambda frame: _resolve(done, frame))
+        waiters: set[asyncio.Future[Any]] = {done}
+        if closed is not None:
+            waiters.add(closed)
+        await asyncio.wait(waiters, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():
+            raise BrokerError("the broker closed the channel (or did not answer)")
+        return done.result()
+
+    async def consume(self, queue: str, handler: DeliveryCallback) -> None:
+        """Start consuming ``queue``; ``handler`` is called on the loop for each delivery."""
+        assert self._channel is not None, "connect() first"
+        reason: list[BaseException] = []
+        self.add_close_callback(lambda exc: reason.append(exc) if exc else None)
+        try:
+            await self._rpc(
+                lambda cb: self._channel.queue_declare(queue, passive=True, callback=cb)
+            )
+        except BrokerError:
+            text = str(reason[0]) if reason else ""
+            if "NOT_FOUND" in text or "404" in text:
+                raise BrokerError(
+                    f"queue {queue!r} does not exist on the broker: run 'amqptasks topology apply'"
+                ) from None
+            raise
+        window = self._window
+
+        def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+            window.delivered(method.delivery_tag)
+            handler(PikaDelivery(self, queue, method, props, body))
+
+        tag = self._channel.basic_consume(queue, on_message, auto_ack=False)
+        self._tags.append(tag)
+
+    # -- settling ------------------------------------------------------------------------------
+    def settle(self, tag: int, acked: bool) -> None:
+        self._window.settle(tag, acked)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        target = self._window.ackable()
+        if not target:
+            return
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            log.error(
+                "acks up to tag %d not sent: the channel is closed; the broker "
+                "redelivers those messages",
+                target,
+            )
+            return
+        channel.basic_ack(target, multiple=True)
+        self._window.last_acked = target
+
+    def reject(self, tag: int, requeue: bool) -> None:
+        """Reject one delivery now (not batched); it no longer holds back the ack window."""
+        self._window.settle(tag, acked=False)
+        channel = self._channel
+        if channel is not None and channel.is_open:
+            if requeue:
+                channel.basic_nack(tag, multiple=False, requeue=True)
+            else:
+                channel.basic_reject(tag, requeue=False)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    # -- stopping ------------------------------------------------------------------------------
+    async def cancel(self) -> None:
+        """Stop new deliveries; already delivered ones stay ours to settle."""
+        tags, self._tags = self._tags, []
+        channel = self._channel
+        for tag in tags:
+            if channel is None or not channel.is_open:
+                return
+            try:
+                await self._rpc(partial(_cancel, channel, tag))
+            except BrokerError as exc:
+                log.debug("cancel of %s failed: %s", tag, exc)
+
+    async def close(self) -> None:
+        self._flush()
+        conn = self._conn
+        if conn is not None and not conn.is_closed and not conn.is_closing:
+            conn.close()
+        if self._closed is not None and not self._closed.done():
+            await asyncio.wait({self._closed}, timeout=self.timeout)
+        self._conn = self._channel = None
+
+    @property
+    def is_closed(self) -> bool:
+        return self._conn is None or self._conn.is_closed

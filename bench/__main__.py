@@ -1,0 +1,230 @@
+"""``python -m bench [--quick] [--only NAMES] [--repeats N] [--out FILE] [--no-peers]``.
+
+Runs amqptasks, Celery, Dramatiq and raw pika / aio-pika on the local broker in one run and
+prints median [min–max] per figure with the ratios amqptasks ÷ peer. A full run rewrites
+docs/benchmarks.md. Exit status: 0 when every measurement was taken, 1 when one failed (the
+harness, not the speed: nothing here asserts a speed), 2 usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import measure, report
+from .broker import overview
+from .frameworks import (
+    ROOT,
+    AmqpTasks,
+    Celery,
+    Dramatiq,
+    Framework,
+    RawAioPika,
+    RawPika,
+    ensure_venv,
+)
+from .procs import BenchError, Procs
+
+PARTS = ("consume", "publish", "latency", "rpc", "rss", "countdown")
+FRAMEWORKS = ("amqptasks", "celery", "dramatiq", "raw-pika", "raw-aio-pika")
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="amqptasks vs Celery vs Dramatiq vs raw pika/aio-pika on the local broker.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small N, the main configurations only, no RSS-after-1M (checks the harness)",
+    )
+    p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(PARTS)}")
+    p.add_argument(
+        "--frameworks", default="", help=f"comma-separated subset of: {', '.join(FRAMEWORKS)}"
+    )
+    p.add_argument("--no-peers", action="store_true", help="skip Celery and Dramatiq")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure (default 3)")
+    p.add_argument("--out", type=Path, help="write the markdown report here")
+    p.add_argument("--processes", default="1,2", help="worker process counts for consume")
+    p.add_argument("--consume-n", type=int, help="messages per consume run")
+    p.add_argument("--publish-n", type=int, help="messages per publish run")
+    p.add_argument("--latency-n", type=int, help="latency samples per run")
+    p.add_argument("--rpc-n", type=int, help="delay().get() round trips per run")
+    p.add_argument("--rss-tasks", type=int, help="tasks before 'RSS after N tasks' (0 = skip)")
+    p.add_argument("--rss-repeats", type=int, default=1, help="runs of RSS after N tasks")
+    p.add_argument("--countdowns", type=int, help="pending countdown tasks (10k-100k)")
+    p.add_argument("--keep-logs", action="store_true", help="keep worker/client logs")
+    args = p.parse_args(argv)
+    only = {x.strip() for x in args.only.split(",") if x.strip()} or set(PARTS)
+    bad = only - set(PARTS)
+    if bad:
+        p.error(f"--only: unknown {', '.join(sorted(bad))} (choose from {', '.join(PARTS)})")
+    args.parts = only
+    fws = {x.strip() for x in args.frameworks.split(",") if x.strip()} or set(FRAMEWORKS)
+    bad = fws - set(FRAMEWORKS)
+    if bad:
+        p.error(f"--frameworks: unknown {', '.join(sorted(bad))}")
+    if args.no_peers:
+        fws -= {"celery", "dramatiq"}
+    args.fws = fws
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    try:
+        args.process_counts = [int(x) for x in args.processes.split(",") if x.strip()]
+    except ValueError:
+        p.error("--processes: comma-separated integers, e.g. 1,2")
+    q = args.quick
+    args.sizes = measure.Sizes(
+        consume=args.consume_n or (6_000 if q else 50_000),
+        publish=args.publish_n or (2_000 if q else 20_000),
+        latency=args.latency_n or (200 if q else 500),
+        rpc=args.rpc_n or (200 if q else 500),
+        rss_tasks=args.rss_tasks if args.rss_tasks is not None else (0 if q else 1_000_000),
+        countdowns=args.countdowns or (10_000 if q else 100_000),
+        repeats=args.repeats,
+        rss_repeats=args.rss_repeats,
+    )
+    return args
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def contenders(args: argparse.Namespace) -> list[Framework]:
+    out: list[Framework] = []
+    for name in FRAMEWORKS:
+        if name not in args.fws:
+            continue
+        if name == "amqptasks":
+            out.append(AmqpTasks(sys.executable))
+        elif name == "celery":
+            out.append(Celery(ensure_venv("celery", "celery", "celery", log)))
+        elif name == "dramatiq":
+            out.append(Dramatiq(ensure_venv("dramatiq", "dramatiq[rabbitmq]", "dramatiq", log)))
+        elif name == "raw-pika":
+            out.append(RawPika(sys.executable))
+        else:
+            out.append(RawAioPika(sys.executable))
+    return out
+
+
+def _on_sigterm(_sig: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        ov = overview()
+    except OSError as exc:
+        print(
+            f"error: the broker's management API does not answer ({exc}); "
+            "start it with `deploy/broker.sh start` (./dev bench does)",
+            file=sys.stderr,
+        )
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="amqptasks-bench-"))
+    procs = Procs(workdir, ROOT)
+    results = report.Results()
+    ctx = measure.Ctx(procs, workdir, results, args.sizes, log, [])
+    started = time.monotonic()
+    interrupted = False
+    fws: list[Framework] = []
+    try:
+        fws = contenders(args)
+        log(
+            f"benchmarks: {', '.join(f.name for f in fws)}; parts: "
+            f"{', '.join(p for p in PARTS if p in args.parts)}; sizes: {args.sizes}"
+        )
+        log(f"logs: {workdir}")
+        if "consume" in args.parts:
+            log("== consume (no-op tasks, pre-filled queue, depth marks) ==")
+            measure.consume(ctx, fws, args.quick, args.process_counts)
+        if "publish" in args.parts:
+            log("== publish ==")
+            measure.publish(ctx, fws)
+        lat_parts = args.parts & {"latency", "rpc", "rss"}
+        if lat_parts:
+            log(f"== {' / '.join(sorted(lat_parts))} (light load, one worker process) ==")
+            measure.latency(ctx, fws, lat_parts)
+        if "countdown" in args.parts:
+            log(f"== pending countdowns ({args.sizes.countdowns:,}) ==")
+            measure.countdowns(ctx, fws)
+        if "rss" in args.parts and args.sizes.rss_tasks:
+            log(f"== RSS after {args.sizes.rss_tasks:,} tasks ==")
+            measure.rss_after(ctx, fws)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("\ninterrupted: stopping everything that was started")
+    except BenchError as exc:
+        results.fail("consume1", "harness", "amqptasks", "setup", str(exc))
+        log(f"error: {exc}")
+    finally:
+        procs.stop_all()
+        for vh in list(ctx.vhosts):
+            try:
+                vh.delete()
+            except Exception as exc:
+                log(f"warning: could not delete vhost {vh.name}: {exc}")
+    elapsed = time.monotonic() - started
+    versions = {f.name: f.versions() for f in fws}
+    info = report.machine(ov, versions)
+    params = {
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "consume N": args.sizes.consume,
+        "publish N": args.sizes.publish,
+        "latency samples": args.sizes.latency,
+        "round trips": args.sizes.rpc,
+        "RSS after tasks": args.sizes.rss_tasks,
+        "countdowns": args.sizes.countdowns,
+        "duration": f"{elapsed / 60:.1f} min",
+    }
+    print()
+    print(report.text_table(report.SUMMARY_HEADER, report.summary_rows(results)))
+    print()
+    for name, measured, met in report.targets(results):
+        print(f"  target: {name}: {measured} ({met})")
+    print()
+    print(
+        report.text_table(
+            ["figure", "contender", "configuration", "median [min–max]"],
+            report.detail_rows(results),
+        )
+    )
+    print()
+    for k, v in info.items():
+        print(f"  {k}: {v}")
+    errors = results.errors()
+    partial = args.parts != set(PARTS) or args.fws != set(FRAMEWORKS) or interrupted or args.quick
+    out = args.out or (None if partial else DOC)
+    if out is not None:
+        out.write_text(report.markdown(results, info, params))
+        log(f"\nreport written to {out}")
+    elif not args.quick:
+        log(f"\n{DOC.relative_to(ROOT)} not rewritten (partial run); use --out FILE")
+    if errors:
+        log("\nfailed measurements:\n  " + "\n  ".join(errors))
+        log(f"logs kept in {workdir}")
+    elif args.keep_logs:
+        log(f"logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    log(f"done in {elapsed / 60:.1f} min")
+    if interrupted:
+        return 130
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,497 @@
+"""The contenders: how to set each one up on a vhost, seed a message, run its workers and
+clients, and which configurations of it are measured.
+
+All share: one durable queue ``bench``, persistent messages, JSON bodies, manual acks after
+the task ran unless a configuration says otherwise, prefetch 256 per worker process, worker
+logging at WARNING (per-task INFO lines would measure the logger).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .broker import Template, VHost
+from .procs import BenchError, Procs
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = ROOT / ".amqptasks" / "bench"
+QUEUE = "bench"
+PREFETCH = 256
+
+
+@dataclass
+class WorkerSpec:
+    """One measured worker configuration: the OS processes to launch for it."""
+
+    framework: str
+    label: str
+    processes: int  # worker processes, as the figures count them
+    argvs: list[list[str]]
+    env: dict[str, str] = field(default_factory=dict)
+    consumers: int = 1  # consumers on the queue once every process is ready
+    prefetch_total: int = PREFETCH
+    note: str = ""
+    quick: bool = True  # also measured in --quick mode
+
+
+@dataclass
+class PublishSpec:
+    figure: str  # pub_loop_confirmed | pub_pipelined | pub_loop_unconfirmed
+    label: str
+    args: list[str]
+
+
+class Framework:
+    name = ""
+    group = ""  # amqptasks | celery | dramatiq | raw
+    client = ""  # module run with ``python -m`` for client modes
+    dead_queues: tuple[str, ...] = ()
+    has_rpc = True
+    has_countdown = True
+
+    def __init__(self, python: str) -> None:
+        self.python = python
+
+    # -- per vhost ------------------------------------------------------------------------------
+    def env(self, vh: VHost, workdir: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AMQPTASKS_", "BENCH_"))}
+        env.update(
+            PYTHONPATH=str(ROOT),
+            PYTHONUNBUFFERED="1",
+            BENCH_URL=vh.url,
+            BENCH_QUEUE=QUEUE,
+        )
+        env.pop("VIRTUAL_ENV", None)
+        return env
+
+    def setup(self, procs: Procs, vh: VHost, workdir: Path) -> dict[str, str]:
+        """Prepare ``vh`` (topology) and return the environment for workers and clients."""
+        return self.env(vh, workdir)
+
+    def client_argv(self, mode: str, *args: str) -> list[str]:
+        return [self.python, "-m", self.client, mode, *args]
+
+    def seed(self, procs: Procs, vh: VHost, env: dict[str, str]) -> Template:
+        """Publish one message through the framework's own API (which also declares what it
+        declares) and take it back as the template for pre-filling."""
+        procs.run(f"{self.name}-seed", self.client_argv("seed"), env, timeout=60)
+        return vh.take_template(QUEUE)
+
+    # -- configurations -------------------------------------------------------------------------
+    def consume_specs(self, processes: int) -> list[WorkerSpec]:
+        raise NotImplementedError
+
+    def latency_specs(self) -> list[WorkerSpec]:
+        """Configurations for publish→start latency, delay().get() and idle RSS."""
+        return [s for s in self.consume_specs(1) if s.quick][:1]
+
+    def rss_specs(self) -> list[WorkerSpec]:
+        return self.latency_specs()
+
+    def countdown_spec(self) -> WorkerSpec:
+        return self.latency_specs()[0]
+
+    def publish_specs(self) -> list[PublishSpec]:
+        raise NotImplementedError
+
+    def versions(self) -> dict[str, str]:
+        return {}
+
+
+def _dist_versions(names: list[str]) -> dict[str, str]:
+    out = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = "?"
+    return out
+
+
+def _venv_versions(python: str, names: list[str]) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        f"names = {names!r}\n"
+        "out = {}\n"
+        "for n in names:\n"
+        "    try: out[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: out[n] = '?'\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        done = subprocess.run(
+            [python, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        )
+        result: dict[str, str] = json.loads(done.stdout)
+        return result
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return dict.fromkeys(names, "?")
+
+
+# -- amqptasks ---------------------------------------------------------------------------------
+
+
+def amqptasks_exe() -> str:
+    exe = Path(sys.executable).with_name("amqptasks")
+    return str(exe) if exe.exists() else (shutil.which("amqptasks") or "amqptasks")
+
+
+class AmqpTasks(Framework):
+    name = "amqptasks"
+    group = "amqptasks"
+    client = "bench.peers.amq_client"
+    dead_queues = (f"{QUEUE}.dlq",)
+
+    def setup(self, procs: Procs, vh: VHost, workdir: Path) -> dict[str, str]:
+        env = self.env(vh, workdir)
+        config = {
+            "broker": {"url": vh.url, "publish_timeout": 30},
+            "imports": ["bench.peers.amq_tasks"],
+            "queues": {QUEUE: {}},
+            "routes": {"bench.*": {"queue": QUEUE}},
+            "worker": {"concurrency": 8, "prefetch_multiplier": 32, "pool": "asyncio"},
+            "results": {"ignore_result": False},
+            "serialization": {"accept": ["application/json"]},
+        }
+        path = workdir / f"amqptasks-{vh.name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        env["AMQPTASKS_CONFIG"] = str(path)
+        p = procs.start("amqptasks-topology", [amqptasks_exe(), "topology", "apply"], env)
+        try:
+            code = p.popen.wait(60)
+        finally:
+            procs.stop(p)
+        if code != 0:
+            raise BenchError(f"amqptasks topology apply exited {code}:\n{p.output()}")
+        return env
+
+    def _spec(
+        self, processes: int, pool: str, c: int, mult: int, *, quick: bool = True
+    ) -> WorkerSpec:
+        argvs = [
+            [
+                amqptasks_exe(),
+                "worker",
+                "-Q",
+                QUEUE,
+                "--pool",
+                pool,
+                "-c",
+                str(c),
+                "--prefetch-multiplier",
+                str(mult),
+                "-l",
+                "WARNING",
+                "-n",
+                f"bench{i}@localhost",
+            ]
+            for i in range(processes)
+        ]
+        label = f"{pool} pool, -c {c}, prefetch {c * mult}"
+        if processes > 1:
+            label = f"{processes} × ({label})"
+        return WorkerSpec(
+            self.name,
+            label,
+            processes,
+            argvs,
+            consumers=processes,
+            prefetch_total=c * mult * processes,
+            quick=quick,
+        )
+
+    def consume_specs(self, processes: int) -> list[WorkerSpec]:
+        return [
+            self._spec(processes, "asyncio", 8, 32),
+            self._spec(processes, "asyncio", 256, 1, quick=False),
+            self._spec(processes, "threads", 8, 32),
+        ]
+
+    def latency_specs(self) -> list[WorkerSpec]:
+        return [self._spec(1, "asyncio", 8, 32), self._spec(1, "threads", 8, 32)]
+
+    def countdown_spec(self) -> WorkerSpec:
+        return self._spec(1, "threads", 8, 32)
+
+    def publish_specs(self) -> list[PublishSpec]:
+        return [
+            PublishSpec("pub_loop_confirmed", "send_task() loop, confirmed", ["--style", "loop"]),
+            PublishSpec(
+                "pub_pipelined",
+                "prepare() + publish_nowait(), window 1000, all confirmed",
+                ["--style", "pipelined", "--window", "1000"],
+            ),
+        ]
+
+    def versions(self) -> dict[str, str]:
+        return _dist_versions(["amqptasks", "aio-pika", "aiormq", "pamqp", "pika", "orjson"])
+
+
+# -- Celery ------------------------------------------------------------------------------------
+
+
+class Celery(Framework):
+    name = "celery"
+    group = "celery"
+    client = "bench.peers.celery_client"
+
+    def _spec(
+        self,
+        processes: int,
+        pool: str,
+        *,
+        c: int = 1,
+        acks_late: bool = True,
+        instances: int = 1,
+        quick: bool = True,
+        note: str = "",
+    ) -> WorkerSpec:
+        mult = max(1, PREFETCH // c)
+        argvs = []
+        for i in range(instances):
+            argv = [
+                self.python,
+                "-m",
+                "celery",
+                "-A",
+                "bench.peers.celery_tasks",
+                "worker",
+                "-P",
+                pool,
+                "-Q",
+                QUEUE,
+                "-l",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"bench{i}@%h",
+            ]
+            if pool != "solo":
+                argv += ["-c", str(c)]
+            argvs.append(argv)
+        ack = "acks_late" if acks_late else "early ack (default)"
+        label = f"{pool}{'' if pool == 'solo' else f' -c {c}'}, {ack}, prefetch {mult * c}"
+        if instances > 1:
+            label = f"{instances} × ({label})"
+        return WorkerSpec(
+            self.name,
+            label,
+            processes,
+            argvs,
+            env={
+                "BENCH_ACKS_LATE": "1" if acks_late else "0",
+                "BENCH_PREFETCH_MULTIPLIER": str(mult),
+            },
+            consumers=instances,
+            prefetch_total=mult * c * instances,
+            note=note,
+            quick=quick,
+        )
+
+    def consume_specs(self, processes: int) -> list[WorkerSpec]:
+        if processes == 1:
+            return [
+                self._spec(1, "solo"),
+                self._spec(1, "solo", acks_late=False),
+                self._spec(1, "threads", c=4, quick=False),
+                self._spec(1, "prefork", c=1, quick=False, note="2 OS processes: parent + 1 child"),
+            ]
+        return [
+            self._spec(2, "solo", instances=2),
+            self._spec(2, "solo", acks_late=False, instances=2),
+            self._spec(2, "prefork", c=2, note="3 OS processes: parent + 2 children"),
+        ]
+
+    def publish_specs(self) -> list[PublishSpec]:
+        return [
+            PublishSpec(
+                "pub_loop_confirmed",
+                "apply_async() loop, confirm_publish",
+                ["--confirm"],
+            ),
+            PublishSpec("pub_loop_unconfirmed", "apply_async() loop (default, unconfirmed)", []),
+        ]
+
+    def versions(self) -> dict[str, str]:
+        return _venv_versions(self.python, ["celery", "kombu", "amqp"])
+
+
+# -- Dramatiq ----------------------------------------------------------------------------------
+
+
+class Dramatiq(Framework):
+    name = "dramatiq"
+    group = "dramatiq"
+    client = "bench.peers.dramatiq_client"
+    dead_queues = (f"{QUEUE}.XQ",)
+    has_rpc = False  # results need Redis or Memcached
+
+    def _spec(
+        self, processes: int, threads: int, prefetch: int | None, *, quick: bool = True
+    ) -> WorkerSpec:
+        argv = [
+            self.python,
+            "-m",
+            "dramatiq",
+            "bench.peers.dramatiq_tasks",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "--worker-shutdown-timeout",
+            "10000",
+        ]
+        env = {"dramatiq_queue_prefetch": str(prefetch)} if prefetch else {}
+        per = prefetch or threads * 2
+        label = f"--processes {processes} --threads {threads}, prefetch {per}"
+        if not prefetch:
+            label += " (default)"
+        return WorkerSpec(
+            self.name,
+            label,
+            processes,
+            [argv],
+            env=env,
+            consumers=processes,
+            prefetch_total=per * processes,
+            note="+1 supervisor process",
+            quick=quick,
+        )
+
+    def consume_specs(self, processes: int) -> list[WorkerSpec]:
+        return [
+            self._spec(processes, 8, PREFETCH),
+            self._spec(processes, 8, None, quick=False),
+            self._spec(processes, 2, PREFETCH, quick=False),
+        ]
+
+    def publish_specs(self) -> list[PublishSpec]:
+        return [
+            PublishSpec("pub_loop_confirmed", "send() loop, confirm_delivery=True", ["--confirm"]),
+            PublishSpec("pub_loop_unconfirmed", "send() loop (default, unconfirmed)", []),
+        ]
+
+    def versions(self) -> dict[str, str]:
+        return _venv_versions(self.python, ["dramatiq", "pika"])
+
+
+# -- raw clients (the ceiling) ----------------------------------------------------------------
+
+
+class RawPika(Framework):
+    name = "raw-pika"
+    group = "raw"
+    client = "bench.peers.raw_pika"
+    has_countdown = False
+
+    def setup(self, procs: Procs, vh: VHost, workdir: Path) -> dict[str, str]:
+        vh.declare(QUEUE)
+        return self.env(vh, workdir)
+
+    def consume_specs(self, processes: int) -> list[WorkerSpec]:
+        argvs = [self.client_argv("consume") for _ in range(processes)]
+        label = "BlockingConnection, basic_consume, manual ack, prefetch 256"
+        if processes > 1:
+            label = f"{processes} × ({label})"
+        return [
+            WorkerSpec(
+                self.name,
+                label,
+                processes,
+                argvs,
+                env={"BENCH_PREFETCH": str(PREFETCH)},
+                consumers=processes,
+                prefetch_total=PREFETCH * processes,
+            )
+        ]
+
+    def publish_specs(self) -> list[PublishSpec]:
+        return [
+            PublishSpec(
+                "pub_loop_confirmed", "basic_publish loop, confirm_delivery", ["--confirm"]
+            ),
+            PublishSpec("pub_loop_unconfirmed", "basic_publish loop, unconfirmed", []),
+        ]
+
+    def versions(self) -> dict[str, str]:
+        return _dist_versions(["pika"])
+
+
+class RawAioPika(RawPika):
+    name = "raw-aio-pika"
+    client = "bench.peers.raw_aiopika"
+    has_rpc = False
+
+    def seed(self, procs: Procs, vh: VHost, env: dict[str, str]) -> Template:
+        procs.run("raw-seed", [self.python, "-m", "bench.peers.raw_pika", "seed"], env, timeout=60)
+        return vh.take_template(QUEUE)
+
+    def consume_specs(self, processes: int) -> list[WorkerSpec]:
+        specs = super().consume_specs(processes)
+        for s in specs:
+            s.label = s.label.replace("BlockingConnection, basic_consume", "connect, queue.consume")
+        return specs
+
+    def latency_specs(self) -> list[WorkerSpec]:
+        return []
+
+    def publish_specs(self) -> list[PublishSpec]:
+        return [
+            PublishSpec(
+                "pub_pipelined",
+                "publisher_confirms, window 1000, all confirmed",
+                ["--style", "pipelined", "--window", "1000"],
+            )
+        ]
+
+    def versions(self) -> dict[str, str]:
+        return _dist_versions(["aio-pika"])
+
+
+def venv_python(name: str) -> Path:
+    return STATE / f"venv-{name}" / "bin" / "python"
+
+
+def ensure_venv(name: str, requirement: str, module: str, log: Any) -> str:
+    """The peer's virtualenv under .amqptasks/bench/ (created with ``python3 -m venv`` and
+    ``pip install REQUIREMENT`` — the latest release — unless it already imports ``module``)."""
+    python = venv_python(name)
+    if python.exists():
+        ok = subprocess.run(
+            [str(python), "-c", f"import {module}"], capture_output=True, timeout=60
+        )
+        if ok.returncode == 0:
+            return str(python)
+    venv = python.parents[1]
+    log(f"creating {venv.relative_to(ROOT)} and installing {requirement} (latest) ...")
+    STATE.mkdir(parents=True, exist_ok=True)
+    base = shutil.which("python3") or sys.executable
+    steps = [
+        [base, "-m", "venv", "--clear", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"],
+        [str(python), "-m", "pip", "install", "-q", requirement],
+    ]
+    logfile = STATE / f"install-{name}.log"
+    with logfile.open("w") as out:
+        for step in steps:
+            try:
+                code = subprocess.run(
+                    step, stdout=out, stderr=subprocess.STDOUT, timeout=900
+                ).returncode
+            except subprocess.TimeoutExpired:
+                code = -1
+            if code != 0:
+                raise BenchError(f"{' '.join(step)} failed (exit {code}); see {logfile}")
+    return str(python)

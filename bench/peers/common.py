@@ -1,0 +1,148 @@
+"""Helpers shared by every peer process (workers and clients of all frameworks).
+
+Standard library only: this module is imported by the Celery and Dramatiq virtualenvs too.
+
+* :func:`count` — what a no-op task does: one locked increment. A daemon thread (started on
+  the first call in each process, fork-safe) writes the running total to
+  ``$BENCH_COUNT_DIR/<pid>`` every 0.2 s, so the harness can check that every message was
+  really *executed* (not dead-lettered or dropped) without touching the hot path.
+* :func:`record_latency` — publish→start: ``time.time() - sent`` appended to
+  ``$BENCH_LAT_FILE`` (one line per sample, taken before any I/O).
+* :func:`emit` — a client's result, one ``BENCH-RESULT {json}`` line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+#: The id a seed message is published with; the harness replaces it by a fresh UUID per copy.
+PLACEHOLDER_ID = "00000000-0000-4000-8000-00000000b0b0"
+RESULT_PREFIX = "BENCH-RESULT "
+QUEUE = os.environ.get("BENCH_QUEUE", "bench")
+URL = os.environ.get("BENCH_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+_lock = threading.Lock()
+_count = 0
+_flusher: threading.Thread | None = None
+_lat_file: Any = None
+
+
+def _after_fork() -> None:
+    global _count, _flusher, _lat_file
+    _count = 0
+    _flusher = None
+    _lat_file = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _flush_loop(path: str) -> None:
+    last = -1
+    while True:
+        value = _count
+        if value != last:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                f.write(str(value))
+            os.replace(tmp, path)
+            last = value
+        time.sleep(0.2)
+
+
+def _start_flusher() -> None:
+    global _flusher
+    directory = os.environ.get("BENCH_COUNT_DIR")
+    if not directory:
+        _flusher = threading.Thread()  # counting disabled: never start again
+        return
+    path = os.path.join(directory, str(os.getpid()))
+    _flusher = threading.Thread(target=_flush_loop, args=(path,), name="bench-count", daemon=True)
+    _flusher.start()
+
+
+def count() -> None:
+    """Count one execution (thread-safe; a few hundred nanoseconds)."""
+    global _count
+    with _lock:
+        _count += 1
+        if _flusher is None:
+            _start_flusher()
+
+
+def record_latency(sent: float) -> None:
+    """Record ``now - sent`` (seconds) for a publish→start sample."""
+    global _lat_file
+    latency = time.time() - sent
+    with _lock:
+        if _lat_file is None:
+            _lat_file = open(os.environ["BENCH_LAT_FILE"], "a", buffering=1)  # noqa: SIM115
+        _lat_file.write(f"{latency:.9f}\n")
+
+
+def emit(**result: Any) -> None:
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def timed(n: int, warmup: int, fn: Callable[[int], object]) -> float:
+    """Call ``fn(i)`` ``warmup`` times untimed, then ``n`` times timed; return calls/s."""
+    for i in range(warmup):
+        fn(i)
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - t0)
+
+
+def latency_loop(
+    n: int, warmup: int, interval: float, send: Callable[[float, bool], object]
+) -> None:
+    """Light load: one message every ``interval`` seconds; ``send(sent, keep)``."""
+    for i in range(n + warmup):
+        send(time.time(), i >= warmup)
+        time.sleep(interval)
+
+
+def round_trips(n: int, warmup: int, call: Callable[[int], object]) -> dict[str, float]:
+    """Sequential request/reply round trips: p50/p99 (ms) and round trips per second."""
+    samples = []
+    for i in range(warmup):
+        call(i)
+    t_all = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        call(i)
+        samples.append(time.perf_counter() - t0)
+    total = time.perf_counter() - t_all
+    return {
+        "p50_ms": percentile(samples, 50) * 1000,
+        "p99_ms": percentile(samples, 99) * 1000,
+        "rate": n / total,
+    }
+
+
+def arg_parser(description: str) -> Any:
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("mode")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--interval", type=float, default=0.005)
+    p.add_argument("--window", type=int, default=1000)
+    p.add_argument("--confirm", action="store_true")
+    p.add_argument("--style", default="loop")
+    p.add_argument("--countdown", type=float, default=600.0)
+    return p

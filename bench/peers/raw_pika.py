@@ -1,0 +1,131 @@
+"""Raw pika, the ceiling: ``python -m bench.peers.raw_pika MODE [options]``.
+
+``consume`` is a plain ``BlockingConnection`` consumer — ``basic_qos($BENCH_PREFETCH)``,
+``basic_consume``, ``json.loads`` of the body, manual ``basic_ack`` — that also answers
+``reply_to`` and records ``sent`` stamps, so it serves every figure. Clients: ``seed``,
+``publish`` (``--confirm``: a confirm-mode channel, one publish confirmed at a time),
+``latency``, ``rpc`` (direct reply-to).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import pika
+
+from bench.peers.common import (
+    PLACEHOLDER_ID,
+    QUEUE,
+    URL,
+    arg_parser,
+    count,
+    emit,
+    latency_loop,
+    record_latency,
+    round_trips,
+    timed,
+)
+
+PERSISTENT_JSON = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps({"task": "noop", **fields}).encode()
+
+
+def consume() -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=int(os.environ.get("BENCH_PREFETCH", "256")))
+
+    def on_message(ch: Any, method: Any, props: Any, data: bytes) -> None:
+        obj = json.loads(data)
+        if "sent" in obj:
+            if obj.get("keep"):
+                record_latency(obj["sent"])
+        elif props.reply_to:
+            ch.basic_publish(
+                "",
+                props.reply_to,
+                json.dumps({"result": obj.get("value")}).encode(),
+                pika.BasicProperties(correlation_id=props.correlation_id),
+            )
+        else:
+            count()
+        ch.basic_ack(method.delivery_tag)
+
+    def stop(_sig: int, _frame: Any) -> None:
+        conn.add_callback_threadsafe(ch.stop_consuming)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    ch.basic_consume(QUEUE, on_message)
+    ch.start_consuming()
+    conn.close()
+
+
+def main() -> None:
+    args = arg_parser(__doc__).parse_args()
+    if args.mode == "consume":
+        consume()
+        return
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    ch = conn.channel()
+    ch.queue_declare(QUEUE, durable=True)
+    if args.mode == "seed":
+        props = pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, message_id=PLACEHOLDER_ID
+        )
+        ch.basic_publish("", QUEUE, body(id=PLACEHOLDER_ID), props)
+        emit(ok=True)
+    elif args.mode == "publish":
+        if args.confirm:
+            ch.confirm_delivery()
+
+        def publish(_i: int) -> None:
+            ch.basic_publish("", QUEUE, body(), PERSISTENT_JSON, mandatory=args.confirm)
+
+        emit(rate=timed(args.n, args.warmup, publish))
+    elif args.mode == "latency":
+        latency_loop(
+            args.n,
+            args.warmup,
+            args.interval,
+            lambda sent, keep: ch.basic_publish(
+                "", QUEUE, body(sent=sent, keep=keep), PERSISTENT_JSON
+            ),
+        )
+        emit(ok=True)
+    elif args.mode == "rpc":
+        replies: list[bytes] = []
+        ch.basic_consume(
+            "amq.rabbitmq.reply-to", lambda _c, _m, _p, b: replies.append(b), auto_ack=True
+        )
+
+        def call(i: int) -> None:
+            props = pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                reply_to="amq.rabbitmq.reply-to",
+                correlation_id=str(i),
+            )
+            ch.basic_publish("", QUEUE, body(value=i), props)
+            deadline = time.monotonic() + 10
+            while not replies:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no reply within 10 s")
+                conn.process_data_events(time_limit=1)
+            replies.clear()
+
+        emit(**round_trips(args.n, args.warmup, call))
+    else:
+        raise SystemExit(f"unknown mode {args.mode!r}")
+    conn.close()
+
+
+if __name__ == "__main__":
+    main()

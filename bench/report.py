@@ -1,0 +1,365 @@
+"""Figures → median [min–max] per configuration, the best configuration per contender, ratios,
+targets, and the markdown written to docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+GROUPS = ("amqptasks", "celery", "dramatiq", "raw")
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    fmt: str = "{:,.0f}"
+
+
+FIGURES = [
+    Figure("consume1", "Consume no-op, 1 worker process", "tasks/s", True),
+    Figure("consume2", "Consume no-op, 2 worker processes", "tasks/s", True),
+    Figure("pub_loop_confirmed", "Publish, confirmed, one caller in a loop", "msg/s", True),
+    Figure("pub_pipelined", "Publish, confirmed, pipelined / bulk API", "msg/s", True),
+    Figure("pub_loop_unconfirmed", "Publish, unconfirmed, one caller in a loop", "msg/s", True),
+    Figure("lat_p50", "Publish→start latency p50 (light load)", "ms", False, "{:.2f}"),
+    Figure("lat_p99", "Publish→start latency p99 (light load)", "ms", False, "{:.2f}"),
+    Figure("rpc_p50", "delay().get() round trip p50", "ms", False, "{:.2f}"),
+    Figure("rpc_p99", "delay().get() round trip p99", "ms", False, "{:.2f}"),
+    Figure("rpc_rate", "delay().get() sequential round trips", "1/s", True),
+    Figure("rss_idle", "Worker RSS, idle", "MiB", False, "{:.1f}"),
+    Figure("rss_after", "Worker RSS after N tasks", "MiB", False, "{:.1f}"),
+    Figure("cd_rss", "Pending countdowns: worker RSS", "MiB", False, "{:.1f}"),
+    Figure("cd_unacked", "Pending countdowns: unacked deliveries", "msgs", False),
+    Figure("cd_rate", "Pending countdowns: publish rate", "msg/s", True),
+]
+BY_KEY = {f.key: f for f in FIGURES}
+
+
+@dataclass
+class Series:
+    figure: str
+    framework: str
+    group: str
+    config: str
+    values: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+    def cell(self) -> str:
+        f = BY_KEY[self.figure]
+        if not self.values:
+            return "failed" if self.errors else "n/a"
+        med = f.fmt.format(self.median)
+        if len(self.values) == 1:
+            return f"{med} (1 run)"
+        return f"{med} [{f.fmt.format(min(self.values))}–{f.fmt.format(max(self.values))}]"
+
+
+class Results:
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str, str], Series] = {}
+        self.params: dict[str, Any] = {}
+
+    def _get(self, figure: str, framework: str, group: str, config: str, note: str) -> Series:
+        key = (figure, framework, config)
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = Series(figure, framework, group, config, note=note)
+        return s
+
+    def add(
+        self, figure: str, framework: str, group: str, config: str, value: float, note: str = ""
+    ) -> None:
+        self._get(figure, framework, group, config, note).values.append(value)
+
+    def fail(
+        self, figure: str, framework: str, group: str, config: str, error: str, note: str = ""
+    ) -> None:
+        self._get(figure, framework, group, config, note).errors.append(error)
+
+    def best(self, figure: str, group: str, framework: str | None = None) -> Series | None:
+        f = BY_KEY[figure]
+        cands = [
+            s
+            for s in self.series.values()
+            if s.figure == figure
+            and s.group == group
+            and s.values
+            and (framework is None or s.framework == framework)
+        ]
+        if not cands:
+            return None
+        key = (lambda s: s.median) if f.higher_is_better else (lambda s: -s.median)
+        return max(cands, key=key)
+
+    def ratio(self, figure: str, group: str, framework: str | None = None) -> float | None:
+        a = self.best(figure, "amqptasks")
+        b = self.best(figure, group, framework)
+        if a is None or b is None or not b.median:
+            return None
+        assert a.median is not None
+        return a.median / b.median
+
+    def errors(self) -> list[str]:
+        return [
+            f"{s.framework} {s.figure} [{s.config}]: {e.splitlines()[0] if e else e}"
+            for s in self.series.values()
+            for e in s.errors
+        ]
+
+
+def _ratio_text(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}×"
+
+
+def summary_rows(res: Results) -> list[list[str]]:
+    rows = []
+    for f in FIGURES:
+        if not any(s.figure == f.key for s in res.series.values()):
+            continue
+        cells = [f"{f.title} ({f.unit}, {'higher' if f.higher_is_better else 'lower'} is better)"]
+        for g in GROUPS:
+            b = res.best(f.key, g)
+            cells.append(b.cell() if b else "n/a")
+        cells += [_ratio_text(res.ratio(f.key, g)) for g in ("celery", "dramatiq", "raw")]
+        rows.append(cells)
+    # The issue's publish target: amqptasks' confirmed pipelined vs the peers' unconfirmed loop.
+    a = res.best("pub_pipelined", "amqptasks")
+    if a is not None and a.median:
+        cells = ["amqptasks pipelined (confirmed) vs peers' unconfirmed loop (msg/s)", a.cell()]
+        ratios = []
+        for g in ("celery", "dramatiq"):
+            b = res.best("pub_loop_unconfirmed", g)
+            cells.append(b.cell() if b else "n/a")
+            ratios.append(_ratio_text(a.median / b.median) if b and b.median else "n/a")
+        r = res.best("pub_pipelined", "raw")
+        cells.append(r.cell() if r else "n/a")
+        cells += [*ratios, _ratio_text(a.median / r.median) if r and r.median else "n/a"]
+        rows.append(cells)
+    return rows
+
+
+SUMMARY_HEADER = [
+    "figure",
+    "amqptasks (best)",
+    "Celery (best)",
+    "Dramatiq (best)",
+    "raw ceiling (best)",
+    "amq / Celery",
+    "amq / Dramatiq",
+    "amq / raw",
+]
+
+
+def detail_rows(res: Results) -> list[list[str]]:
+    order = {f.key: i for i, f in enumerate(FIGURES)}
+    gorder = {g: i for i, g in enumerate(GROUPS)}
+    rows = []
+    for s in sorted(
+        res.series.values(), key=lambda s: (order[s.figure], gorder[s.group], s.framework)
+    ):
+        f = BY_KEY[s.figure]
+        best = res.best(s.figure, s.group)
+        mark = " *" if best is s else ""
+        rows.append(
+            [
+                f"{f.title} ({f.unit})",
+                s.framework,
+                s.config + (f" — {s.note}" if s.note else ""),
+                s.cell() + mark,
+            ]
+        )
+    return rows
+
+
+def targets(res: Results) -> list[tuple[str, str, str]]:
+    """(target, measured, met?) — informational; benchmarks never fail a run."""
+    out = []
+
+    def check(name: str, value: float | None, ok: Any) -> None:
+        if value is None:
+            out.append((name, "n/a", "n/a"))
+        else:
+            out.append((name, f"{value:.2f}", "yes" if ok(value) else "NO"))
+
+    for fig, procs in (("consume1", 1), ("consume2", 2)):
+        check(
+            f"consume ({procs} proc) ≥ 3× Celery best", res.ratio(fig, "celery"), lambda r: r >= 3
+        )
+        check(
+            f"consume ({procs} proc) ≥ 1.5× Dramatiq best",
+            res.ratio(fig, "dramatiq"),
+            lambda r: r >= 1.5,
+        )
+        check(
+            f"consume ({procs} proc) ≥ 0.8× raw pika",
+            res.ratio(fig, "raw", "raw-pika"),
+            lambda r: r >= 0.8,
+        )
+    a = res.best("consume1", "amqptasks")
+    check("consume (1 proc) ≥ 8,000 tasks/s", a.median if a else None, lambda v: v >= 8000)
+    a = res.best("pub_pipelined", "amqptasks")
+    c = res.best("pub_loop_unconfirmed", "celery")
+    check(
+        "confirmed pipelined publish ≥ 2.4× Celery unconfirmed",
+        a.median / c.median if a and c and a.median and c.median else None,
+        lambda r: r >= 2.4,
+    )
+    check(
+        "publish→start p50 ≤ Dramatiq's (ratio ≤ 1)",
+        res.ratio("lat_p50", "dramatiq"),
+        lambda r: r <= 1,
+    )
+    return out
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    def esc(c: str) -> str:
+        return str(c).replace("|", "\\|")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine(overview: dict[str, Any], versions: dict[str, dict[str, str]]) -> dict[str, str]:
+    cpu = "?"
+    mem = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                    break
+    except OSError:
+        pass
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except AttributeError:
+        ncpu = os.cpu_count() or 0
+    libs = "; ".join(
+        f"{fw}: " + ", ".join(f"{k} {v}" for k, v in vs.items()) for fw, vs in versions.items()
+    )
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": f"{ncpu} (nproc)",
+        "cpu": cpu,
+        "memory": mem,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "rabbitmq": f"{overview.get('rabbitmq_version', '?')} "
+        f"(Erlang {overview.get('erlang_version', '?')})",
+        "libraries": libs,
+    }
+
+
+METHOD = """\
+## How to run
+
+```sh
+./dev bench            # full run (tens of minutes): writes this file
+./dev bench --quick    # small N, 3 repeats, no 1M-task RSS: checks the harness in minutes
+python -m bench --help # --only, --repeats, --out, --no-peers, --frameworks, sizes
+```
+
+The harness creates the peers' virtualenvs itself (`.amqptasks/bench/venv-celery`,
+`.amqptasks/bench/venv-dramatiq`: `python3 -m venv` + `pip install celery` /
+`pip install 'dramatiq[rabbitmq]'`, the latest releases; reused when present) and runs
+everything against the project's local RabbitMQ, each measurement group in its own
+vhost, created and deleted through the management API.
+
+## Method
+
+* **Same settings for all**: one durable queue, persistent messages (delivery mode 2), JSON
+  bodies, worker logging at WARNING, prefetch 256 per worker process unless a configuration
+  says otherwise, acks after the task ran unless a configuration says "early ack".
+* **Consume**: N messages are pre-filled — copies of one message published through the
+  framework's own API (its id replaced per copy), so every worker reads exactly what its
+  framework would have sent — then the worker is started and the queue depth is sampled by
+  passive `queue.declare` every 20 ms. Throughput is measured between two depth marks
+  (after `max(10 %, 2 × prefetch)` messages are gone, until 10 % remain), which excludes
+  start-up, warm-up and the tail. The no-op task counts its executions (a locked increment,
+  flushed to a file by a thread every 0.2 s) and the run is only accepted when exactly N
+  ran and the dead-letter queue is empty.
+* **Publish**: one client process per run, the framework's own API, warm-up calls excluded.
+  "Confirmed" waits for the broker's `basic.ack`; amqptasks' pipelined publish keeps up to
+  1,000 confirms outstanding (`App.prepare` + `publisher.publish_nowait`) and waits for all.
+* **Publish→start latency**: one message every 5 ms through the framework's API, carrying
+  `time.time()` at the call; the task records `time.time() - sent` first thing. 50 warm-up
+  messages excluded.
+* **`delay().get()`**: sequential round trips (amqptasks: direct reply-to; Celery: the
+  `rpc://` backend; Dramatiq: n/a, its results need Redis or Memcached).
+* **RSS**: VmRSS from `/proc` of the worker process and all its descendants (Celery prefork,
+  Dramatiq's supervisor and worker processes are summed), idle = 2 s after it is consuming.
+* **Pending countdowns**: N tasks published with a 600 s countdown/delay while the worker
+  runs; then, once the management stats settle, the worker's RSS and the unacked count
+  over every queue of the vhost. amqptasks keeps them in the broker's delay queues; Celery
+  holds ETA tasks unacked in the worker; Dramatiq holds up to its delay prefetch.
+* Each figure is repeated (`--repeats`, default 3) and shown as median [min–max]; a
+  contender's "best" is its best configuration by median (marked `*` in the details). Every
+  process the harness starts is stopped by its PID; every wait is bounded.
+* Benchmarks are not tests: nothing here asserts a speed. On a 2-core machine the broker,
+  the worker and the harness compete for the CPUs: keep other load off for real figures.
+"""
+
+
+def markdown(res: Results, info: dict[str, str], params: dict[str, Any], summary: str = "") -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "amqptasks against Celery and Dramatiq (and raw pika / aio-pika clients as the ceiling),",
+        "all on the same local RabbitMQ in one run. This file is rewritten by `./dev bench`.",
+        "",
+        METHOD,
+        "## Latest run",
+        "",
+    ]
+    lines += [f"* **{k}**: {v}" for k, v in info.items()]
+    lines += [
+        "* **parameters**: " + ", ".join(f"{k}={v}" for k, v in params.items()),
+        "",
+    ]
+    if summary:
+        lines += [summary, ""]
+    lines += [
+        "### Summary (best configuration of each; ratios are amqptasks ÷ peer)",
+        "",
+        md_table(SUMMARY_HEADER, summary_rows(res)),
+        "",
+        "### Targets (informational)",
+        "",
+        md_table(["target", "measured", "met"], [list(t) for t in targets(res)]),
+        "",
+        "### Every configuration (`*` = that contender's best for the figure)",
+        "",
+        md_table(["figure", "contender", "configuration", "median [min–max]"], detail_rows(res)),
+        "",
+    ]
+    errs = res.errors()
+    if errs:
+        lines += ["### Failed measurements", ""] + [f"* {e}" for e in errs] + [""]
+    return "\n".join(lines)
