@@ -28,6 +28,7 @@ back (at-least-once).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
 import socket
@@ -149,12 +150,13 @@ class Worker:
         self._fast_tasks: dict[str, Task] = {
             name: t
             for name, t in self.tasks.items()
-            if options.pool == "asyncio"
+            if options.pool in ("asyncio", "threads")
             and not t.is_async
             and not self.policies[name].acks_early
             and not self.policies[name].time_limit
             and not self.policies[name].soft_time_limit
         }
+        self._fast_pending: dict[concurrent.futures.Future[Any], Delivery] = {}
         #: Called each time every consumer is attached (the CLI prints "ready: consuming").
         self.on_ready: Callable[[], None] | None = None
 
@@ -337,8 +339,13 @@ class Worker:
         self._stopping.set()
         if self.consumer is not None:
             await self.consumer.cancel()
-        while self._inflight:
-            await asyncio.wait(set(self._inflight))
+        for future in list(self._fast_pending):
+            future.cancel()  # not started yet: requeued by its done callback
+        while self._inflight or self._fast_pending:
+            if self._inflight:
+                await asyncio.wait(set(self._inflight), timeout=0.1)
+            else:
+                await asyncio.sleep(0.02)
         self._done.set()
 
     async def _shutdown(self) -> None:
@@ -353,9 +360,11 @@ class Worker:
     def _on_delivery(self, delivery: Delivery) -> None:
         """Called by the consumer for each delivery, on the loop, without a task.
 
-        The common case — a sync task run inline (``--pool asyncio``), no reply wanted, no
-        limits, nothing to wait for — runs right here; everything else becomes a task
-        running the full pipeline (:meth:`_process`). Both settle through the same ack window.
+        The common case — a sync task with no time limits, no early ack, and no middleware
+        wanting the message (e.g. no reply) — runs right here inline (``--pool asyncio``) or
+        goes straight to the thread pool (``threads``), without creating an asyncio task;
+        everything else becomes a task running the full pipeline (:meth:`_process`). Both
+        settle through the same ack window.
         """
         if not self._fast_run(delivery):
             self._spawn(self._process(delivery), delivery)
@@ -380,55 +389,51 @@ class Worker:
         ):
             return False
         task = self._fast_tasks[env.task]
+        args: tuple[Any, ...] = env.args
+        if task.bind:
+            request = Request(
+                env.id, env.task, env.retries, delivery.queue, self.hostname, env.headers
+            )
+            args = (BoundTask(task, request), *args)
         start = time.perf_counter()
-        try:
-            if task.bind:
-                result = task.fn(
-                    BoundTask(
-                        task,
-                        Request(
-                            env.id,
-                            env.task,
-                            env.retries,
-                            delivery.queue,
-                            self.hostname,
-                            env.headers,
-                        ),
-                    ),
-                    *env.args,
-                    **env.kwargs,
-                )
-            else:
-                result = task.fn(*env.args, **env.kwargs)
-        except Exception as exc:
-            outcome = Outcome(
-                False,
-                exc=exc,
-                traceback=traceback.format_exc(),
-                runtime=time.perf_counter() - start,
-            )
-            log.warning(
-                "task %s[%s] failed in %.3fs: %s: %s",
-                env.task,
-                env.id,
-                outcome.runtime,
-                type(exc).__name__,
-                exc,
-            )
-            ctx = Context(env, task, delivery.queue, self.hostname)
-            self._spawn(
-                self._finish(
-                    delivery,
-                    env,
-                    task,
-                    self.policies[env.task],
-                    ctx,
-                    outcome,
-                    datetime.now(timezone.utc),
-                ),
-                delivery,
+        if isinstance(self._runner, ThreadRunner):
+            # Straight to the thread pool; the outcome comes back to the loop thread. Until a
+            # thread picks it up the call is cancellable, so a warm shutdown can requeue it.
+            future = self._runner.executor.submit(task.fn, *args, **env.kwargs)
+            self._fast_pending[future] = delivery
+            loop = asyncio.get_running_loop()
+            future.add_done_callback(
+                lambda f: loop.call_soon_threadsafe(self._fast_done, f, delivery, env, task, start)
             )
             return True
+        try:
+            result = task.fn(*args, **env.kwargs)
+        except Exception as exc:
+            self._fast_failed(delivery, env, task, start, exc, traceback.format_exc())
+            return True
+        self._fast_succeeded(delivery, env, start, result)
+        return True
+
+    def _fast_done(
+        self,
+        future: concurrent.futures.Future[Any],
+        delivery: Delivery,
+        env: Envelope,
+        task: Task,
+        start: float,
+    ) -> None:
+        self._fast_pending.pop(future, None)
+        if future.cancelled():  # never started: back to the queue (warm shutdown)
+            self._spawn(self._requeue(delivery), delivery)
+            return
+        exc = future.exception()
+        if exc is None:
+            self._fast_succeeded(delivery, env, start, future.result())
+        else:
+            tb = "".join(traceback.format_exception(exc))
+            self._fast_failed(delivery, env, task, start, exc, tb)
+
+    def _fast_succeeded(self, delivery: Delivery, env: Envelope, start: float, result: Any) -> None:
         self.processed += 1
         if log.isEnabledFor(logging.INFO):
             log.info(
@@ -439,7 +444,38 @@ class Worker:
                 result,
             )
         delivery.ack_now()
-        return True
+
+    def _fast_failed(
+        self,
+        delivery: Delivery,
+        env: Envelope,
+        task: Task,
+        start: float,
+        exc: BaseException,
+        tb: str,
+    ) -> None:
+        outcome = Outcome(False, exc=exc, traceback=tb, runtime=time.perf_counter() - start)
+        log.warning(
+            "task %s[%s] failed in %.3fs: %s: %s",
+            env.task,
+            env.id,
+            outcome.runtime,
+            type(exc).__name__,
+            exc,
+        )
+        ctx = Context(env, task, delivery.queue, self.hostname)
+        self._spawn(
+            self._finish(
+                delivery,
+                env,
+                task,
+                self.policies[env.task],
+                ctx,
+                outcome,
+                datetime.now(timezone.utc),
+            ),
+            delivery,
+        )
 
     async def _guard(self, work: Any, delivery: Delivery) -> None:
         try:
