@@ -8,7 +8,7 @@ RabbitMQ's ``x-death``; :func:`describe` reads those too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .protocol import DL_PREFIX, Properties, dumps, loads
@@ -87,14 +87,5 @@ def replay_message(body: bytes, props: Properties) -> tuple[bytes, Properties]:
         for k, v in (props.headers or {}).items()
         if not k.startswith((DL_PREFIX, "x-death", "x-first-death-", "x-last-death-"))
     }
-    return body, Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        message_id=props.message_id,
-        correlation_id=props.correlation_id,
-        reply_to=None,  # the original caller's reply channel is long gone
-        priority=props.priority,
-        headers=headers or None,
-        delivery_mode=2,
-        timestamp=props.timestamp,
-    )
+    # reply_to dropped: the original caller's reply channel is long gone.
+    return body, replace(props, reply_to=None, headers=headers or None, delivery_mode=2)

@@ -14,7 +14,7 @@ import math
 import pickle
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -461,14 +461,4 @@ def dead_letter_properties(
         headers[DL_PREFIX + "exception-message"] = (exc_message or "")[:TRACEBACK_LIMIT]
     if traceback is not None:
         headers[DL_PREFIX + "traceback"] = traceback[-TRACEBACK_LIMIT:]
-    return Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        message_id=props.message_id,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        priority=props.priority,
-        headers=headers,
-        delivery_mode=2,
-        timestamp=props.timestamp,
-    )
+    return replace(props, headers=headers, delivery_mode=2)
