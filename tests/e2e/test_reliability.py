@@ -399,3 +399,68 @@ def test_worker_resumes_after_broker_restart_and_publish_while_down_raises(
         app.close()
     assert "down" not in " ".join(ledger_lines(ledger))
     assert w.proc.poll() is None
+
+
+def test_delays_reach_quorum_queues_and_direct_routes(tmp_path, broker, worker_factory):
+    cfg = write_config(
+        tmp_path,
+        broker,
+        queues={
+            "default": {
+                "type": "quorum",
+                "bindings": [{"exchange": "tasks", "routing_key": "task.#"}],
+            },
+            "queue_add": {"bindings": [{"exchange": "direct_tasks", "routing_key": "queue_add"}]},
+        },
+        routes={"testtasks.when": {"exchange": "direct_tasks", "routing_key": "queue_add"}},
+        default_route={"exchange": "tasks", "routing_key": "task.default"},
+    )
+    ledger = tmp_path / "ledger"
+    worker_factory(cfg, "-Q", "default,queue_add", ledger=ledger)
+    app = _app(cfg)
+    sent = time.time()
+    try:
+        app.send_task("testtasks.when", ("direct",), countdown=2, ignore_result=True)
+        app.send_task("testtasks.record", ("quorum",), countdown=2, ignore_result=True)
+    finally:
+        app.close()
+    wait_for(lambda: len(ledger_lines(ledger)) == 3, timeout=20, message="both delayed tasks")
+    ran = [line for line in ledger_lines(ledger) if line.startswith("ran direct")]
+    assert ran and 1 <= float(ran[0].split()[-1]) - sent <= 3.5
+    assert "done quorum" in ledger_lines(ledger)
+    assert time.time() - sent >= 1.5
+
+
+def test_publish_under_a_resource_alarm_waits_the_bound_then_raises(tmp_path, broker):
+    from amqptasks import PublishTimeout
+
+    import asyncio
+
+    from amqptasks.transport.aio import declare_topology
+
+    cfg = write_config(tmp_path, broker, broker={"url": broker.url, "publish_timeout": 2})
+    app = _app(cfg)
+    asyncio.run(declare_topology(broker.url, app.settings.topology))
+    ctl = [str(ROOT / "deploy" / "broker.sh"), "ctl"]
+    app.send_task("testtasks.record", ("before",), ignore_result=True)  # connected
+    subprocess.run(
+        [*ctl, "set_vm_memory_high_watermark", "0.000001"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    try:
+        time.sleep(1)  # the alarm blocks publishing connections (connection.blocked)
+        start = time.monotonic()
+        with pytest.raises((PublishTimeout, BrokerError)):
+            app.send_task("testtasks.record", ("blocked",), ignore_result=True)
+        waited = time.monotonic() - start
+        assert 1.5 <= waited < 6
+    finally:
+        subprocess.run(
+            [*ctl, "set_vm_memory_high_watermark", "0.4"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        app.close()
