@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, overload
 
 from .config import Settings, load_config
-from .errors import TaskNotRegistered
+from .errors import AmqpTasksError, TaskNotRegistered
 from .protocol import DL_PREFIX, Envelope, Properties, encode, new_id
 from .results import AsyncResult, ResultCollector
 from .routing import Router
@@ -252,6 +253,65 @@ class App(Sender):
             for future, ex, key in pending:
                 wait(future, publisher.timeout if timeout is None else timeout, ex, key)
         return AsyncResult(p.envelope.id, name, state)
+
+    def send_many(
+        self,
+        calls: Iterable[tuple[str, Sequence[Any], Mapping[str, Any] | None]],
+        *,
+        window: int = 1000,
+        **options: Any,
+    ) -> list[AsyncResult]:
+        """Publish many tasks with pipelined confirms: up to ``window`` publishes in flight,
+        every one confirmed before this returns (the bulk API, e.g. for a group or a backfill).
+
+        ``calls`` yields ``(task name, args, kwargs)``; ``options`` apply to every call. If any
+        publish fails, the others still in flight are awaited, then the first error is raised
+        with ``.index`` set to the failing call's position (earlier calls are confirmed).
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        publisher = self.publisher
+        timeout = options.get("timeout")
+        limit = publisher.timeout if timeout is None else timeout
+        results: list[AsyncResult] = []
+        inflight: list[tuple[int, concurrent.futures.Future[None], str, str]] = []
+        first_error: BaseException | None = None
+
+        def drain(keep: int) -> None:
+            nonlocal first_error
+            while len(inflight) > keep:
+                index, future, ex, key = inflight.pop(0)
+                try:
+                    wait(future, limit, ex, key)
+                except AmqpTasksError as exc:
+                    if first_error is None:
+                        exc.index = index  # type: ignore[attr-defined]
+                        first_error = exc
+
+        for index, (name, args, kwargs) in enumerate(calls):
+            p = self.prepare(name, tuple(args), kwargs, reply_to=REPLY_TO, **options)
+            state = (
+                self.results.expect(p.props.correlation_id or p.envelope.id)
+                if (p.wants_reply)
+                else None
+            )
+            for ex, key in p.destinations:
+                inflight.append(
+                    (
+                        index,
+                        publisher.publish_nowait(ex, key, p.body, p.props, timeout=timeout),
+                        ex,
+                        key,
+                    )
+                )
+            results.append(AsyncResult(p.envelope.id, name, state))
+            drain(window)
+            if first_error is not None:
+                break
+        drain(0)
+        if first_error is not None:
+            raise first_error
+        return results
 
     async def send_task_async(
         self,

@@ -12,7 +12,7 @@ object per execution keeps concurrent executions in threads from seeing each oth
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -35,6 +35,13 @@ class Sender:
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> AsyncResult:
+        raise NotImplementedError
+
+    def send_many(
+        self,
+        calls: Iterable[tuple[str, Sequence[Any], Mapping[str, Any] | None]],
+        **options: Any,
+    ) -> list[AsyncResult]:
         raise NotImplementedError
 
     async def send_task_async(
@@ -147,6 +154,11 @@ class Task:
         ``timeout`` (confirm wait, seconds)."""
         options.setdefault("ignore_result", self.ignore_result)
         return self.sender.send_task(self.name, tuple(args), kwargs, **options)
+
+    def map(self, arguments: Iterable[Sequence[Any]], **options: Any) -> list[AsyncResult]:
+        """Publish one call per argument tuple with pipelined confirms (``App.send_many``)."""
+        options.setdefault("ignore_result", self.ignore_result)
+        return self.sender.send_many(((self.name, tuple(a), None) for a in arguments), **options)
 
     async def delay_async(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """``delay`` for asyncio callers: the publish is awaited, never blocks the loop."""

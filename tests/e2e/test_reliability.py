@@ -432,10 +432,9 @@ def test_delays_reach_quorum_queues_and_direct_routes(tmp_path, broker, worker_f
 
 
 def test_publish_under_a_resource_alarm_waits_the_bound_then_raises(tmp_path, broker):
-    from amqptasks import PublishTimeout
-
     import asyncio
 
+    from amqptasks import PublishTimeout
     from amqptasks.transport.aio import declare_topology
 
     cfg = write_config(tmp_path, broker, broker={"url": broker.url, "publish_timeout": 2})

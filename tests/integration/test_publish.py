@@ -139,3 +139,33 @@ def test_topology_apply_is_idempotent_and_names_mismatches(tmp_path, broker):
     # Every mismatching argument of that queue is reported with both values, not a traceback.
     assert "x-dead-letter-exchange" in text or "x-max-priority" in text
     assert "broker has" in text and "config wants" in text
+
+
+def test_send_many_pipelines_confirms_and_reports_the_failing_call(tmp_path, broker):
+    app = _app(tmp_path, broker)
+    ch = broker.channel()
+    ch.queue_declare(
+        "tiny", durable=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"}
+    )
+    try:
+        results = app.send_many(
+            (("examples.tasks.add", (i, i), None) for i in range(2000)),
+            window=300,
+            ignore_result=True,
+        )
+        assert len({r.id for r in results}) == 2000
+        assert broker.depth("default") == 2000
+
+        @app.task(name="examples.tasks.add")
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        mapped = add.map([(1, 2), (3, 4)], ignore_result=True)
+        assert len(mapped) == 2 and broker.depth("default") == 2002
+
+        with pytest.raises(PublishNacked) as err:
+            app.send_many([("t", (), None)] * 5, queue="tiny", ignore_result=True, window=1)
+        assert err.value.index == 2  # the first two were confirmed; the third was refused
+    finally:
+        app.close()
+    assert broker.depth("tiny") == 2
