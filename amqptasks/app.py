@@ -81,7 +81,8 @@ class App(Sender):
         self._router: Router | None = None
         self._publisher: SyncPublisher | None = None
         self._async_publishers: dict[asyncio.AbstractEventLoop, AsyncPublisher] = {}
-        self._lock = threading.Lock()
+        # Re-entrant: the first use of .publisher reads .settings, which takes it too.
+        self._lock = threading.RLock()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> App:

@@ -236,7 +236,8 @@ def delay_route(queue: str, seconds: int) -> tuple[str, str]:
     """(exchange, routing key) that delivers to ``queue`` after ``seconds`` (>= 1).
 
     The routing key is the delay in binary, one word per level from the highest, then the
-    queue name: ``0.0.….1.0.1.<queue>``. Level n's exchange sends words with a ``1`` at its
+    queue name: ``0.0.….1.0.1.<queue>``, published to the level of the highest set bit (the
+    levels above would only forward it). Level n's exchange sends words with a ``1`` at its
     position into its queue (TTL 2**n s, dead-lettering on to level n-1's exchange, key kept)
     and forwards a ``0`` straight to level n-1. Level 0 ends at the deliver exchange, bound
     to each work queue with exactly :data:`DELAY_LEVELS` ``*`` words before the queue name, so
@@ -245,7 +246,8 @@ def delay_route(queue: str, seconds: int) -> tuple[str, str]:
     if not 1 <= seconds <= MAX_DELAY:
         raise ValueError(f"delay must be 1..{MAX_DELAY} seconds, got {seconds}")
     bits = format(seconds, f"0{DELAY_LEVELS}b")
-    return _level(DELAY_LEVELS - 1), ".".join(bits) + "." + queue
+    # Enter at the level of the highest set bit: the levels above would only forward it.
+    return _level(seconds.bit_length() - 1), ".".join(bits) + "." + queue
 
 
 def _delay_infrastructure(

@@ -9,18 +9,21 @@ harness, not the speed: nothing here asserts a speed), 2 usage, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from . import measure, report
-from .broker import overview
+from .broker import RUN_PREFIX, delete_run_vhosts, overview
 from .frameworks import (
     ROOT,
+    STATE,
     AmqpTasks,
     Celery,
     Dramatiq,
@@ -29,7 +32,7 @@ from .frameworks import (
     RawPika,
     ensure_venv,
 )
-from .procs import BenchError, Procs
+from .procs import Procs
 
 PARTS = ("consume", "publish", "latency", "rpc", "rss", "countdown")
 FRAMEWORKS = ("amqptasks", "celery", "dramatiq", "raw-pika", "raw-aio-pika")
@@ -51,10 +54,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--frameworks", default="", help=f"comma-separated subset of: {', '.join(FRAMEWORKS)}"
     )
     p.add_argument("--no-peers", action="store_true", help="skip Celery and Dramatiq")
+    p.add_argument(
+        "--refresh-peers",
+        action="store_true",
+        help="recreate the Celery/Dramatiq virtualenvs with the latest releases",
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per figure (default 3)")
     p.add_argument("--out", type=Path, help="write the markdown report here")
     p.add_argument("--processes", default="1,2", help="worker process counts for consume")
     p.add_argument("--consume-n", type=int, help="messages per consume run")
+    p.add_argument(
+        "--consume-window",
+        type=float,
+        help="seconds the consume measurement window should last (N is calibrated up to it)",
+    )
     p.add_argument("--publish-n", type=int, help="messages per publish run")
     p.add_argument("--latency-n", type=int, help="latency samples per run")
     p.add_argument("--rpc-n", type=int, help="delay().get() round trips per run")
@@ -62,6 +75,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rss-repeats", type=int, default=1, help="runs of RSS after N tasks")
     p.add_argument("--countdowns", type=int, help="pending countdown tasks (10k-100k)")
     p.add_argument("--keep-logs", action="store_true", help="keep worker/client logs")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: print (and with --out write) the report of a saved run "
+        "(every run saves .amqptasks/bench/results-latest.json)",
+    )
     args = p.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()} or set(PARTS)
     bad = only - set(PARTS)
@@ -91,6 +111,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         countdowns=args.countdowns or (10_000 if q else 100_000),
         repeats=args.repeats,
         rss_repeats=args.rss_repeats,
+        window=args.consume_window or (0.6 if q else 3.0),
+        consume_max=100_000 if q else 400_000,
     )
     return args
 
@@ -107,9 +129,12 @@ def contenders(args: argparse.Namespace) -> list[Framework]:
         if name == "amqptasks":
             out.append(AmqpTasks(sys.executable))
         elif name == "celery":
-            out.append(Celery(ensure_venv("celery", "celery", "celery", log)))
+            out.append(Celery(ensure_venv("celery", "celery", "celery", log, args.refresh_peers)))
         elif name == "dramatiq":
-            out.append(Dramatiq(ensure_venv("dramatiq", "dramatiq[rabbitmq]", "dramatiq", log)))
+            python = ensure_venv(
+                "dramatiq", "dramatiq[rabbitmq]", "dramatiq", log, args.refresh_peers
+            )
+            out.append(Dramatiq(python))
         elif name == "raw-pika":
             out.append(RawPika(sys.executable))
         else:
@@ -121,9 +146,78 @@ def _on_sigterm(_sig: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def show(results: report.Results, info: dict[str, str]) -> None:
+    print()
+    print(report.text_table(report.SUMMARY_HEADER, report.summary_rows(results)))
+    print()
+    for name, measured, met in report.targets(results):
+        print(f"  target: {name}: {measured} ({met})")
+    print()
+    print(
+        report.text_table(
+            ["figure", "contender", "configuration", "median [min–max]"],
+            report.detail_rows(results),
+        )
+    )
+    print()
+    for k, v in info.items():
+        print(f"  {k}: {v}")
+
+
+def render(args: argparse.Namespace) -> int:
+    data = json.loads(args.render.read_text())
+    results = report.Results.from_json(data)
+    show(results, data["machine"])
+    if args.out:
+        args.out.write_text(report.markdown(results, data["machine"], results.params))
+        log(f"\nreport written to {args.out}")
+    return 0
+
+
+def measure_all(args: argparse.Namespace, ctx: measure.Ctx, fws: list[Framework]) -> None:
+    lat_parts = args.parts & {"latency", "rpc", "rss"}
+    groups: list[tuple[bool, str, Any, tuple[Any, ...]]] = [
+        (
+            "consume" in args.parts,
+            "consume (no-op tasks, pre-filled queue, depth marks)",
+            measure.consume,
+            (ctx, fws, args.quick, args.process_counts),
+        ),
+        ("publish" in args.parts, "publish", measure.publish, (ctx, fws)),
+        (
+            bool(lat_parts),
+            "latency / delay().get() / idle RSS (light load, one worker process)",
+            measure.latency,
+            (ctx, fws, lat_parts),
+        ),
+        (
+            "countdown" in args.parts,
+            f"pending countdowns ({args.sizes.countdowns:,})",
+            measure.countdowns,
+            (ctx, fws),
+        ),
+        (
+            "rss" in args.parts and args.sizes.rss_tasks > 0,
+            f"RSS after {args.sizes.rss_tasks:,} tasks",
+            measure.rss_after,
+            (ctx, fws),
+        ),
+    ]
+    for wanted, title, fn, fargs in groups:
+        if wanted:
+            t0 = time.monotonic()
+            log(f"== {title} ==")
+            fn(*fargs)
+            log(f"   ({time.monotonic() - t0:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.render:
+        return render(args)
+    # SIGINT too: a shell that starts us in the background sets it to "ignore".
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_sigterm)
     try:
         ov = overview()
     except OSError as exc:
@@ -147,42 +241,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(p for p in PARTS if p in args.parts)}; sizes: {args.sizes}"
         )
         log(f"logs: {workdir}")
-        if "consume" in args.parts:
-            log("== consume (no-op tasks, pre-filled queue, depth marks) ==")
-            measure.consume(ctx, fws, args.quick, args.process_counts)
-        if "publish" in args.parts:
-            log("== publish ==")
-            measure.publish(ctx, fws)
-        lat_parts = args.parts & {"latency", "rpc", "rss"}
-        if lat_parts:
-            log(f"== {' / '.join(sorted(lat_parts))} (light load, one worker process) ==")
-            measure.latency(ctx, fws, lat_parts)
-        if "countdown" in args.parts:
-            log(f"== pending countdowns ({args.sizes.countdowns:,}) ==")
-            measure.countdowns(ctx, fws)
-        if "rss" in args.parts and args.sizes.rss_tasks:
-            log(f"== RSS after {args.sizes.rss_tasks:,} tasks ==")
-            measure.rss_after(ctx, fws)
+        measure_all(args, ctx, fws)
     except KeyboardInterrupt:
         interrupted = True
         log("\ninterrupted: stopping everything that was started")
-    except BenchError as exc:
-        results.fail("consume1", "harness", "amqptasks", "setup", str(exc))
-        log(f"error: {exc}")
+    except Exception as exc:  # a harness bug: report what was measured, then fail
+        results.fail("consume1", "harness", "amqptasks", "harness", traceback.format_exc())
+        log(f"error: {type(exc).__name__}: {exc}")
     finally:
         procs.stop_all()
-        for vh in list(ctx.vhosts):
-            try:
-                vh.delete()
-            except Exception as exc:
-                log(f"warning: could not delete vhost {vh.name}: {exc}")
+        try:
+            for name in delete_run_vhosts():
+                log(f"deleted leftover vhost {name}")
+        except Exception as exc:
+            log(f"warning: could not delete this run's vhosts ({RUN_PREFIX}*): {exc}")
     elapsed = time.monotonic() - started
-    versions = {f.name: f.versions() for f in fws}
-    info = report.machine(ov, versions)
-    params = {
+    info = report.machine(ov, {f.name: f.versions() for f in fws})
+    results.params = {
         "quick": args.quick,
         "repeats": args.repeats,
-        "consume N": args.sizes.consume,
+        "consume N (before calibration)": args.sizes.consume,
+        "consume window": f"{args.sizes.window} s",
         "publish N": args.sizes.publish,
         "latency samples": args.sizes.latency,
         "round trips": args.sizes.rpc,
@@ -190,26 +269,22 @@ def main(argv: list[str] | None = None) -> int:
         "countdowns": args.sizes.countdowns,
         "duration": f"{elapsed / 60:.1f} min",
     }
-    print()
-    print(report.text_table(report.SUMMARY_HEADER, report.summary_rows(results)))
-    print()
-    for name, measured, met in report.targets(results):
-        print(f"  target: {name}: {measured} ({met})")
-    print()
-    print(
-        report.text_table(
-            ["figure", "contender", "configuration", "median [min–max]"],
-            report.detail_rows(results),
-        )
-    )
-    print()
-    for k, v in info.items():
-        print(f"  {k}: {v}")
+    show(results, info)
+    saved = STATE / "results-latest.json"
+    try:
+        STATE.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({**results.to_json(), "machine": info}, indent=1)
+        (STATE / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(payload)
+        saved.write_text(payload)
+    except OSError as exc:
+        log(f"warning: could not save the results: {exc}")
     errors = results.errors()
-    partial = args.parts != set(PARTS) or args.fws != set(FRAMEWORKS) or interrupted or args.quick
+    partial = args.parts != set(PARTS) or args.fws != set(FRAMEWORKS) or args.quick
     out = args.out or (None if partial else DOC)
-    if out is not None:
-        out.write_text(report.markdown(results, info, params))
+    if out is not None and interrupted:
+        log(f"\ninterrupted: {out} not written (python -m bench --render {saved} --out FILE)")
+    elif out is not None:
+        out.write_text(report.markdown(results, info, results.params))
         log(f"\nreport written to {out}")
     elif not args.quick:
         log(f"\n{DOC.relative_to(ROOT)} not rewritten (partial run); use --out FILE")

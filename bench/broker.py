@@ -53,6 +53,24 @@ def overview() -> dict[str, Any]:
     return result
 
 
+def wait_for_broker(timeout: float = 180) -> bool:
+    """True once the management API and the AMQP port answer (False after ``timeout`` s): other
+    people's tests may stop the local node for a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            overview()
+            params = pika.URLParameters(f"amqp://guest:guest@{HOST}:{AMQP_PORT}/%2F")
+            params.connection_attempts = 1
+            params.socket_timeout = 5
+            pika.BlockingConnection(params).close()
+            return True
+        except (OSError, pika.exceptions.AMQPError):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1)
+
+
 @dataclass(frozen=True)
 class Template:
     """One message exactly as a framework published it, with :data:`PLACEHOLDER_ID` where
@@ -95,11 +113,26 @@ _PROPS = (
 )
 
 
+#: Every vhost of this run starts with this prefix (see :func:`delete_run_vhosts`).
+RUN_PREFIX = f"bench-{uuid.uuid4().hex[:6]}-"
+
+
+def delete_run_vhosts() -> list[str]:
+    """Delete whatever vhost of this run is still there (the safety net at exit)."""
+    gone = []
+    for v in mgmt("GET", "/vhosts") or []:
+        name = v.get("name", "")
+        if name.startswith(RUN_PREFIX):
+            mgmt("DELETE", f"/vhosts/{urllib.parse.quote(name, safe='')}", ok=(404,))
+            gone.append(name)
+    return gone
+
+
 class VHost:
     """A private vhost on the local broker, with one blocking AMQP connection for the harness."""
 
     def __init__(self, label: str) -> None:
-        self.name = f"bench-{label}-{uuid.uuid4().hex[:8]}"
+        self.name = f"{RUN_PREFIX}{label}-{uuid.uuid4().hex[:6]}"
         self.url = f"amqp://guest:guest@{HOST}:{AMQP_PORT}/{urllib.parse.quote(self.name, safe='')}"
         self._q = urllib.parse.quote(self.name, safe="")
         mgmt("PUT", f"/vhosts/{self._q}", {})
@@ -188,13 +221,18 @@ class VHost:
         )
 
     def delete(self) -> None:
+        """Delete the vhost and everything in it (retried once after the broker is back)."""
         try:
             if self._conn is not None and self._conn.is_open:
                 self._conn.close()
         except Exception:
             pass
         self._conn = self._ch = None
-        mgmt("DELETE", f"/vhosts/{self._q}", ok=(404,))
+        try:
+            mgmt("DELETE", f"/vhosts/{self._q}", ok=(404,))
+        except OSError:
+            wait_for_broker(60)
+            mgmt("DELETE", f"/vhosts/{self._q}", ok=(404,))
 
 
 def drain_marks(

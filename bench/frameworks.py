@@ -42,6 +42,10 @@ class WorkerSpec:
     prefetch_total: int = PREFETCH
     note: str = ""
     quick: bool = True  # also measured in --quick mode
+    #: Seconds between SIGTERM and SIGKILL. Celery's solo worker notices SIGTERM only ~9 s
+    #: later (its event loop's poll timeout); its work is settled by then (acks_late acks
+    #: right after each task), so it gets 3 s.
+    stop_grace: float = 20.0
 
 
 @dataclass
@@ -298,6 +302,7 @@ class Celery(Framework):
             prefetch_total=mult * c * instances,
             note=note,
             quick=quick,
+            stop_grace=3.0,
         )
 
     def consume_specs(self, processes: int) -> list[WorkerSpec]:
@@ -310,8 +315,8 @@ class Celery(Framework):
             ]
         return [
             self._spec(2, "solo", instances=2),
-            self._spec(2, "solo", acks_late=False, instances=2),
-            self._spec(2, "prefork", c=2, note="3 OS processes: parent + 2 children"),
+            self._spec(2, "solo", acks_late=False, instances=2, quick=False),
+            self._spec(2, "prefork", c=2, quick=False, note="3 OS processes: parent + 2 children"),
         ]
 
     def publish_specs(self) -> list[PublishSpec]:
@@ -375,6 +380,7 @@ class Dramatiq(Framework):
             self._spec(processes, 8, PREFETCH),
             self._spec(processes, 8, None, quick=False),
             self._spec(processes, 2, PREFETCH, quick=False),
+            self._spec(processes, 1, PREFETCH),
         ]
 
     def publish_specs(self) -> list[PublishSpec]:
@@ -401,21 +407,24 @@ class RawPika(Framework):
         return self.env(vh, workdir)
 
     def consume_specs(self, processes: int) -> list[WorkerSpec]:
-        argvs = [self.client_argv("consume") for _ in range(processes)]
-        label = "BlockingConnection, basic_consume, manual ack, prefetch 256"
-        if processes > 1:
-            label = f"{processes} × ({label})"
-        return [
-            WorkerSpec(
-                self.name,
-                label,
-                processes,
-                argvs,
-                env={"BENCH_PREFETCH": str(PREFETCH)},
-                consumers=processes,
-                prefetch_total=PREFETCH * processes,
+        specs = []
+        for every, what in ((1, "manual ack"), (64, "acks batched (multiple=True)")):
+            label = f"BlockingConnection, basic_consume, {what}, prefetch {PREFETCH}"
+            if processes > 1:
+                label = f"{processes} × ({label})"
+            specs.append(
+                WorkerSpec(
+                    self.name,
+                    label,
+                    processes,
+                    [self.client_argv("consume") for _ in range(processes)],
+                    env={"BENCH_PREFETCH": str(PREFETCH), "BENCH_ACK_EVERY": str(every)},
+                    consumers=processes,
+                    prefetch_total=PREFETCH * processes,
+                    quick=every == 1 or processes == 1,
+                )
             )
-        ]
+        return specs
 
     def publish_specs(self) -> list[PublishSpec]:
         return [
@@ -439,9 +448,10 @@ class RawAioPika(RawPika):
         return vh.take_template(QUEUE)
 
     def consume_specs(self, processes: int) -> list[WorkerSpec]:
-        specs = super().consume_specs(processes)
+        specs = super().consume_specs(processes)[:1]
         for s in specs:
             s.label = s.label.replace("BlockingConnection, basic_consume", "connect, queue.consume")
+            s.quick = False
         return specs
 
     def latency_specs(self) -> list[WorkerSpec]:
@@ -464,11 +474,12 @@ def venv_python(name: str) -> Path:
     return STATE / f"venv-{name}" / "bin" / "python"
 
 
-def ensure_venv(name: str, requirement: str, module: str, log: Any) -> str:
+def ensure_venv(name: str, requirement: str, module: str, log: Any, refresh: bool = False) -> str:
     """The peer's virtualenv under .amqptasks/bench/ (created with ``python3 -m venv`` and
-    ``pip install REQUIREMENT`` — the latest release — unless it already imports ``module``)."""
+    ``pip install REQUIREMENT`` — the latest release — unless it already imports ``module``
+    and ``refresh`` is false)."""
     python = venv_python(name)
-    if python.exists():
+    if python.exists() and not refresh:
         ok = subprocess.run(
             [str(python), "-c", f"import {module}"], capture_output=True, timeout=60
         )

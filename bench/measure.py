@@ -1,19 +1,26 @@
-"""The measurements. Each group gets fresh vhosts; every worker is stopped in a ``finally``."""
+"""The measurements. Each group gets fresh vhosts; every worker is stopped in a ``finally``.
+
+A failed sample is retried once after the broker answers again (other people's tests may stop
+the local node for a moment); a sample that ran but is wrong (:class:`Invalid`: not every task
+executed, dead letters, early countdowns) is never retried. Failures are recorded and the run
+goes on; they make the exit status 1.
+"""
 
 from __future__ import annotations
 
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .broker import VHost, drain_marks, poll_depth
+from .broker import Template, VHost, drain_marks, poll_depth, wait_for_broker
 from .frameworks import QUEUE, Framework, PublishSpec, WorkerSpec
 from .peers.common import percentile
-from .procs import BenchError, Proc, Procs, wait_until
+from .procs import BenchError, Invalid, Proc, Procs, wait_until
 from .report import Results
 
 
@@ -27,6 +34,8 @@ class Sizes:
     countdowns: int
     repeats: int
     rss_repeats: int
+    window: float = 3.0  # seconds the consume measurement window should last at least
+    consume_max: int = 400_000
 
 
 @dataclass
@@ -45,8 +54,70 @@ class Ctx:
         try:
             yield vh
         finally:
-            self.vhosts.remove(vh)
-            vh.delete()
+            try:
+                vh.delete()
+                self.vhosts.remove(vh)
+            except Exception as exc:  # retried once more at the very end
+                self.log(f"    warning: deleting vhost {vh.name} failed: {exc}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def attempt(ctx: Ctx, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, retried once after a failure that was not :class:`Invalid` (once the
+    broker answers again). Raises the last error."""
+    for retry in (True, False):
+        try:
+            return fn(*args)
+        except Invalid:
+            raise
+        except Exception as exc:
+            if not retry:
+                raise
+            ctx.log(f"    ~ {what}: {_first_line(exc)}; retrying once")
+            if not wait_for_broker(180):
+                raise BenchError("the broker did not come back within 180 s") from exc
+    raise AssertionError("unreachable")
+
+
+def _try(
+    ctx: Ctx, fig: str, fw: Framework, spec: WorkerSpec | str, fn: Callable[..., Any], *args: Any
+) -> Any:
+    """``attempt(fn, *args)``; a failure is recorded under ``fig`` and None returned."""
+    label = spec if isinstance(spec, str) else spec.label
+    note = "" if isinstance(spec, str) else spec.note
+    try:
+        return attempt(ctx, f"{fw.name} {fig} [{label}]", fn, *args)
+    except Exception as exc:
+        ctx.log(f"    ! {fw.name} {fig} [{label}]: {_first_line(exc)}")
+        ctx.results.fail(fig, fw.name, fw.group, label, f"{_first_line(exc)}\n{exc}", note)
+        return None
+
+
+def _record(
+    ctx: Ctx, fig: str, fw: Framework, spec: WorkerSpec | str, fn: Callable[..., Any], *args: Any
+) -> Any:
+    """:func:`_try`, and the value recorded under ``fig``."""
+    value = _try(ctx, fig, fw, spec, fn, *args)
+    if value is not None:
+        label = spec if isinstance(spec, str) else spec.label
+        note = "" if isinstance(spec, str) else spec.note
+        ctx.results.add(fig, fw.name, fw.group, label, value, note)
+    return value
+
+
+def per_framework(ctx: Ctx, fig: str, fw: Framework, fn: Callable[..., Any], *args: Any) -> None:
+    """Run one framework's share of a group; a setup failure is recorded and the next
+    framework goes on."""
+    try:
+        attempt(ctx, f"{fw.name} {fig} setup", fn, *args)
+    except Exception as exc:
+        ctx.log(f"    ! {fw.name} {fig}: {_first_line(exc)}")
+        ctx.results.fail(fig, fw.name, fw.group, "setup", traceback.format_exc())
+        wait_for_broker(180)
 
 
 def _count_total(directory: Path) -> int:
@@ -76,9 +147,9 @@ def _start(ctx: Ctx, spec: WorkerSpec, env: dict[str, str], extra: dict[str, str
     ]
 
 
-def _stop(ctx: Ctx, workers: list[Proc]) -> None:
+def _stop(ctx: Ctx, workers: list[Proc], grace: float = 20.0) -> None:
     for w in workers:
-        ctx.procs.stop(w, 20)
+        ctx.procs.stop(w, grace)
 
 
 def _wait_ready(vh: VHost, spec: WorkerSpec, workers: list[Proc], timeout: float = 60) -> None:
@@ -95,101 +166,168 @@ def _tree_rss_mib(workers: list[Proc]) -> float:
     return sum(w.tree_rss_kib() for w in workers) / 1024
 
 
-def _record(
-    ctx: Ctx, fig: str, fw: Framework, spec: WorkerSpec | str, fn: Callable[..., Any], *args: Any
-) -> Any:
-    """``fn(*args)`` recorded under ``fig`` (a BenchError is recorded as a failure)."""
-    label = spec if isinstance(spec, str) else spec.label
-    note = "" if isinstance(spec, str) else spec.note
-    try:
-        value = fn(*args)
-    except BenchError as exc:
-        ctx.log(f"    ! {fw.name} {fig} [{label}]: {str(exc).splitlines()[0]}")
-        ctx.results.fail(fig, fw.name, fw.group, label, str(exc), note)
-        return None
-    if value is not None:
-        ctx.results.add(fig, fw.name, fw.group, label, value, note)
-    return value
-
-
 # -- consume ------------------------------------------------------------------------------------
 
 
-def consume(ctx: Ctx, frameworks: list[Framework], quick: bool, process_counts: list[int]) -> None:
-    n = ctx.sizes.consume
+@dataclass
+class Prepared:
+    """One contender set up on its own vhost for a group."""
+
+    fw: Framework
+    vh: VHost
+    env: dict[str, str]
+    template: Template | None
+
+
+def prepare_all(
+    ctx: Ctx, stack: ExitStack, frameworks: list[Framework], group: str, fig: str, seed: bool
+) -> list[Prepared]:
+    """Each contender's vhost (closed with ``stack``), environment and, with ``seed``, its
+    message template. A contender whose setup fails is recorded and left out."""
+    out = []
     for fw in frameworks:
-        with ctx.vhost(f"consume-{fw.name}") as vh:
-            env = fw.setup(ctx.procs, vh, ctx.workdir)
-            template = fw.seed(ctx.procs, vh, env)
-            for procs in process_counts:
-                fig = f"consume{procs}"
-                for spec in fw.consume_specs(procs):
-                    if quick and not spec.quick:
-                        continue
-                    for r in range(ctx.sizes.repeats):
-                        rate = _record(
-                            ctx,
-                            fig,
-                            fw,
-                            spec,
-                            _consume_once,
-                            ctx,
-                            fw,
-                            vh,
-                            env,
-                            spec,
-                            template,
-                            n,
-                        )
-                        if rate is not None:
-                            ctx.log(
-                                f"    {fw.name} {fig} [{spec.label}] #{r + 1}: {rate:,.0f} tasks/s"
-                            )
+        try:
+            vh = stack.enter_context(ctx.vhost(f"{group}-{fw.name}"))
+            env = attempt(ctx, f"{fw.name} setup", fw.setup, ctx.procs, vh, ctx.workdir)
+            template = (
+                attempt(ctx, f"{fw.name} seed", fw.seed, ctx.procs, vh, env) if seed else None
+            )
+        except Exception as exc:
+            ctx.log(f"    ! {fw.name} {group} setup: {_first_line(exc)}")
+            ctx.results.fail(fig, fw.name, fw.group, "setup", traceback.format_exc())
+            wait_for_broker(180)
+            continue
+        out.append(Prepared(fw, vh, env, template))
+    return out
+
+
+@dataclass
+class _Item:
+    p: Prepared
+    fig: str
+    spec: WorkerSpec
+    n: int
+    done: int = 0
+
+
+def consume(ctx: Ctx, frameworks: list[Framework], quick: bool, process_counts: list[int]) -> None:
+    """Repeats run round-robin over every contender and configuration (repeat 1 of all, then
+    repeat 2 of all, ...), so a drift in background load does not favour anyone."""
+    with ExitStack() as stack:
+        prepared = prepare_all(ctx, stack, frameworks, "consume", "consume1", seed=True)
+        items = [
+            _Item(p, f"consume{procs}", spec, ctx.sizes.consume)
+            for procs in process_counts
+            for p in prepared
+            for spec in p.fw.consume_specs(procs)
+            if spec.quick or not quick
+        ]
+        for item in items:  # first pass: calibrate N where the window is too short
+            _consume_item(ctx, item, calibrate=True)
+        for _ in range(ctx.sizes.repeats):
+            for item in items:
+                if item.done < ctx.sizes.repeats:
+                    _consume_item(ctx, item, calibrate=False)
+
+
+def _consume_item(ctx: Ctx, item: _Item, calibrate: bool) -> None:
+    fw, spec = item.p.fw, item.spec
+    assert item.p.template is not None
+    res = _try(
+        ctx,
+        item.fig,
+        fw,
+        spec,
+        _consume_once,
+        ctx,
+        fw,
+        item.p.vh,
+        item.p.env,
+        spec,
+        item.p.template,
+        item.n,
+    )
+    if res is None:  # recorded as a failed repeat
+        item.done += 1
+        return
+    rate, window = res
+    # Too short a window measures the poll interval, not the worker: the first run then only
+    # calibrates N so that the window lasts --consume-window seconds.
+    wanted = _consume_n(rate, spec, ctx.sizes)
+    if calibrate and window < ctx.sizes.window and wanted > item.n:
+        ctx.log(
+            f"    {fw.name} {item.fig} [{spec.label}]: {rate:,.0f} tasks/s over {window:.2f}s "
+            f"with N={item.n:,} (calibration); N={wanted:,} from now"
+        )
+        item.n = wanted
+        return
+    item.done += 1
+    ctx.results.add(item.fig, fw.name, fw.group, spec.label, rate, spec.note)
+    ctx.log(
+        f"    {fw.name} {item.fig} [{spec.label}] #{item.done}: {rate:,.0f} tasks/s "
+        f"(N={item.n:,}, window {window:.2f}s)"
+    )
+
+
+def _consume_n(rate: float, spec: WorkerSpec, sizes: Sizes) -> int:
+    """N whose measured window (from the skip mark down to 10 %) lasts ``sizes.window`` s."""
+    skip = 2 * spec.prefetch_total
+    n = (rate * sizes.window + skip) / 0.8
+    n = min(sizes.consume_max, int(n * 1.1 / 1000 + 1) * 1000)
+    return n if n > sizes.consume else sizes.consume
 
 
 def _consume_once(
-    ctx: Ctx, fw: Framework, vh: VHost, env: dict[str, str], spec: WorkerSpec, template: Any, n: int
-) -> float:
+    ctx: Ctx,
+    fw: Framework,
+    vh: VHost,
+    env: dict[str, str],
+    spec: WorkerSpec,
+    template: Template,
+    n: int,
+) -> tuple[float, float]:
+    """Pre-fill N, start the worker(s), time the drain between the depth marks; (rate,
+    window seconds)."""
     vh.purge(QUEUE)
     vh.prefill(QUEUE, template, n, timeout=60 + n / 2000)
     count_dir = Path(tempfile.mkdtemp(prefix="count-", dir=ctx.workdir))
     workers = _start(ctx, spec, env, {"BENCH_COUNT_DIR": str(count_dir)})
     try:
-        samples = poll_depth(vh, QUEUE, 60 + n / 300, 0.02, lambda: _died(workers))
-        skip = max(n // 10, 2 * spec.prefetch_total)
-        marks = drain_marks(samples, n, skip)
+        samples = poll_depth(vh, QUEUE, 60 + n / 300, 0.01, lambda: _died(workers))
+        marks = drain_marks(samples, n, max(n // 10, 2 * spec.prefetch_total))
         if marks is None:
-            raise BenchError(
+            raise Invalid(
                 f"drained too fast to measure between the marks ({len(samples)} samples): "
                 "use a larger --consume-n"
             )
         t_hi, t_lo, count = marks
         rate = count / (t_lo - t_hi)
-        wait_until(lambda: _count_total(count_dir) >= n, 30, 0.1, f"{n} executions")
+        wait_until(lambda: _count_total(count_dir) >= n, 30 + n / 1000, 0.1, f"{n} executions")
         time.sleep(0.3)
         done = _count_total(count_dir)
         if done != n:
-            raise BenchError(f"{done} executions for {n} messages")
+            raise Invalid(f"{done} executions for {n} messages")
     finally:
-        _stop(ctx, workers)
+        _stop(ctx, workers, spec.stop_grace)
     for q in fw.dead_queues:
         dead = vh.depth(q)[0]
         if dead:
-            raise BenchError(f"{dead} messages dead-lettered into {q}")
-    return rate
+            raise Invalid(f"{dead} messages dead-lettered into {q}")
+    return rate, t_lo - t_hi
 
 
 # -- publish ------------------------------------------------------------------------------------
 
 
 def publish(ctx: Ctx, frameworks: list[Framework]) -> None:
-    for fw in frameworks:
-        with ctx.vhost(f"publish-{fw.name}") as vh:
-            env = fw.setup(ctx.procs, vh, ctx.workdir)
-            for spec in fw.publish_specs():
-                for r in range(ctx.sizes.repeats):
+    with ExitStack() as stack:
+        prepared = prepare_all(ctx, stack, frameworks, "publish", "pub_loop_confirmed", False)
+        for r in range(ctx.sizes.repeats):  # round-robin, like consume
+            for p in prepared:
+                for spec in p.fw.publish_specs():
+                    fw = p.fw
                     rate = _record(
-                        ctx, spec.figure, fw, spec.label, _publish_once, ctx, fw, vh, env, spec
+                        ctx, spec.figure, fw, spec.label, _publish_once, ctx, fw, p.vh, p.env, spec
                     )
                     if rate is not None:
                         ctx.log(
@@ -211,15 +349,16 @@ def _publish_once(
 
 
 def latency(ctx: Ctx, frameworks: list[Framework], parts: set[str]) -> None:
-    for fw in frameworks:
-        specs = fw.latency_specs()
-        if not specs:
-            continue
-        with ctx.vhost(f"latency-{fw.name}") as vh:
-            env = fw.setup(ctx.procs, vh, ctx.workdir)
-            for spec in specs:
-                for r in range(ctx.sizes.repeats):
-                    _latency_once(ctx, fw, vh, env, spec, parts, r)
+    fws = [fw for fw in frameworks if fw.latency_specs()]
+    fig = "rss_idle" if "rss" in parts else "lat_p50"
+    with ExitStack() as stack:
+        prepared = prepare_all(ctx, stack, fws, "latency", fig, False)
+        for r in range(ctx.sizes.repeats):  # round-robin, like consume
+            for p in prepared:
+                for spec in p.fw.latency_specs():
+                    _try(
+                        ctx, fig, p.fw, spec, _latency_once, ctx, p.fw, p.vh, p.env, spec, parts, r
+                    )
 
 
 def _latency_once(
@@ -231,43 +370,32 @@ def _latency_once(
     parts: set[str],
     r: int,
 ) -> None:
+    """One worker start: idle RSS, then light-load latency, then delay().get() round trips
+    (each recorded on its own; returns None so the caller records nothing more)."""
     lat_file = Path(tempfile.mkstemp(prefix="lat-", suffix=".txt", dir=ctx.workdir)[1])
-    workers: list[Proc] = []
     tag = f"{fw.name} [{spec.label}] #{r + 1}"
-
-    def failed(figure: str, what: str, exc: BenchError) -> None:
-        ctx.results.fail(figure, fw.name, fw.group, spec.label, str(exc), spec.note)
-        ctx.log(f"    ! {tag} {what}: {str(exc).splitlines()[0]}")
-
+    workers = _start(ctx, spec, env, {"BENCH_LAT_FILE": str(lat_file)})
     try:
-        workers = _start(ctx, spec, env, {"BENCH_LAT_FILE": str(lat_file)})
-        try:
-            _wait_ready(vh, spec, workers)
-        except BenchError as exc:
-            failed("rss_idle" if "rss" in parts else "lat_p50", "start", exc)
-            return
+        _wait_ready(vh, spec, workers)
         if "rss" in parts:
             time.sleep(2)
             v = _tree_rss_mib(workers)
             ctx.results.add("rss_idle", fw.name, fw.group, spec.label, v, spec.note)
             ctx.log(f"    {tag} idle RSS {v:.1f} MiB")
         if "latency" in parts:
-            try:
-                p50, p99 = _latency_samples(ctx, fw, env, lat_file)
-            except BenchError as exc:
-                failed("lat_p50", "latency", exc)
-            else:
+            both = _try(ctx, "lat_p50", fw, spec, _latency_samples, ctx, fw, env, lat_file)
+            if both is not None:
+                p50, p99 = both
                 ctx.results.add("lat_p50", fw.name, fw.group, spec.label, p50, spec.note)
                 ctx.results.add("lat_p99", fw.name, fw.group, spec.label, p99, spec.note)
                 ctx.log(f"    {tag} publish→start p50 {p50:.2f} ms, p99 {p99:.2f} ms")
         if "rpc" in parts and fw.has_rpc:
             n = ctx.sizes.rpc
             argv = fw.client_argv("rpc", "--n", str(n), "--warmup", "20")
-            try:
-                res = ctx.procs.run(f"{fw.name}-rpc", argv, env, 60 + n * 0.1)
-            except BenchError as exc:
-                failed("rpc_p50", "delay().get()", exc)
-            else:
+            res = _try(
+                ctx, "rpc_p50", fw, spec, ctx.procs.run, f"{fw.name}-rpc", argv, env, 60 + n * 0.1
+            )
+            if res is not None:
                 for key in ("p50", "p99"):
                     ctx.results.add(
                         f"rpc_{key}", fw.name, fw.group, spec.label, res[f"{key}_ms"], spec.note
@@ -278,7 +406,7 @@ def _latency_once(
                     f"p99 {res['p99_ms']:.2f} ms, {res['rate']:,.0f}/s"
                 )
     finally:
-        _stop(ctx, workers)
+        _stop(ctx, workers, spec.stop_grace)
 
 
 def _latency_samples(
@@ -302,37 +430,28 @@ def _latency_samples(
 
 
 def rss_after(ctx: Ctx, frameworks: list[Framework]) -> None:
-    n = ctx.sizes.rss_tasks
     for fw in frameworks:
-        specs = fw.rss_specs()
-        if not specs:
-            continue
-        with ctx.vhost(f"rss-{fw.name}") as vh:
-            env = fw.setup(ctx.procs, vh, ctx.workdir)
-            template = fw.seed(ctx.procs, vh, env)
-            for spec in specs:
-                label = f"{spec.label}; after {n:,} tasks"
-                for r in range(ctx.sizes.rss_repeats):
-                    v = _record(
-                        ctx,
-                        "rss_after",
-                        fw,
-                        label,
-                        _rss_once,
-                        ctx,
-                        vh,
-                        env,
-                        spec,
-                        template,
-                        n,
-                    )
-                    if v is not None:
-                        ctx.log(f"    {fw.name} [{label}] #{r + 1}: {v:.1f} MiB")
+        if fw.rss_specs():
+            per_framework(ctx, "rss_after", fw, _rss_fw, ctx, fw)
+
+
+def _rss_fw(ctx: Ctx, fw: Framework) -> None:
+    n = ctx.sizes.rss_tasks
+    with ctx.vhost(f"rss-{fw.name}") as vh:
+        env = fw.setup(ctx.procs, vh, ctx.workdir)
+        template = fw.seed(ctx.procs, vh, env)
+        for spec in fw.rss_specs():
+            label = f"{spec.label}; after {n:,} tasks"
+            for r in range(ctx.sizes.rss_repeats):
+                v = _record(ctx, "rss_after", fw, label, _rss_once, ctx, vh, env, spec, template)
+                if v is not None:
+                    ctx.log(f"    {fw.name} [{label}] #{r + 1}: {v:.1f} MiB")
 
 
 def _rss_once(
-    ctx: Ctx, vh: VHost, env: dict[str, str], spec: WorkerSpec, template: Any, n: int
+    ctx: Ctx, vh: VHost, env: dict[str, str], spec: WorkerSpec, template: Template
 ) -> float:
+    n = ctx.sizes.rss_tasks
     vh.purge(QUEUE)
     count_dir = Path(tempfile.mkdtemp(prefix="count-", dir=ctx.workdir))
     workers = _start(ctx, spec, env, {"BENCH_COUNT_DIR": str(count_dir)})
@@ -353,79 +472,78 @@ def _rss_once(
                 sent += k
             else:
                 time.sleep(0.2)
-        wait_until(
-            lambda: _died(workers) is None and _count_total(count_dir) >= n,
-            120 + n / 300,
-            0.5,
-            f"{n} executions",
-        )
+
+        def finished() -> bool:
+            problem = _died(workers)
+            if problem:
+                raise BenchError(problem)
+            return _count_total(count_dir) >= n
+
+        wait_until(finished, 120 + n / 300, 0.5, f"{n} executions")
         time.sleep(1)
         return _tree_rss_mib(workers)
     finally:
-        _stop(ctx, workers)
+        _stop(ctx, workers, spec.stop_grace)
 
 
 # -- pending countdowns ------------------------------------------------------------------------
 
 
 def countdowns(ctx: Ctx, frameworks: list[Framework]) -> None:
+    fws = [fw for fw in frameworks if fw.has_countdown]
+    for r in range(ctx.sizes.repeats):  # round-robin, like consume; a fresh vhost per run
+        for fw in fws:
+            spec = fw.countdown_spec()
+            label = f"{spec.label}; {ctx.sizes.countdowns:,} tasks due in 600 s"
+            res = _try(ctx, "cd_rss", fw, label, _countdown_once, ctx, fw, spec)
+            if res is None:
+                continue
+            rss, unacked, rate = res
+            ctx.results.add("cd_rss", fw.name, fw.group, label, rss, spec.note)
+            ctx.results.add("cd_unacked", fw.name, fw.group, label, unacked, spec.note)
+            ctx.results.add("cd_rate", fw.name, fw.group, label, rate, spec.note)
+            ctx.log(
+                f"    {fw.name} [{label}] #{r + 1}: RSS {rss:.1f} MiB, {unacked:,.0f} unacked, "
+                f"published at {rate:,.0f}/s"
+            )
+
+
+def _countdown_once(ctx: Ctx, fw: Framework, spec: WorkerSpec) -> tuple[float, float, float]:
+    """A fresh vhost: start the worker, publish N countdown tasks through the framework's API,
+    wait for the management stats to settle, read RSS and unacked."""
     n = ctx.sizes.countdowns
-    for fw in frameworks:
-        if not fw.has_countdown:
-            continue
-        spec = fw.countdown_spec()
-        label = f"{spec.label}; {n:,} tasks due in 600 s"
-        for r in range(ctx.sizes.repeats):
-            with ctx.vhost(f"countdown-{fw.name}") as vh:
-                env = fw.setup(ctx.procs, vh, ctx.workdir)
-                try:
-                    rss, unacked, rate = _countdown_once(ctx, fw, vh, env, spec, n)
-                except BenchError as exc:
-                    ctx.results.fail("cd_rss", fw.name, fw.group, label, str(exc))
-                    ctx.log(f"    ! {fw.name} countdowns: {str(exc).splitlines()[0]}")
-                    continue
-                ctx.results.add("cd_rss", fw.name, fw.group, label, rss, spec.note)
-                ctx.results.add("cd_unacked", fw.name, fw.group, label, unacked, spec.note)
-                ctx.results.add("cd_rate", fw.name, fw.group, label, rate, spec.note)
-                ctx.log(
-                    f"    {fw.name} [{label}] #{r + 1}: RSS {rss:.1f} MiB, {unacked:,.0f} unacked, "
-                    f"published at {rate:,.0f}/s"
-                )
-
-
-def _countdown_once(
-    ctx: Ctx, fw: Framework, vh: VHost, env: dict[str, str], spec: WorkerSpec, n: int
-) -> tuple[float, float, float]:
-    count_dir = Path(tempfile.mkdtemp(prefix="count-", dir=ctx.workdir))
-    workers = _start(ctx, spec, env, {"BENCH_COUNT_DIR": str(count_dir)})
-    try:
-        _wait_ready(vh, spec, workers)
-        argv = fw.client_argv("countdown", "--n", str(n), "--countdown", "600")
-        res = ctx.procs.run(f"{fw.name}-countdown", argv, env, 120 + n / 100)
-        # The management stats lag ~5 s: wait until every message is counted and the unacked
-        # figure has stopped moving for two samples 3 s apart (bounded).
-        deadline = time.monotonic() + 120 + n / 1000
-        last: tuple[int, int] | None = None
-        stable = 0
-        while True:
-            problem = _died(workers)
-            if problem:
-                raise BenchError(problem)
-            total, unacked = vh.totals()
-            if total >= n and (total, unacked) == last:
-                stable += 1
-                if stable >= 2:
-                    break
-            else:
-                stable = 0
-            last = (total, unacked)
-            if time.monotonic() > deadline:
-                raise BenchError(f"stats did not settle: {total} messages, {unacked} unacked")
-            time.sleep(3)
-        rss = _tree_rss_mib(workers)
-        executed = _count_total(count_dir)
-        if executed:
-            raise BenchError(f"{executed} countdown tasks ran early")
-        return rss, float(unacked), float(res["rate"])
-    finally:
-        _stop(ctx, workers)
+    with ctx.vhost(f"countdown-{fw.name}") as vh:
+        env = fw.setup(ctx.procs, vh, ctx.workdir)
+        count_dir = Path(tempfile.mkdtemp(prefix="count-", dir=ctx.workdir))
+        workers = _start(ctx, spec, env, {"BENCH_COUNT_DIR": str(count_dir)})
+        try:
+            _wait_ready(vh, spec, workers)
+            argv = fw.client_argv("countdown", "--n", str(n), "--countdown", "600")
+            res = ctx.procs.run(f"{fw.name}-countdown", argv, env, 120 + n / 100)
+            # The management stats lag ~5 s: wait until every message is counted and the
+            # figures stopped moving for two samples 3 s apart (bounded).
+            deadline = time.monotonic() + 120 + n / 1000
+            last: tuple[int, int] | None = None
+            stable = 0
+            while True:
+                problem = _died(workers)
+                if problem:
+                    raise BenchError(problem)
+                total, unacked = vh.totals()
+                if total >= n and (total, unacked) == last:
+                    stable += 1
+                    if stable >= 2:
+                        break
+                else:
+                    stable = 0
+                last = (total, unacked)
+                if time.monotonic() > deadline:
+                    raise BenchError(f"stats did not settle: {total} messages, {unacked} unacked")
+                time.sleep(3)
+            rss = _tree_rss_mib(workers)
+            executed = _count_total(count_dir)
+            if executed:
+                raise Invalid(f"{executed} countdown tasks ran early")
+            return rss, float(unacked), float(res["rate"])
+        finally:
+            _stop(ctx, workers, spec.stop_grace)

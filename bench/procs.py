@@ -23,6 +23,11 @@ class BenchError(Exception):
     """A measurement could not be taken (its figure is reported as failed, the run goes on)."""
 
 
+class Invalid(BenchError):
+    """A measurement ran but its result is wrong (not every task ran, dead letters...): never
+    retried, always reported."""
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     try:
@@ -51,6 +56,24 @@ def descendants(pid: int) -> list[int]:
         found.extend(nxt)
         frontier = nxt
     return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid``. Every child is started in its own session,
+    so its group id is its PID and descendants orphaned by a dead parent are still found."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields: state, ppid, pgrp, ...
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            out.append(int(entry))
+    return out
 
 
 def rss_kib(pid: int) -> int:
@@ -124,8 +147,8 @@ class Proc:
                     os.kill(self.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.popen.wait(5)
-        for pid in tree:
-            if alive(pid):
+        for pid in dict.fromkeys(tree + group_members(self.pid)):
+            if pid != self.pid and alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         if not self._log.closed:

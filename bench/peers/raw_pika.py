@@ -1,7 +1,8 @@
 """Raw pika, the ceiling: ``python -m bench.peers.raw_pika MODE [options]``.
 
 ``consume`` is a plain ``BlockingConnection`` consumer — ``basic_qos($BENCH_PREFETCH)``,
-``basic_consume``, ``json.loads`` of the body, manual ``basic_ack`` — that also answers
+``basic_consume``, ``json.loads`` of the body, manual ``basic_ack`` (or batched acks with
+``$BENCH_ACK_EVERY``) — that also answers
 ``reply_to`` and records ``sent`` stamps, so it serves every figure. Clients: ``seed``,
 ``publish`` (``--confirm``: a confirm-mode channel, one publish confirmed at a time),
 ``latency``, ``rpc`` (direct reply-to).
@@ -41,6 +42,10 @@ def consume() -> None:
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     ch = conn.channel()
     ch.basic_qos(prefetch_count=int(os.environ.get("BENCH_PREFETCH", "256")))
+    # $BENCH_ACK_EVERY > 1: acks batched with multiple=True every that many deliveries, and
+    # whatever is left every 20 ms (what a batching worker does; 1 = one ack per message).
+    every = int(os.environ.get("BENCH_ACK_EVERY", "1"))
+    state = {"last": 0, "acked": 0}
 
     def on_message(ch: Any, method: Any, props: Any, data: bytes) -> None:
         obj = json.loads(data)
@@ -56,13 +61,28 @@ def consume() -> None:
             )
         else:
             count()
-        ch.basic_ack(method.delivery_tag)
+        tag = method.delivery_tag
+        if every <= 1:
+            ch.basic_ack(tag)
+            return
+        state["last"] = tag
+        if tag - state["acked"] >= every:
+            ch.basic_ack(tag, multiple=True)
+            state["acked"] = tag
+
+    def flush() -> None:
+        if state["last"] > state["acked"]:
+            ch.basic_ack(state["last"], multiple=True)
+            state["acked"] = state["last"]
+        conn.call_later(0.02, flush)
 
     def stop(_sig: int, _frame: Any) -> None:
         conn.add_callback_threadsafe(ch.stop_consuming)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if every > 1:
+        conn.call_later(0.02, flush)
     ch.basic_consume(QUEUE, on_message)
     ch.start_consuming()
     conn.close()
