@@ -513,20 +513,8 @@ class _Parser:
     def worker(self, value: Any) -> WorkerSettings:
         section = self.mapping(value, "worker", ("concurrency", "prefetch_multiplier", "pool"))
         return WorkerSettings(
-            concurrency=self.typed(
-                section.get("concurrency", 8),
-                "worker.concurrency",
-                int,
-                "a positive integer",
-                lambda v: v > 0,
-            ),
-            prefetch_multiplier=self.typed(
-                section.get("prefetch_multiplier", 4),
-                "worker.prefetch_multiplier",
-                int,
-                "a positive integer",
-                lambda v: v > 0,
-            ),
+            concurrency=self.positive(section, "worker", "concurrency", 8, int),
+            prefetch_multiplier=self.positive(section, "worker", "prefetch_multiplier", 4, int),
             pool=self.choice(section.get("pool", "threads"), "worker.pool", POOLS),
         )
 

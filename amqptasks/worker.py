@@ -70,6 +70,17 @@ POOLS = ("threads", "asyncio", "processes")
 _BROKER_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
 
 
+def _log_success(env: Envelope, runtime: float, result: Any) -> None:
+    if log.isEnabledFor(logging.INFO):  # skip formatting on the hot path when not shown
+        log.info("task %s[%s] succeeded in %.3fs: %.200r", env.task, env.id, runtime, result)
+
+
+def _log_failure(env: Envelope, runtime: float, exc: BaseException | None) -> None:
+    log.warning(
+        "task %s[%s] failed in %.3fs: %s: %s", env.task, env.id, runtime, type(exc).__name__, exc
+    )
+
+
 def default_hostname() -> str:
     return f"amqptasks@{socket.gethostname()}"
 
@@ -366,21 +377,21 @@ class Worker:
         everything else becomes a task running the full pipeline (:meth:`_process`). Both
         settle through the same ack window.
         """
-        if not self._fast_run(delivery):
-            self._spawn(self._process(delivery), delivery)
+        env: Envelope | None = None
+        if not self._stopping.is_set() and len(delivery.body) <= self.settings.max_body_size:
+            try:
+                env = decode(delivery.body, delivery.properties, self.settings.accept)
+            except Exception:
+                env = None  # the full pipeline decodes again and dead-letters with the reason
+        if env is None or not self._fast_run(delivery, env):
+            self._spawn(self._process(delivery, env), delivery)
 
     def _spawn(self, work: Any, delivery: Delivery) -> None:
         task = asyncio.get_running_loop().create_task(self._guard(work, delivery))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    def _fast_run(self, delivery: Delivery) -> bool:
-        if self._stopping.is_set() or len(delivery.body) > self.settings.max_body_size:
-            return False
-        try:
-            env = decode(delivery.body, delivery.properties, self.settings.accept)
-        except Exception:
-            return False  # the full pipeline dead-letters it with the reason
+    def _fast_run(self, delivery: Delivery, env: Envelope) -> bool:
         if (
             env.task not in self._fast_tasks
             or env.expires is not None
@@ -435,14 +446,7 @@ class Worker:
 
     def _fast_succeeded(self, delivery: Delivery, env: Envelope, start: float, result: Any) -> None:
         self.processed += 1
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "task %s[%s] succeeded in %.3fs: %.200r",
-                env.task,
-                env.id,
-                time.perf_counter() - start,
-                result,
-            )
+        _log_success(env, time.perf_counter() - start, result)
         delivery.ack_now()
 
     def _fast_failed(
@@ -455,14 +459,7 @@ class Worker:
         tb: str,
     ) -> None:
         outcome = Outcome(False, exc=exc, traceback=tb, runtime=time.perf_counter() - start)
-        log.warning(
-            "task %s[%s] failed in %.3fs: %s: %s",
-            env.task,
-            env.id,
-            outcome.runtime,
-            type(exc).__name__,
-            exc,
-        )
+        _log_failure(env, outcome.runtime, exc)
         ctx = Context(env, task, delivery.queue, self.hostname)
         self._spawn(
             self._finish(
@@ -490,7 +487,8 @@ class Worker:
             )
             await self._reject(delivery, "<unknown>")
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _process(self, delivery: Delivery, env: Envelope | None = None) -> None:
+        """The full pipeline; ``env`` is the envelope when the caller already decoded it."""
         if self._stopping.is_set():
             await self._requeue(delivery)
             return
@@ -504,7 +502,8 @@ class Worker:
             return
         now = datetime.now(timezone.utc)
         try:
-            env = decode(delivery.body, delivery.properties, self.settings.accept, now=now)
+            if env is None:
+                env = decode(delivery.body, delivery.properties, self.settings.accept, now=now)
         except ProtocolError as exc:
             await self._dead_letter(delivery, exc.reason, str(exc))
             return
@@ -646,23 +645,9 @@ class Worker:
         assert runner is not None
         outcome = await runner.run(call)
         if outcome.ok:
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "task %s[%s] succeeded in %.3fs: %.200r",
-                    env.task,
-                    env.id,
-                    outcome.runtime,
-                    outcome.result,
-                )
+            _log_success(env, outcome.runtime, outcome.result)
         else:
-            log.warning(
-                "task %s[%s] failed in %.3fs: %s: %s",
-                env.task,
-                env.id,
-                outcome.runtime,
-                type(outcome.exc).__name__,
-                outcome.exc,
-            )
+            _log_failure(env, outcome.runtime, outcome.exc)
         return outcome
 
     async def _slot(self) -> bool:

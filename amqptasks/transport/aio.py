@@ -194,7 +194,8 @@ class AsyncPublisher:
 
 
 class Delivery:
-    """A received message with its tag: the worker's client-independent view."""
+    """A message taken from a dead-letter queue (the worker's deliveries are
+    :class:`.pika_consumer.PikaDelivery`)."""
 
     __slots__ = (
         "_message",
@@ -227,14 +228,6 @@ class Delivery:
 
     async def ack(self) -> None:
         await self._message.ack()
-
-    async def reject(self) -> None:
-        """Reject without requeue: the queue's dead-letter exchange takes it."""
-        await self._message.reject(requeue=False)
-
-    async def requeue(self) -> None:
-        """Give the message back to the queue (for prefetched work not started at shutdown)."""
-        await self._message.nack(requeue=True)
 
 
 _INEQUIVALENT = re.compile(
