@@ -235,25 +235,7 @@ class App(Sender):
     ) -> AsyncResult:
         """Publish task ``name`` (registered here or not) and wait for the broker's confirm
         (of every copy, when a delayed route reaches several queues)."""
-        p = self.prepare(name, args, kwargs, reply_to=REPLY_TO, **options)
-        publisher = self.publisher
-        state = (
-            self.results.expect(p.props.correlation_id or p.envelope.id)
-            if (p.wants_reply)
-            else None
-        )
-        timeout = options.get("timeout")
-        if len(p.destinations) == 1:
-            exchange, key = p.destinations[0]
-            publisher.publish(exchange, key, p.body, p.props, timeout=timeout)
-        else:
-            pending = [
-                (publisher.publish_nowait(ex, key, p.body, p.props, timeout=timeout), ex, key)
-                for ex, key in p.destinations
-            ]
-            for future, ex, key in pending:
-                wait(future, publisher.timeout if timeout is None else timeout, ex, key)
-        return AsyncResult(p.envelope.id, name, state)
+        return self.send_many([(name, args, kwargs)], **options)[0]
 
     def send_many(
         self,
