@@ -205,7 +205,7 @@ async def _replay(
     type=click.Path(dir_okay=False),
     default=".amqptasks/dlq-replay.log",
     show_default=True,
-    help="Where an interrupted replay is remembered, so re-running it doubles nothing.",
+    help="Where an interrupted replay is remembered, so re-running it does not publish it again.",
 )
 @config_option
 @friendly_errors
@@ -220,7 +220,8 @@ def dlq_replay(
     """Move dead letters back to their original exchange and routing key, attempts reset.
 
     Each copy is confirmed by the broker before its dead letter is acked (never lost); a
-    replay interrupted in between is finished by running it again (never doubled).
+    replay interrupted in between is finished by running it again (at most the one message
+    in flight at a kill -9 can be doubled).
     """
     if not ids and not every:
         raise click.UsageError("give message ids or --all")

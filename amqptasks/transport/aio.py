@@ -323,7 +323,8 @@ class DeadLetterSession:
     mandatory: an unroutable original route raises and the dead letter stays) and only then
     acks the dead letter: never lost. An interruption between the two leaves the dead letter
     in place although its copy went out; the CLI's replay ledger recognises it on the next
-    run and settles it without publishing again, so it is not doubled either.
+    run and settles it without publishing again (only a kill between a confirm and its ledger
+    line can double that one message).
 
     (An AMQP transaction looked tempting — publish and ack commit together — but RabbitMQ
     sends a transaction's ``basic.return`` only at commit, after the ack is already
