@@ -11,9 +11,10 @@ AMQP client with no properties at all, so every field but ``task`` has a default
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import re
-import uuid
+import threading
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -81,9 +82,37 @@ _KNOWN_FIELDS = frozenset(
 )
 
 
+_ID_BYTES = 16 * 256
+_id_lock = threading.Lock()
+_id_random = b""
+_id_pos = 0
+
+
+def _forget_random() -> None:
+    # A forked child must never hand out ids from its parent's buffer (duplicates).
+    global _id_random, _id_pos
+    _id_random, _id_pos = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def new_id() -> str:
-    """A fresh task id (UUID4 as text): unique without coordination."""
-    return str(uuid.uuid4())
+    """A fresh task id: a random (version 4) UUID as text, unique without coordination.
+
+    Same randomness as :func:`uuid.uuid4` (``os.urandom``) but drawn 256 ids at a time: one
+    system call per id was a visible share of a pipelined publisher's time.
+    """
+    global _id_random, _id_pos
+    with _id_lock:
+        if _id_pos >= len(_id_random):
+            _id_random, _id_pos = os.urandom(_ID_BYTES), 0
+        raw = bytearray(_id_random[_id_pos : _id_pos + 16])
+        _id_pos += 16
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def dumps(value: Any) -> bytes:

@@ -92,6 +92,12 @@ class _Link:
         self._seq = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._returned: dict[str, str] = {}
+        # Publishes handed over by callers, drained by the I/O thread. One wake-up of the I/O
+        # loop (a socket write) per batch instead of per publish: a pipelined caller spent a
+        # seventh of its time on those wake-ups in the profile.
+        self._outbox: list[tuple[_Pending, bytes, pika.BasicProperties]] = []
+        self._outbox_lock = threading.Lock()
+        self._outbox_wake = False
         params = pika.URLParameters(url)
         params.client_properties = {"connection_name": name}
         params.connection_attempts = 1
@@ -119,6 +125,8 @@ class _Link:
         finally:
             self.closed = True
             self.ready.set()
+            # A drain scheduled just as the loop stopped never runs: fail what it would take.
+            self._fail_outbox(self.error or BrokerError("publisher connection closed"))
             self.conn.ioloop.close()  # releases the loop's wake-up socket pair
 
     def _on_open(self, conn: Any) -> None:
@@ -222,12 +230,33 @@ class _Link:
             self._pending.pop(seq, None)
             rec.future.set_exception(PublishError(f"publish failed: {exc}"))
 
+    def _drain_outbox(self) -> None:
+        with self._outbox_lock:
+            batch, self._outbox = self._outbox, []
+            self._outbox_wake = False
+        for rec, body, props in batch:
+            self._publish(rec, body, props)
+
+    def _fail_outbox(self, exc: BaseException) -> None:
+        with self._outbox_lock:
+            batch, self._outbox = self._outbox, []
+        for rec, _body, _props in batch:
+            if not rec.future.done():
+                rec.future.set_exception(exc)
+
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, rec: _Pending, body: bytes, props: pika.BasicProperties) -> None:
+        with self._outbox_lock:
+            self._outbox.append((rec, body, props))
+            if self._outbox_wake and not self.closed:
+                return  # the I/O thread has a drain scheduled that will take this one too
+            self._outbox_wake = True
         try:
-            self.conn.ioloop.add_callback_threadsafe(lambda: self._publish(rec, body, props))
-        except Exception as exc:  # the loop already stopped
-            rec.future.set_exception(self.error or BrokerError(f"publisher is closed: {exc}"))
+            if self.closed:
+                raise RuntimeError("I/O loop finished")
+            self.conn.ioloop.add_callback_threadsafe(self._drain_outbox)
+        except Exception as exc:  # the loop already stopped: fail whatever is waiting
+            self._fail_outbox(self.error or BrokerError(f"publisher is closed: {exc}"))
 
     def close(self) -> None:
         def _close() -> None:

@@ -746,3 +746,50 @@ def test_doc_lists_the_protocol_reason_tokens() -> None:
     for reason in (DecodeError.reason, ContentTypeRefused.reason):
         assert f"| `{reason}` |" in text
     assert MINIMAL.decode() in text
+
+
+def test_new_ids_are_distinct_version4_uuids_across_threads() -> None:
+    import threading
+
+    from amqptasks.protocol import new_id
+
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def draw() -> None:
+        mine = [new_id() for _ in range(3_000)]  # crosses many 256-id refills
+        with lock:
+            seen.extend(mine)
+
+    threads = [threading.Thread(target=draw) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == len(seen) == 12_000
+    for text in seen[:50] + seen[-50:]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+def test_a_forked_child_does_not_reuse_the_parents_ids() -> None:
+    import os
+
+    from amqptasks.protocol import new_id
+
+    new_id()  # the parent now holds a buffer of 255 unused ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        os.write(write, ",".join(new_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        child = set(f.read().split(","))
+    os.waitpid(pid, 0)
+    parent = {new_id() for _ in range(10)}
+    assert len(child) == 10
+    assert not child & parent
