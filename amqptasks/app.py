@@ -12,6 +12,7 @@ import atexit
 import concurrent.futures
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -257,13 +258,13 @@ class App(Sender):
         timeout = options.get("timeout")
         limit = publisher.timeout if timeout is None else timeout
         results: list[AsyncResult] = []
-        inflight: list[tuple[int, concurrent.futures.Future[None], str, str]] = []
+        inflight: deque[tuple[int, concurrent.futures.Future[None], str, str]] = deque()
         first_error: BaseException | None = None
 
         def drain(keep: int) -> None:
             nonlocal first_error
             while len(inflight) > keep:
-                index, future, ex, key = inflight.pop(0)
+                index, future, ex, key = inflight.popleft()
                 try:
                     wait(future, limit, ex, key)
                 except AmqpTasksError as exc:

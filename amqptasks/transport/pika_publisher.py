@@ -260,9 +260,11 @@ class _Link:
 
     def close(self) -> None:
         def _close() -> None:
-            if self.conn.is_open:
+            if not (self.conn.is_closing or self.conn.is_closed):
+                # Open, or still opening: pika then aborts the connect and closes the socket
+                # (stopping the loop instead leaked the half-connected socket).
                 self.conn.close()
-            elif not self.conn.is_closing:
+            else:
                 self.conn.ioloop.stop()
 
         if not self.closed:
