@@ -1,18 +1,27 @@
-"""Recognise a second copy of the same scheduled firing and settle it without running it.
+"""Recognise a second copy of a message that carries a deterministic identity, and settle it
+without running it.
 
-``amqptasks beat`` publishes each firing and its state in one transaction, so a failover does
-not publish a tick twice (see ``docs/scheduler.md``). What is left — a broker node crashing in
-the middle of that commit, or two schedulers with separate state queues — can still produce a
-second message with the same deterministic id ``<schedule>:<fire time>``. This middleware is
-the worker-side backstop for those: a worker remembers the scheduled ids it has run and skips
-a copy it sees again.
+Two producers in amqptasks can, in a narrow failure window, publish the same thing twice with
+the same identity:
 
-Its reach is one worker process (memory, bounded): a copy delivered to another worker, or
-after a restart, still runs. Only messages with the ``x-amqptasks-schedule`` header and no
-retries are considered, and an id is remembered only once its run succeeded (or handed over
-to a retry), so a dead-lettered firing replayed from its DLQ runs again as it should.
+* ``amqptasks beat`` publishes each firing and its state in one transaction, so a failover does
+  not publish a tick twice (see ``docs/scheduler.md``). What is left — a broker node crashing in
+  the middle of that commit, or two schedulers with separate state queues — can still produce
+  a second message with the same deterministic id ``<schedule>:<fire time>``
+  (header ``x-amqptasks-schedule``).
+* ``amqptasks dlq replay`` confirms each copy before acking its dead letter and keeps a ledger,
+  but a kill -9 between a copy's confirm and its ledger line makes the next run publish that
+  copy again. Both copies carry the same ``x-amqptasks-replay`` marker (a digest of the dead
+  letter; see ``docs/reliability.md``).
 
-The worker installs it by default and calls :meth:`ScheduledDedupe.should_run` before running.
+This middleware is the worker-side backstop for both: a worker remembers the identities it has
+run and skips a copy it sees again. Its reach is one worker process (memory, bounded): a copy
+delivered to another worker, or after a restart, still runs. Only first attempts are considered
+(``retries`` 0), and an identity is remembered only once its run succeeded (or was handed over
+to a retry), so a firing or replay that failed and is replayed from its DLQ runs again, as it
+should (a new dead-lettering gives a new replay marker).
+
+The worker installs it by default and calls :meth:`Dedupe.should_run` before running.
 """
 
 from __future__ import annotations
@@ -20,17 +29,30 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
+from .dlq import REPLAY_HEADER
 from .middleware import Context, Middleware, Outcome
 from .protocol import Envelope
 from .schedule import SCHEDULE_HEADER
 
-__all__ = ["ScheduledDedupe"]
+__all__ = ["Dedupe"]
 
 log = logging.getLogger("amqptasks.worker")
 
 
-class ScheduledDedupe(Middleware):
-    """Runs each scheduled firing (by message id) at most once per worker process."""
+def _identity(env: Envelope) -> str | None:
+    """The deterministic identity of a first attempt, or None for an ordinary message."""
+    if env.retries:
+        return None
+    marker = env.headers.get(REPLAY_HEADER)
+    if marker:
+        return f"replay:{marker.decode() if isinstance(marker, bytes) else marker}"
+    if SCHEDULE_HEADER in env.headers:
+        return f"schedule:{env.id}"
+    return None
+
+
+class Dedupe(Middleware):
+    """Runs each scheduled firing and each replayed dead letter at most once per worker process."""
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
@@ -39,23 +61,21 @@ class ScheduledDedupe(Middleware):
         self._running: set[str] = set()
 
     def wants(self, envelope: Envelope) -> bool:
-        return SCHEDULE_HEADER in envelope.headers
-
-    @staticmethod
-    def _applies(ctx: Context) -> bool:
-        env = ctx.envelope
-        return SCHEDULE_HEADER in env.headers and env.retries == 0
+        headers = envelope.headers
+        return bool(headers) and (SCHEDULE_HEADER in headers or REPLAY_HEADER in headers)
 
     async def should_run(self, ctx: Context) -> bool:
-        """False for a copy of a firing this worker is running or has run: the worker acks it
-        without running it (proposed hook, called after decode/lookup, before a slot)."""
-        if not self._applies(ctx):
+        """False for a copy of something this worker is running or has run: the worker acks it
+        without running it (called after decode/lookup, before a slot)."""
+        ident = _identity(ctx.envelope)
+        if ident is None:
             return True
-        ident = ctx.envelope.id
         if ident in self._done or ident in self._running:
             self.skipped += 1
             log.warning(
-                "scheduled firing %s already ran on this worker: duplicate settled, not run",
+                "task %s[%s]: a copy of %s that already ran on this worker: settled, not run",
+                ctx.envelope.task,
+                ctx.envelope.id,
                 ident,
             )
             return False
@@ -63,8 +83,8 @@ class ScheduledDedupe(Middleware):
         return True
 
     async def after_run(self, ctx: Context, outcome: Outcome) -> None:
-        ident = ctx.envelope.id
-        if not self._applies(ctx) or ident not in self._running:
+        ident = _identity(ctx.envelope)
+        if ident is None or ident not in self._running:
             return
         self._running.discard(ident)
         if outcome.ok or outcome.retry_countdown is not None:

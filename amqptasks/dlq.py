@@ -13,7 +13,12 @@ from typing import Any
 
 from .protocol import DL_PREFIX, Properties, dumps, loads
 
-__all__ = ["DeadLetter", "describe", "replay_message"]
+__all__ = ["REPLAY_HEADER", "DeadLetter", "describe", "replay_message"]
+
+#: Header on a replayed copy: a digest of the dead letter it came from. The same dead letter
+#: always gives the same marker, so a copy published twice by an interrupted replay (a kill
+#: between the broker's confirm and the replay ledger's line) is recognisable as a copy.
+REPLAY_HEADER = DL_PREFIX + "replay"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +77,12 @@ def describe(
     )
 
 
-def replay_message(body: bytes, props: Properties) -> tuple[bytes, Properties]:
+def replay_message(
+    body: bytes, props: Properties, marker: str | None = None
+) -> tuple[bytes, Properties]:
     """The message to republish: attempts reset (``retries`` removed from a JSON body), the
-    dead-letter and broker death headers dropped, everything else as the producer sent it."""
+    dead-letter and broker death headers dropped (an earlier replay's marker too), everything
+    else as the producer sent it, plus ``marker`` as :data:`REPLAY_HEADER` when given."""
     try:
         obj = loads(body)
     except Exception:
@@ -87,5 +95,7 @@ def replay_message(body: bytes, props: Properties) -> tuple[bytes, Properties]:
         for k, v in (props.headers or {}).items()
         if not k.startswith((DL_PREFIX, "x-death", "x-first-death-", "x-last-death-"))
     }
+    if marker is not None:
+        headers[REPLAY_HEADER] = marker
     # reply_to dropped: the original caller's reply channel is long gone.
     return body, replace(props, reply_to=None, headers=headers or None, delivery_mode=2)

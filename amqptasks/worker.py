@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .config import DEFAULT_POLICY, Settings, TaskPolicy, redact_url
-from .dedupe import ScheduledDedupe
+from .dedupe import Dedupe
 from .errors import AmqpTasksError, BrokerError, ProtocolError, TimeLimitExceeded, WorkerLost
 from .middleware import (
     Context,
@@ -144,7 +144,7 @@ class Worker:
         self.consumer: PikaConsumer | None = None
         self.middleware: list[Middleware] = [
             ResultsMiddleware(self.publisher.publish, settings.results.ignore_result),
-            ScheduledDedupe(),
+            Dedupe(),
             *middleware,
         ]
         self._async_runner = AsyncRunner()

@@ -175,7 +175,8 @@ async def _replay(
                     continue
                 key = ReplayLedger.key(redact_url(settings.broker.url), name, d)
                 if key not in ledger.pending:  # else: sent by an interrupted run already
-                    body, props = replay_message(d.body, d.properties)
+                    marker = key.rsplit(":", 1)[1][:32]
+                    body, props = replay_message(d.body, d.properties, marker)
                     try:
                         await session.publish(
                             view.original_exchange, view.original_routing_key, body, props
@@ -221,7 +222,8 @@ def dlq_replay(
 
     Each copy is confirmed by the broker before its dead letter is acked (never lost); a
     replay interrupted in between is finished by running it again (at most the one message
-    in flight at a kill -9 can be doubled).
+    in flight at a kill -9 can be published twice; both copies carry the same
+    x-amqptasks-replay marker and a worker that sees both runs it once).
     """
     if not ids and not every:
         raise click.UsageError("give message ids or --all")
