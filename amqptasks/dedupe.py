@@ -26,6 +26,7 @@ The worker installs it by default and calls :meth:`Dedupe.should_run` before run
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 
@@ -52,25 +53,35 @@ def _identity(env: Envelope) -> str | None:
 
 
 class Dedupe(Middleware):
-    """Runs each scheduled firing and each replayed dead letter at most once per worker process."""
+    """Runs each scheduled firing and each replayed dead letter at most once per worker process.
+
+    A copy is acked without running only once its twin *succeeded* here (or was handed to a
+    retry). A copy that arrives while its twin is still running waits for the twin's outcome
+    (holding its slot): acking it at once would lose the task if this process died before the
+    twin finished — e.g. the broker's redelivery of a message this worker is still running
+    after a reconnect.
+    """
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
         self.skipped = 0
         self._done: OrderedDict[str, None] = OrderedDict()
-        self._running: set[str] = set()
+        self._running: dict[str, asyncio.Event] = {}
 
     def wants(self, envelope: Envelope) -> bool:
         headers = envelope.headers
         return bool(headers) and (SCHEDULE_HEADER in headers or REPLAY_HEADER in headers)
 
     async def should_run(self, ctx: Context) -> bool:
-        """False for a copy of something this worker is running or has run: the worker acks it
-        without running it (called after decode/lookup, before a slot)."""
+        """False for a copy of something this worker has run: the worker acks it without
+        running it. The worker calls this last of all ``should_run`` hooks, so a claim made
+        here is always followed by :meth:`after_run`."""
         ident = _identity(ctx.envelope)
         if ident is None:
             return True
-        if ident in self._done or ident in self._running:
+        while (twin := self._running.get(ident)) is not None:
+            await twin.wait()  # its outcome decides: succeeded -> skip; failed -> run
+        if ident in self._done:
             self.skipped += 1
             log.warning(
                 "task %s[%s]: a copy of %s that already ran on this worker: settled, not run",
@@ -79,15 +90,18 @@ class Dedupe(Middleware):
                 ident,
             )
             return False
-        self._running.add(ident)
+        self._running[ident] = asyncio.Event()
         return True
 
     async def after_run(self, ctx: Context, outcome: Outcome) -> None:
         ident = _identity(ctx.envelope)
-        if ident is None or ident not in self._running:
+        if ident is None:
             return
-        self._running.discard(ident)
+        claim = self._running.pop(ident, None)
+        if claim is None:
+            return
         if outcome.ok or outcome.retry_countdown is not None:
             self._done[ident] = None
             while len(self._done) > self.capacity:
                 self._done.popitem(last=False)
+        claim.set()

@@ -89,9 +89,10 @@ _id_pos = 0
 
 
 def _forget_random() -> None:
-    # A forked child must never hand out ids from its parent's buffer (duplicates).
-    global _id_random, _id_pos
-    _id_random, _id_pos = b"", 0
+    # A forked child must never hand out ids from its parent's buffer (duplicates), nor
+    # inherit the lock held by a parent thread at the fork (it would never be released).
+    global _id_random, _id_pos, _id_lock
+    _id_random, _id_pos, _id_lock = b"", 0, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_random)

@@ -144,8 +144,10 @@ class Worker:
         self.consumer: PikaConsumer | None = None
         self.middleware: list[Middleware] = [
             ResultsMiddleware(self.publisher.publish, settings.results.ignore_result),
-            Dedupe(),
             *middleware,
+            # Last, so its should_run claims a message only once every other hook said yes
+            # (a claim is released by after_run, which then always follows).
+            Dedupe(),
         ]
         self._async_runner = AsyncRunner()
         self._runner: Runner | None = None
@@ -452,15 +454,19 @@ class Worker:
             self._finished_wake = False
         for future in finished:
             delivery, env, task, start = self._fast_pending.pop(future)
-            if future.cancelled():  # never started: back to the queue (warm shutdown)
+            try:
+                if future.cancelled():  # never started: back to the queue (warm shutdown)
+                    self._spawn(self._requeue(delivery), delivery)
+                    continue
+                exc = future.exception()
+                if exc is None:
+                    self._fast_succeeded(delivery, env, start, future.result())
+                else:
+                    tb = "".join(traceback.format_exception(exc))
+                    self._fast_failed(delivery, env, task, start, exc, tb)
+            except Exception:  # one bad settle must not strand the rest of the batch
+                log.exception("settling %s[%s] failed; it returns to its queue", env.task, env.id)
                 self._spawn(self._requeue(delivery), delivery)
-                continue
-            exc = future.exception()
-            if exc is None:
-                self._fast_succeeded(delivery, env, start, future.result())
-            else:
-                tb = "".join(traceback.format_exception(exc))
-                self._fast_failed(delivery, env, task, start, exc, tb)
 
     def _fast_succeeded(self, delivery: Delivery, env: Envelope, start: float, result: Any) -> None:
         self.processed += 1
@@ -572,7 +578,12 @@ class Worker:
             if policy.acks_early:
                 await self._ack(delivery)
             await run_before(self.middleware, ctx)
-            outcome = await self._execute(task, env, delivery.queue, policy)
+            try:
+                outcome = await self._execute(task, env, delivery.queue, policy)
+            except Exception as exc:  # a bug around the task: its failure, settled as one,
+                # so every after_run hook (e.g. a Dedupe claim's release) still runs
+                log.exception("running %s[%s] failed inside the worker", env.task, env.id)
+                outcome = Outcome(False, exc=exc, traceback=traceback.format_exc())
         finally:
             self._running -= 1
             self._slots.release()

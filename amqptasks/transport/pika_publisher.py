@@ -125,8 +125,11 @@ class _Link:
         finally:
             self.closed = True
             self.ready.set()
-            # A drain scheduled just as the loop stopped never runs: fail what it would take.
-            self._fail_outbox(self.error or BrokerError("publisher connection closed"))
+            # A drain scheduled just as the loop stopped never runs: fail what it would take,
+            # and anything still waiting for a confirm that will never come.
+            gone = self.error or BrokerError("publisher connection closed")
+            self._fail_outbox(gone)
+            self._fail_all(gone)
             self.conn.ioloop.close()  # releases the loop's wake-up socket pair
 
     def _on_open(self, conn: Any) -> None:
@@ -260,12 +263,13 @@ class _Link:
 
     def close(self) -> None:
         def _close() -> None:
-            if not (self.conn.is_closing or self.conn.is_closed):
-                # Open, or still opening: pika then aborts the connect and closes the socket
-                # (stopping the loop instead leaked the half-connected socket).
-                self.conn.close()
-            else:
+            if self.conn.is_closed:
                 self.conn.ioloop.stop()
+            elif not self.conn.is_closing:
+                # Open, or still opening: pika then aborts the connect and closes the socket
+                # (stopping the loop instead leaked the half-connected socket). Closing
+                # already: _on_close will stop the loop.
+                self.conn.close()
 
         if not self.closed:
             with contextlib.suppress(Exception):

@@ -38,17 +38,23 @@ def test_a_second_copy_of_a_firing_is_not_run():
     assert d.skipped == 1
 
 
-def test_a_copy_arriving_while_the_first_runs_is_skipped():
-    d = Dedupe()
-    first, copy = ctx("tick:2026-01-01T00:00:00Z"), ctx("tick:2026-01-01T00:00:00Z")
+def test_a_copy_arriving_while_the_first_runs_waits_for_its_outcome():
+    """Acking the copy at once would lose the task if the process died before the first
+    finished; the copy waits, then is skipped (first succeeded) or runs (first failed)."""
 
-    async def go() -> list[bool]:
-        started = await d.should_run(first)
-        again = await d.should_run(copy)
-        await d.after_run(first, Outcome(ok=True))
-        return [started, again]
+    async def go(first_ok: bool) -> list[Any]:
+        d = Dedupe()
+        first = ctx("tick:2026-01-01T00:00:00Z")
+        copy = ctx("tick:2026-01-01T00:00:00Z")
+        assert await d.should_run(first)
+        waiting = asyncio.ensure_future(d.should_run(copy))
+        await asyncio.sleep(0.05)
+        pending = not waiting.done()
+        await d.after_run(first, Outcome(ok=first_ok))
+        return [pending, await asyncio.wait_for(waiting, 1)]
 
-    assert asyncio.run(go()) == [True, False]
+    assert asyncio.run(go(True)) == [True, False]
+    assert asyncio.run(go(False)) == [True, True]
 
 
 def test_failed_runs_retries_and_unscheduled_messages_are_left_alone():
