@@ -16,6 +16,7 @@ raises :class:`PublishNacked`; no confirm within the bound raises :class:`Publis
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -239,6 +240,23 @@ class _Link:
             self._outbox_wake = False
         for rec, body, props in batch:
             self._publish(rec, body, props)
+        if len(batch) > 1:
+            self._coalesce_output()
+
+    def _coalesce_output(self) -> None:
+        """Join the frames waiting in pika's send buffer into one chunk.
+
+        pika buffers every frame separately (method, header, body: three per message) and
+        sends each with its own ``send()`` system call — about 28 % of a pipelined publisher's
+        time in the profile. One chunk per batch is one call. This reaches into pika's
+        transport (``_transport._tx_buffers``, a deque of bytes, pika 1.x); if that ever
+        changes shape the join is skipped and publishing works exactly as before.
+        """
+        buffers = getattr(getattr(self.conn, "_transport", None), "_tx_buffers", None)
+        if isinstance(buffers, collections.deque) and len(buffers) > 1:
+            joined = b"".join(buffers)
+            buffers.clear()
+            buffers.append(joined)
 
     def _fail_outbox(self, exc: BaseException) -> None:
         with self._outbox_lock:
