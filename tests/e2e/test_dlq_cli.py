@@ -62,7 +62,9 @@ def test_replay_by_id_and_by_task_resets_attempts(tmp_path, broker, worker_facto
     assert "replayed 1 message(s)" in out.stdout
     assert broker.depth("default.dlq") == 3 and broker.depth("default") == 1
     [(props, body)] = broker.get_all("default")
-    assert not any(k.startswith("x-amqptasks-") for k in (props.headers or {}))
+    # Dead-letter headers gone; only the replay marker (a digest of the dead letter) added.
+    assert [k for k in props.headers if k.startswith("x-amqptasks-")] == ["x-amqptasks-replay"]
+    assert len(props.headers["x-amqptasks-replay"]) == 32
     assert b'"retries"' not in body and props.message_id == ids[0]
     out = dlq(cfg, "replay", "default", "--all", "--task", "testtasks.fail")
     assert "replayed 2 message(s)" in out.stdout
