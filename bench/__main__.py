@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import measure, report
-from .broker import RUN_PREFIX, delete_run_vhosts, overview
+from .broker import RUN_PREFIX, delete_run_vhosts, overview, wait_until_broker_idle
 from .frameworks import (
     ROOT,
     STATE,
@@ -76,13 +76,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--countdowns", type=int, help="pending countdown tasks (10k-100k)")
     p.add_argument("--keep-logs", action="store_true", help="keep worker/client logs")
     p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=STATE,
+        help="where each run's results JSON is saved (default .amqptasks/bench)",
+    )
+    p.add_argument(
         "--render",
         type=Path,
         metavar="JSON",
         help="measure nothing: print (and with --out write) the report of a saved run "
         "(every run saves .amqptasks/bench/results-latest.json)",
     )
+    p.add_argument(
+        "--comment",
+        type=Path,
+        metavar="MD",
+        help="with --render: a markdown file put under the run's facts in the report "
+        "(what the figures mean, what is still in the way)",
+    )
     args = p.parse_args(argv)
+    if args.comment and not args.render:
+        p.error("--comment goes with --render (comment on a run after seeing it)")
     only = {x.strip() for x in args.only.split(",") if x.strip()} or set(PARTS)
     bad = only - set(PARTS)
     if bad:
@@ -169,7 +184,8 @@ def render(args: argparse.Namespace) -> int:
     results = report.Results.from_json(data)
     show(results, data["machine"])
     if args.out:
-        args.out.write_text(report.markdown(results, data["machine"], results.params))
+        comment = args.comment.read_text().strip() if args.comment else ""
+        args.out.write_text(report.markdown(results, data["machine"], results.params, comment))
         log(f"\nreport written to {args.out}")
     return 0
 
@@ -205,6 +221,9 @@ def measure_all(args: argparse.Namespace, ctx: measure.Ctx, fws: list[Framework]
     ]
     for wanted, title, fn, fargs in groups:
         if wanted:
+            waited = wait_until_broker_idle()
+            if waited is not None and waited > 1.5:
+                log(f"(waited {waited:.0f} s for the broker to go idle)")
             t0 = time.monotonic()
             log(f"== {title} ==")
             fn(*fargs)
@@ -270,11 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         "duration": f"{elapsed / 60:.1f} min",
     }
     show(results, info)
-    saved = STATE / "results-latest.json"
+    saved = args.results_dir / "results-latest.json"
     try:
-        STATE.mkdir(parents=True, exist_ok=True)
+        args.results_dir.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({**results.to_json(), "machine": info}, indent=1)
-        (STATE / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(payload)
+        (args.results_dir / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(payload)
         saved.write_text(payload)
     except OSError as exc:
         log(f"warning: could not save the results: {exc}")

@@ -14,6 +14,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -46,6 +47,49 @@ def mgmt(method: str, path: str, body: Any = None, ok: tuple[int, ...] = ()) -> 
         if exc.code in ok:
             return None
         raise
+
+
+def _beam_cpu_seconds() -> float | None:
+    """CPU seconds used so far by the local RabbitMQ node(s) (``beam.smp``), or None if no
+    node runs on this machine (a remote broker)."""
+    total, found = 0.0, False
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        if name != "beam.smp":
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        found = True
+    return total if found else None
+
+
+def wait_until_broker_idle(
+    limit: float = 0.15, timeout: float = 90.0, interval: float = 1.0
+) -> float | None:
+    """Wait (bounded) until the local node uses less than ``limit`` of a CPU over ``interval``.
+
+    After a heavy group (hundreds of thousands of persistent messages, vhosts deleted) the
+    node keeps compacting and collecting for a while; a latency measured meanwhile measures
+    that. Returns the seconds waited, or None when no local node was found.
+    """
+    start = time.monotonic()
+    before = _beam_cpu_seconds()
+    if before is None:
+        return None
+    while time.monotonic() - start < timeout:
+        time.sleep(interval)
+        now = _beam_cpu_seconds()
+        if now is None:
+            return None
+        if (now - before) / interval < limit:
+            break
+        before = now
+    return time.monotonic() - start
 
 
 def overview() -> dict[str, Any]:

@@ -370,8 +370,14 @@ vhost, created and deleted through the management API.
   process the harness starts is stopped by its PID (SIGTERM, then SIGKILL after a grace
   period: 20 s, but 3 s for Celery, whose solo worker reacts to SIGTERM only ~9 s later and
   has settled everything by then); every wait is bounded.
+* Before each group the harness waits (at most 90 s) until the local RabbitMQ node uses
+  less than 15 % of a CPU: after a heavy group the node keeps compacting and collecting,
+  and latency measured meanwhile measures that.
 * Benchmarks are not tests: nothing here asserts a speed. On a 2-core machine the broker,
   the worker and the harness compete for the CPUs: keep other load off for real figures.
+  The test suite (`tests/bench`) runs a one-repeat `--quick` pass of amqptasks and raw pika
+  to keep the harness working: it checks that every figure was measured and reported and
+  that nothing was left running, never a speed.
 """
 
 
