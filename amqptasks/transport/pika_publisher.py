@@ -33,6 +33,7 @@ import pika.spec
 
 from ..config import redact_url
 from ..errors import BrokerError, PublishError, PublishNacked, PublishTimeout, UnroutableError
+from ..handoff import Handoff
 from ..protocol import Properties
 
 __all__ = ["ReplyHandler", "SyncPublisher"]
@@ -93,12 +94,8 @@ class _Link:
         self._seq = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._returned: dict[str, str] = {}
-        # Publishes handed over by callers, drained by the I/O thread. One wake-up of the I/O
-        # loop (a socket write) per batch instead of per publish: a pipelined caller spent a
-        # seventh of its time on those wake-ups in the profile.
-        self._outbox: list[tuple[_Pending, bytes, pika.BasicProperties]] = []
-        self._outbox_lock = threading.Lock()
-        self._outbox_wake = False
+        # Publishes handed over by callers, drained by the I/O thread, one wake per batch.
+        self._outbox: Handoff[tuple[_Pending, bytes, pika.BasicProperties]] = Handoff()
         params = pika.URLParameters(url)
         params.client_properties = {"connection_name": name}
         params.connection_attempts = 1
@@ -235,9 +232,7 @@ class _Link:
             rec.future.set_exception(PublishError(f"publish failed: {exc}"))
 
     def _drain_outbox(self) -> None:
-        with self._outbox_lock:
-            batch, self._outbox = self._outbox, []
-            self._outbox_wake = False
+        batch = self._outbox.take()
         for rec, body, props in batch:
             self._publish(rec, body, props)
         if len(batch) > 1:
@@ -259,19 +254,14 @@ class _Link:
             buffers.append(joined)
 
     def _fail_outbox(self, exc: BaseException) -> None:
-        with self._outbox_lock:
-            batch, self._outbox = self._outbox, []
-        for rec, _body, _props in batch:
+        for rec, _body, _props in self._outbox.take():
             if not rec.future.done():
                 rec.future.set_exception(exc)
 
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, rec: _Pending, body: bytes, props: pika.BasicProperties) -> None:
-        with self._outbox_lock:
-            self._outbox.append((rec, body, props))
-            if self._outbox_wake and not self.closed:
-                return  # the I/O thread has a drain scheduled that will take this one too
-            self._outbox_wake = True
+        if not self._outbox.put((rec, body, props)) and not self.closed:
+            return  # the I/O thread has a drain scheduled that will take this one too
         try:
             if self.closed:
                 raise RuntimeError("I/O loop finished")
