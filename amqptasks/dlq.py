@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .protocol import DL_PREFIX, Properties, dumps, loads
+from .protocol import BROKER_DEATH_HEADERS, DL_PREFIX, Properties, dumps, loads
 
 __all__ = ["REPLAY_HEADER", "DeadLetter", "describe", "replay_message"]
 
@@ -93,7 +93,7 @@ def replay_message(
     headers = {
         k: v
         for k, v in (props.headers or {}).items()
-        if not k.startswith((DL_PREFIX, "x-death", "x-first-death-", "x-last-death-"))
+        if not k.startswith((DL_PREFIX, *BROKER_DEATH_HEADERS))
     }
     if marker is not None:
         headers[REPLAY_HEADER] = marker

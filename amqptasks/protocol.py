@@ -445,6 +445,10 @@ def decode_reply(body: bytes) -> Reply:
 
 # -- dead letters ----------------------------------------------------------------------------
 DL_PREFIX = "x-amqptasks-"
+#: Header prefixes RabbitMQ adds when it dead-letters a message. A republished copy (a retry,
+#: a replay) must not carry them, or the broker's cycle detection drops the copy when it
+#: passes a delay level it passed before.
+BROKER_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
 TRACEBACK_LIMIT = 8192
 
 

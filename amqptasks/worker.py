@@ -54,7 +54,14 @@ from .middleware import (
 )
 from .pool import AsyncRunner, Call, InlineRunner, Runner, ThreadRunner
 from .process_pool import ProcessRunner
-from .protocol import DL_PREFIX, Envelope, dead_letter_properties, decode, encode
+from .protocol import (
+    BROKER_DEATH_HEADERS,
+    DL_PREFIX,
+    Envelope,
+    dead_letter_properties,
+    decode,
+    encode,
+)
 from .retry import decide
 from .tasks import BoundTask, Request, Task
 from .topology import DLX_EXCHANGE, delay_route, delay_seconds
@@ -69,9 +76,6 @@ _FastCall = tuple[Delivery, Envelope, Task, float]
 
 log = logging.getLogger("amqptasks.worker")
 POOLS = ("threads", "asyncio", "processes")
-#: Headers RabbitMQ adds when dead-lettering; a republished copy must not carry them, or the
-#: broker's cycle detection drops the copy when it passes a delay level it passed before.
-_BROKER_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
 
 
 def _log_success(env: Envelope, runtime: float, result: Any) -> None:
@@ -711,7 +715,7 @@ class Worker:
     ) -> bool:
         """Publish ``env`` to ``delivery.queue`` after ``delay`` s (confirmed). False when the
         copy could not be confirmed: the delivery is then rejected to its dead-letter queue."""
-        headers = {k: v for k, v in env.headers.items() if not k.startswith(_BROKER_DEATH_HEADERS)}
+        headers = {k: v for k, v in env.headers.items() if not k.startswith(BROKER_DEATH_HEADERS)}
         if failed_at is not None:
             headers.setdefault(DL_PREFIX + "first-failed-at", failed_at.isoformat())
         headers.setdefault(DL_PREFIX + "original-exchange", delivery.exchange)

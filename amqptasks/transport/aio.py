@@ -324,7 +324,7 @@ class DeadLetterSession:
     acks the dead letter: never lost. An interruption between the two leaves the dead letter
     in place although its copy went out; the CLI's replay ledger recognises it on the next
     run and settles it without publishing again (only a kill between a confirm and its ledger
-    line can double that one message).
+    line can publish that one message twice; both copies carry the same replay marker).
 
     (An AMQP transaction looked tempting — publish and ack commit together — but RabbitMQ
     sends a transaction's ``basic.return`` only at commit, after the ack is already
