@@ -14,14 +14,13 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pika
 import pika.exceptions
 
 from .peers.common import PLACEHOLDER_ID
-from .procs import BenchError
+from .procs import BenchError, proc_stats
 
 HOST = "127.0.0.1"
 AMQP_PORT = int(os.environ.get("AMQPTASKS_BROKER_PORT", "5672"))
@@ -52,20 +51,13 @@ def mgmt(method: str, path: str, body: Any = None, ok: tuple[int, ...] = ()) -> 
 def _beam_cpu_seconds() -> float | None:
     """CPU seconds used so far by the local RabbitMQ node(s) (``beam.smp``), or None if no
     node runs on this machine (a remote broker)."""
-    total, found = 0.0, False
     tick = os.sysconf("SC_CLK_TCK")
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name = text[text.find("(") + 1 : text.rfind(")")]
-        if name != "beam.smp":
-            continue
-        fields = text[text.rfind(")") + 2 :].split()
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        found = True
-    return total if found else None
+    used = [
+        (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        for _pid, name, fields in proc_stats()
+        if name == "beam.smp"
+    ]
+    return sum(used) if used else None
 
 
 def wait_until_broker_idle(

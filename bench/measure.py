@@ -83,12 +83,22 @@ def attempt(ctx: Ctx, what: str, fn: Callable[..., Any], *args: Any) -> Any:
     raise AssertionError("unreachable")
 
 
+def _label_note(spec: WorkerSpec | str) -> tuple[str, str]:
+    return (spec, "") if isinstance(spec, str) else (spec.label, spec.note)
+
+
+def _setup_failed(ctx: Ctx, fig: str, fw: Framework, what: str, exc: BaseException) -> None:
+    """Record a contender's failed setup under ``fig`` and wait for the broker to answer."""
+    ctx.log(f"    ! {fw.name} {what}: {_first_line(exc)}")
+    ctx.results.fail(fig, fw.name, fw.group, "setup", traceback.format_exc())
+    wait_for_broker(180)
+
+
 def _try(
     ctx: Ctx, fig: str, fw: Framework, spec: WorkerSpec | str, fn: Callable[..., Any], *args: Any
 ) -> Any:
     """``attempt(fn, *args)``; a failure is recorded under ``fig`` and None returned."""
-    label = spec if isinstance(spec, str) else spec.label
-    note = "" if isinstance(spec, str) else spec.note
+    label, note = _label_note(spec)
     try:
         return attempt(ctx, f"{fw.name} {fig} [{label}]", fn, *args)
     except Exception as exc:
@@ -103,8 +113,7 @@ def _record(
     """:func:`_try`, and the value recorded under ``fig``."""
     value = _try(ctx, fig, fw, spec, fn, *args)
     if value is not None:
-        label = spec if isinstance(spec, str) else spec.label
-        note = "" if isinstance(spec, str) else spec.note
+        label, note = _label_note(spec)
         ctx.results.add(fig, fw.name, fw.group, label, value, note)
     return value
 
@@ -115,9 +124,7 @@ def per_framework(ctx: Ctx, fig: str, fw: Framework, fn: Callable[..., Any], *ar
     try:
         attempt(ctx, f"{fw.name} {fig} setup", fn, *args)
     except Exception as exc:
-        ctx.log(f"    ! {fw.name} {fig}: {_first_line(exc)}")
-        ctx.results.fail(fig, fw.name, fw.group, "setup", traceback.format_exc())
-        wait_for_broker(180)
+        _setup_failed(ctx, fig, fw, fig, exc)
 
 
 def _count_total(directory: Path) -> int:
@@ -147,7 +154,7 @@ def _start(ctx: Ctx, spec: WorkerSpec, env: dict[str, str], extra: dict[str, str
     ]
 
 
-def _stop(ctx: Ctx, workers: list[Proc], grace: float = 20.0) -> None:
+def _stop(ctx: Ctx, workers: list[Proc], grace: float) -> None:
     for w in workers:
         ctx.procs.stop(w, grace)
 
@@ -193,9 +200,7 @@ def prepare_all(
                 attempt(ctx, f"{fw.name} seed", fw.seed, ctx.procs, vh, env) if seed else None
             )
         except Exception as exc:
-            ctx.log(f"    ! {fw.name} {group} setup: {_first_line(exc)}")
-            ctx.results.fail(fig, fw.name, fw.group, "setup", traceback.format_exc())
-            wait_for_broker(180)
+            _setup_failed(ctx, fig, fw, f"{group} setup", exc)
             continue
         out.append(Prepared(fw, vh, env, template))
     return out

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +59,30 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes in process group ``pgid``. Every child is started in its own session,
-    so its group id is its PID and descendants orphaned by a dead parent are still found."""
-    out = []
+def proc_stats() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, command name, the fields after the name) of every process in ``/proc/*/stat``
+    (state, ppid, pgrp, ..., utime at [11], stime at [12]); vanished processes are skipped."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+                text = f.read()
+        except OSError:
             continue
-        # fields: state, ppid, pgrp, ...
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            out.append(int(entry))
-    return out
+        head, sep, tail = text.rpartition(")")
+        if sep:
+            yield int(entry), head[head.find("(") + 1 :], tail.split()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid``. Every child is started in its own session,
+    so its group id is its PID and descendants orphaned by a dead parent are still found."""
+    return [
+        pid
+        for pid, _name, fields in proc_stats()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X")
+    ]
 
 
 def rss_kib(pid: int) -> int:

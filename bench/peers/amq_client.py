@@ -40,10 +40,6 @@ def pipelined(name: str, n: int, window: int, **options: Any) -> None:
 
 def main() -> None:
     args = arg_parser(__doc__).parse_args()
-    # Load the settings before touching app.publisher: App.publisher holds App._lock while it
-    # reads App.settings, which takes the same (non-reentrant) lock on first use — a deadlock
-    # when the publisher is the first thing a program touches.
-    app.settings  # noqa: B018
     if args.mode == "seed":
         app.send_task("bench.noop", task_id=PLACEHOLDER_ID)
         emit(ok=True)
