@@ -9,25 +9,21 @@ import time
 
 import pika
 import pytest
-from broker_fixtures import ROOT, amqptasks_exe, cli_env, ledger_lines, wait_for, write_config
+from broker_fixtures import (
+    ROOT,
+    amqptasks_exe,
+    cli_env,
+    ledger_lines,
+    wait_for,
+    write_config,
+    write_config_default_queue,
+)
 
 from amqptasks import App, ResultsDisabled, load_config
 
 
 def test_quorum_queue_and_its_dlq_are_declared_as_quorum(tmp_path, broker, worker_factory):
-    cfg = write_config(
-        tmp_path,
-        broker,
-        queues={
-            "default": {
-                "type": "quorum",
-                "bindings": [{"exchange": "tasks", "routing_key": "task.#"}],
-            },
-            "web_tasks": {"bindings": [{"exchange": "tasks", "routing_key": "web.#"}]},
-        },
-        routes={},
-        default_route={"exchange": "tasks", "routing_key": "task.default"},
-    )
+    cfg = write_config_default_queue(tmp_path, broker, type="quorum")
     worker_factory(cfg, "-Q", "default")
     assert broker.queue_info("default")["type"] == "quorum"
     assert broker.queue_info("default.dlq")["type"] == "quorum"
@@ -39,19 +35,7 @@ def test_quorum_queue_and_its_dlq_are_declared_as_quorum(tmp_path, broker, worke
 
 
 def test_max_priority_queue_delivers_higher_priority_first(tmp_path, broker, worker_factory):
-    cfg = write_config(
-        tmp_path,
-        broker,
-        queues={
-            "default": {
-                "max_priority": 9,
-                "bindings": [{"exchange": "tasks", "routing_key": "task.#"}],
-            },
-            "web_tasks": {"bindings": [{"exchange": "tasks", "routing_key": "web.#"}]},
-        },
-        routes={},
-        default_route={"exchange": "tasks", "routing_key": "task.default"},
-    )
+    cfg = write_config_default_queue(tmp_path, broker, max_priority=9)
     ledger = tmp_path / "ledger"
     settings = load_config(cfg, env={})
     app = App(settings)

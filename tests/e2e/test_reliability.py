@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pika
 import pytest
-from broker_fixtures import ROOT, ledger_lines, wait_for, write_config
+from broker_fixtures import ROOT, ledger_lines, wait_for, write_config, write_config_default_queue
 
 from amqptasks import App, BrokerError, PublishNacked, load_config
 
@@ -277,20 +277,7 @@ def test_process_hard_limit_kills_the_child(tmp_path, broker, worker_factory):
 
 
 def test_quorum_poison_message_lands_in_dlq_after_delivery_limit(tmp_path, broker, worker_factory):
-    cfg = write_config(
-        tmp_path,
-        broker,
-        queues={
-            "default": {
-                "type": "quorum",
-                "delivery_limit": 2,
-                "bindings": [{"exchange": "tasks", "routing_key": "task.#"}],
-            },
-            "web_tasks": {"bindings": [{"exchange": "tasks", "routing_key": "web.#"}]},
-        },
-        routes={},
-        default_route={"exchange": "tasks", "routing_key": "task.default"},
-    )
+    cfg = write_config_default_queue(tmp_path, broker, type="quorum", delivery_limit=2)
     ledger = tmp_path / "ledger"
     first = worker_factory(cfg, "-Q", "default", ledger=ledger)
     first.stop()
@@ -331,20 +318,7 @@ def test_quorum_poison_message_lands_in_dlq_after_delivery_limit(tmp_path, broke
 
 
 def test_full_reject_publish_queue_raises_to_the_publisher(tmp_path, broker, worker_factory):
-    cfg = write_config(
-        tmp_path,
-        broker,
-        queues={
-            "default": {
-                "max_length": 2,
-                "overflow": "reject-publish",
-                "bindings": [{"exchange": "tasks", "routing_key": "task.#"}],
-            },
-            "web_tasks": {"bindings": [{"exchange": "tasks", "routing_key": "web.#"}]},
-        },
-        routes={},
-        default_route={"exchange": "tasks", "routing_key": "task.default"},
-    )
+    cfg = write_config_default_queue(tmp_path, broker, max_length=2, overflow="reject-publish")
     w = worker_factory(cfg, "-Q", "web_tasks,default")
     w.stop()
     app = _app(cfg)
@@ -402,18 +376,12 @@ def test_worker_resumes_after_broker_restart_and_publish_while_down_raises(
 
 
 def test_delays_reach_quorum_queues_and_direct_routes(tmp_path, broker, worker_factory):
-    cfg = write_config(
+    cfg = write_config_default_queue(
         tmp_path,
         broker,
-        queues={
-            "default": {
-                "type": "quorum",
-                "bindings": [{"exchange": "tasks", "routing_key": "task.#"}],
-            },
-            "queue_add": {"bindings": [{"exchange": "direct_tasks", "routing_key": "queue_add"}]},
-        },
+        type="quorum",
+        others=("queue_add",),
         routes={"testtasks.when": {"exchange": "direct_tasks", "routing_key": "queue_add"}},
-        default_route={"exchange": "tasks", "routing_key": "task.default"},
     )
     ledger = tmp_path / "ledger"
     worker_factory(cfg, "-Q", "default,queue_add", ledger=ledger)

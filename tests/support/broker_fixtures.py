@@ -160,6 +160,24 @@ def write_config(tmp_path: Path, broker: Broker, /, **overrides: Any) -> Path:
     return path
 
 
+def write_config_default_queue(
+    tmp_path: Path,
+    broker: Broker,
+    /,
+    *,
+    others: tuple[str, ...] = ("web_tasks",),
+    routes: dict[str, Any] | None = None,
+    **default_options: Any,
+) -> Path:
+    """The shipped config with queue options (``type``, ``max_priority``...) on ``default``
+    (its shipped bindings kept), only the shipped queues named in ``others`` beside it, and
+    ``routes`` (none by default: everything takes the shipped default route)."""
+    shipped = BASE_CONFIG["queues"]
+    queues = {"default": {**default_options, **shipped["default"]}}
+    queues.update({name: shipped[name] for name in others})
+    return write_config(tmp_path, broker, queues=queues, routes=routes or {})
+
+
 def cli_env(config: Path, ledger: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["AMQPTASKS_CONFIG"] = str(config)
