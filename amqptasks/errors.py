@@ -11,15 +11,18 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
     ├── ProtocolError               a message body/properties that cannot become an envelope
     │   ├── DecodeError             not UTF-8 JSON object / missing or mistyped field
     │   ├── EncodeError             arguments that cannot be serialised
-    │   └── ContentTypeRefused      content type not in the accepted list (pickle by default)
+    │   ├── ContentTypeRefused      content type not in the accepted list (pickle by default)
+    │   └── MessageTooLarge         body over serialization.max_body_size
     ├── RoutingError                no route for a task name
     ├── TopologyError               broker objects differ from the config (which, what, values)
     ├── BrokerError                 the broker could not be reached or talked to
+    │   ├── BrokerRefused           login, vhost or permission refused (no retry helps)
     │   └── PublishError            a publish did not get a positive confirm
     │       ├── UnroutableError     mandatory publish returned: no queue bound
     │       ├── PublishNacked       the broker nacked the publish
     │       └── PublishTimeout      no confirm within the configured bound
     ├── TaskNotRegistered           a task name the app does not know
+    ├── TaskExpired                 a message whose ``expires`` passed before it started
     ├── Retry                       raised by ``task.retry()``: control flow, not a failure
     ├── SoftTimeLimitExceeded       raised inside a task at its soft time limit (catchable)
     ├── TimeLimitExceeded           a task outlived its hard time limit and was stopped
@@ -36,11 +39,13 @@ from __future__ import annotations
 __all__ = [
     "AmqpTasksError",
     "BrokerError",
+    "BrokerRefused",
     "ConfigError",
     "ContentTypeRefused",
     "DecodeError",
     "EncodeError",
     "MaxRetriesExceeded",
+    "MessageTooLarge",
     "ProtocolError",
     "PublishError",
     "PublishNacked",
@@ -52,6 +57,7 @@ __all__ = [
     "RoutingError",
     "SoftTimeLimitExceeded",
     "TaskError",
+    "TaskExpired",
     "TaskNotRegistered",
     "TimeLimitExceeded",
     "TopologyError",
@@ -106,6 +112,12 @@ class ContentTypeRefused(ProtocolError):
     reason = "content-type-refused"
 
 
+class MessageTooLarge(ProtocolError):
+    """The body is larger than ``serialization.max_body_size``; it is dead-lettered unread."""
+
+    reason = "too-large"
+
+
 class RoutingError(AmqpTasksError):
     """No exchange/routing key could be chosen for a task."""
 
@@ -116,6 +128,10 @@ class TopologyError(AmqpTasksError):
 
 class BrokerError(AmqpTasksError):
     """The broker could not be reached or refused an operation."""
+
+
+class BrokerRefused(BrokerError):
+    """The broker refused the login, the vhost or a permission: waiting will not help."""
 
 
 class PublishError(BrokerError):
@@ -145,6 +161,11 @@ class PublishTimeout(PublishError):
 
 class TaskNotRegistered(AmqpTasksError):
     """A task name that no ``@app.task`` registered."""
+
+
+class TaskExpired(AmqpTasksError):
+    """The message's ``expires`` passed before the task started: it is not run, and lands in
+    the dead-letter queue with reason ``expired``."""
 
 
 class Retry(AmqpTasksError):

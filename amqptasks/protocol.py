@@ -390,6 +390,9 @@ class Reply:
     error_type: str | None = None
     error_message: str | None = None
     traceback: str | None = None
+    #: The dead-letter reason when the message was settled without running (``unknown-task``,
+    #: ``expired``, ...); None when the task ran.
+    reason: str | None = None
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -407,6 +410,8 @@ def encode_reply(reply: Reply) -> bytes:
             "message": reply.error_message if reply.error_message is not None else "",
             "traceback": reply.traceback,
         }
+        if reply.reason is not None:
+            obj["error"]["reason"] = reply.reason
     try:
         return dumps(obj)
     except TypeError as exc:
@@ -440,6 +445,7 @@ def decode_reply(body: bytes) -> Reply:
         error_type=error.get("type"),
         error_message=error.get("message"),
         traceback=error.get("traceback"),
+        reason=error.get("reason"),
     )
 
 

@@ -69,6 +69,13 @@ from . import config_option, friendly_errors, main, settings_for
     help="Declare the consumed queues (and their DLQs, exchanges, bindings) at start.",
 )
 @click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Give up (exit 1) when no broker answered within this many seconds of start "
+    "(default: wait for it, with the reconnection backoff).",
+)
+@click.option(
     "-B",
     "--beat",
     "embed_beat",
@@ -88,6 +95,7 @@ def worker(
     loglevel: str,
     hostname: str | None,
     declare: bool,
+    connect_timeout: float | None,
     embed_beat: bool,
     config_path: str | None,
 ) -> None:
@@ -118,6 +126,7 @@ def worker(
         declare=declare,
         max_tasks_per_child=max_tasks_per_child or 0,
         max_memory_per_child=max_memory_per_child or 0,
+        connect_timeout=connect_timeout,
     )
     tasks = load_tasks(settings.imports)
     wk = Worker(settings, tasks, options)

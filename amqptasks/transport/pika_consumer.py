@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
@@ -25,8 +26,9 @@ import pika.adapters.asyncio_connection
 import pika.exceptions
 
 from ..config import redact_url
-from ..errors import BrokerError
+from ..errors import BrokerError, BrokerRefused, TopologyError
 from ..protocol import Properties
+from .refusal import refusal
 
 __all__ = ["AckWindow", "PikaConsumer", "PikaDelivery"]
 
@@ -40,6 +42,21 @@ def _cancel(channel: Any, tag: str, callback: Callable[[Any], None]) -> None:
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+_OS_ERROR = re.compile(r"\b(\w+Error)\((\d+), '([^']*)'\)")
+
+
+def connect_failure(exc: BaseException) -> str:
+    """pika's connection-workflow error in a few words (its repr nests four levels deep):
+    the socket error when there is one (``connection refused``), else a timeout or the repr."""
+    text = repr(exc)
+    match = _OS_ERROR.search(text)
+    if match:
+        return f"{match.group(3).lower()} ({match.group(1)})"
+    if "Timeout" in text:
+        return "timed out before the AMQP handshake completed"
+    return text
 
 
 class AckWindow:
@@ -163,9 +180,22 @@ class PikaConsumer:
             params.heartbeat = self.heartbeat
 
         def fail(exc: BaseException) -> None:
-            if not opened.done():
+            # pika calls this (not on_close_callback) for a connection that never opened,
+            # also when close() aborts an opening one: nothing more to wait for in close().
+            if self._closed is not None and not self._closed.done():
+                self._closed.set_result(None)
+            if opened.done():
+                return
+            reason = refusal(exc)
+            if reason is not None:
                 opened.set_exception(
-                    BrokerError(f"cannot connect to broker {redact_url(self.url)}: {exc!r}")
+                    BrokerRefused(f"broker {redact_url(self.url)} refused the connection: {reason}")
+                )
+            else:
+                opened.set_exception(
+                    BrokerError(
+                        f"cannot connect to broker {redact_url(self.url)}: {connect_failure(exc)}"
+                    )
                 )
 
         def on_channel(channel: Any) -> None:
@@ -240,8 +270,13 @@ class PikaConsumer:
         except BrokerError:
             text = str(reason[0]) if reason else ""
             if "NOT_FOUND" in text or "404" in text:
-                raise BrokerError(
+                raise TopologyError(
                     f"queue {queue!r} does not exist on the broker: run 'amqptasks topology apply'"
+                ) from None
+            refused = refusal(reason[0]) if reason else None
+            if refused is not None:
+                raise BrokerRefused(
+                    f"the broker refused to let us consume {queue!r}: {refused}"
                 ) from None
             raise
         window = self._window

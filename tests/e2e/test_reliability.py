@@ -431,3 +431,27 @@ def test_publish_under_a_resource_alarm_waits_the_bound_then_raises(tmp_path, br
             timeout=60,
         )
         app.close()
+
+
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_expiry_is_checked_again_when_a_slot_frees(tmp_path, broker, worker_factory, pool):
+    """A message that waited for a free slot behind long tasks past its ``expires`` does not
+    start: it lands in the DLQ with reason ``expired``."""
+    cfg = write_config(tmp_path, broker)
+    ledger = tmp_path / "ledger"
+    worker_factory(cfg, "-Q", "default", "-c", "2", "--pool", pool, ledger=ledger)
+    app = _app(cfg)
+    for tag in ("long1", "long2"):
+        app.send_task("testtasks.record", (tag, 3), ignore_result=True)
+    wait_for(
+        lambda: {"start long1", "start long2"} <= set(ledger_lines(ledger)),
+        message="both slots busy",
+    )
+    app.send_task("testtasks.record", ("late",), expires=1, ignore_result=True)
+    app.close()
+    wait_for(lambda: broker.depth("default.dlq") == 1, timeout=15, message="the expired one")
+    [(props, _)] = broker.get_all("default.dlq")
+    assert props.headers["x-amqptasks-reason"] == "expired"
+    assert "free slot" in props.headers["x-amqptasks-detail"]
+    wait_for(lambda: "done long2" in ledger_lines(ledger), message="the long tasks")
+    assert not any("late" in line for line in ledger_lines(ledger))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from amqptasks.dedupe import Dedupe
 from amqptasks.dlq import REPLAY_HEADER
-from amqptasks.middleware import Context, Outcome
 from amqptasks.protocol import Envelope
 from amqptasks.schedule import SCHEDULE_HEADER
+from amqptasks.worker.dedupe import Dedupe
+from amqptasks.worker.middleware import Context, Outcome
 
 
 def ctx(ident: str, *, scheduled: bool = True, retries: int = 0) -> Context:

@@ -8,7 +8,7 @@ import pytest
 
 from amqptasks.config import DEFAULT_POLICY, TaskPolicy
 from amqptasks.errors import MaxRetriesExceeded, Retry, WorkerLost
-from amqptasks.retry import backoff, decide
+from amqptasks.worker.retry import backoff, decide
 
 
 def policy(**kw) -> TaskPolicy:

@@ -27,12 +27,13 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
 
-from .errors import SoftTimeLimitExceeded, TimeLimitExceeded
+from ..errors import SoftTimeLimitExceeded, TimeLimitExceeded
+from ..tasks import BoundTask, Request, Task
 from .middleware import Outcome
-from .tasks import BoundTask, Request, Task
 
 __all__ = ["AsyncRunner", "Call", "InlineRunner", "Runner", "ThreadRunner"]
 
@@ -47,6 +48,9 @@ class Call:
     request: Request
     soft: float = 0.0
     hard: float = 0.0
+    #: The message's deadline: a runner that had to wait for a free worker (a child process)
+    #: checks it again before starting the call.
+    expires: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def arguments(self) -> tuple[Any, ...]:

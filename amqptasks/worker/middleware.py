@@ -1,9 +1,13 @@
 """Hooks around the worker's one fixed pipeline.
 
-decode → ``before_run`` hooks → run → ``after_run`` hooks (reverse order) → settle once.
-Features (results now; retries, time limits, events later) are :class:`Middleware` subclasses
-overriding typed no-op hooks — never ``if`` chains inside the worker loop. A hook that raises
-is logged and skipped: a broken feature must not lose or double-settle a message.
+decode → ``should_run`` → ``before_run`` hooks → run → ``after_run`` hooks (reverse order) →
+settle once. A message settled to its dead-letter queue *without running* (undecodable, unknown
+task, expired, refused content type, too large) goes to ``on_reject`` instead, after its
+dead-letter copy is confirmed and before the ack.
+
+Features (replies, results, events, ...) are :class:`Middleware` subclasses overriding typed
+no-op hooks — never ``if`` chains inside the worker loop. A hook that raises is logged and
+skipped: a broken feature must not lose or double-settle a message.
 """
 
 from __future__ import annotations
@@ -13,12 +17,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .protocol import CONTENT_TYPE_JSON, FAILURE, SUCCESS, Envelope, Properties, Reply, encode_reply
+from ..protocol import Envelope, Properties
 
 if TYPE_CHECKING:
-    from .tasks import Task
+    from ..tasks import Task
 
-__all__ = ["Context", "Middleware", "Outcome", "Publish", "ResultsMiddleware"]
+__all__ = [
+    "Context",
+    "Middleware",
+    "Outcome",
+    "Publish",
+    "Rejection",
+    "run_after",
+    "run_before",
+    "run_on_reject",
+    "run_should_run",
+]
 
 log = logging.getLogger("amqptasks.worker")
 
@@ -50,6 +64,23 @@ class Context:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A message dead-lettered before it ran: why, and what is known of it.
+
+    ``envelope`` is None when the body could not be decoded; ``properties`` are always there
+    (a reply can still be addressed with their ``reply_to`` and ``correlation_id``).
+    """
+
+    id: str
+    reason: str
+    detail: str
+    queue: str
+    hostname: str
+    properties: Properties
+    envelope: Envelope | None = None
+
+
 class Middleware:
     """Base class: every hook is a no-op; override the ones a feature needs."""
 
@@ -69,49 +100,8 @@ class Middleware:
     async def after_run(self, ctx: Context, outcome: Outcome) -> None:
         """Called after the task ran, before the delivery is settled. Runs in reverse order."""
 
-
-class ResultsMiddleware(Middleware):
-    """Answers ``reply_to`` with the documented reply (the rpc result backend).
-
-    Tasks with ``ignore_result`` (or the config default) never reply. A reply whose caller is
-    gone is unroutable: that is logged at debug level, the task's outcome stands.
-    """
-
-    def __init__(self, publish: Publish, default_ignore: bool) -> None:
-        self.publish = publish
-        self.default_ignore = default_ignore
-
-    def wants(self, envelope: Envelope) -> bool:
-        return envelope.reply_to is not None
-
-    async def after_run(self, ctx: Context, outcome: Outcome) -> None:
-        env = ctx.envelope
-        ignore = ctx.task.ignore_result
-        if not env.reply_to or (self.default_ignore if ignore is None else ignore):
-            return
-        if outcome.retry_countdown is not None:
-            return  # not final yet: the caller hears about the last attempt only
-        if outcome.ok:
-            reply = Reply(env.id, SUCCESS, env.task, result=outcome.result)
-        else:
-            exc = outcome.exc
-            reply = Reply(
-                env.id,
-                FAILURE,
-                env.task,
-                error_type=type(exc).__name__,
-                error_message=str(exc),
-                traceback=outcome.traceback,
-            )
-        props = Properties(
-            content_type=CONTENT_TYPE_JSON,
-            correlation_id=env.correlation_id or env.id,
-            message_id=env.id,
-        )
-        try:
-            await self.publish("", env.reply_to, encode_reply(reply), props)
-        except Exception as exc:  # the caller may be gone; the task's outcome stands
-            log.debug("reply for %s[%s] not delivered: %s", env.task, env.id, exc)
+    async def on_reject(self, rejection: Rejection) -> None:
+        """Called when a message was dead-lettered without running, before its ack."""
 
 
 async def run_should_run(middleware: list[Middleware], ctx: Context) -> bool:
@@ -140,3 +130,11 @@ async def run_after(middleware: list[Middleware], ctx: Context, outcome: Outcome
             await m.after_run(ctx, outcome)
         except Exception:
             log.exception("middleware %s.after_run failed", type(m).__name__)
+
+
+async def run_on_reject(middleware: list[Middleware], rejection: Rejection) -> None:
+    for m in reversed(middleware):
+        try:
+            await m.on_reject(rejection)
+        except Exception:
+            log.exception("middleware %s.on_reject failed", type(m).__name__)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .config import TaskPolicy
-from .errors import MaxRetriesExceeded, Retry, WorkerLost
+from ..config import TaskPolicy
+from ..errors import MaxRetriesExceeded, Retry, WorkerLost
 
 __all__ = ["Decision", "backoff", "decide"]
 

@@ -28,12 +28,13 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from .errors import Retry, SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLost
+from ..errors import Retry, SoftTimeLimitExceeded, TaskExpired, TimeLimitExceeded, WorkerLost
+from ..tasks import BoundTask
 from .middleware import Outcome
 from .pool import Call
-from .tasks import BoundTask
 
 __all__ = ["ProcessRunner", "RemoteFailure"]
 
@@ -71,7 +72,7 @@ def _child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides about shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGALRM, _on_alarm)
-    from .loader import load_tasks
+    from ..loader import load_tasks
 
     tasks = load_tasks(imports)
     served = 0
@@ -198,6 +199,16 @@ class ProcessRunner:
     async def run(self, call: Call) -> Outcome:
         assert self._idle is not None, "start() first"
         child = await self._idle.get()
+        if call.expires is not None and datetime.now(timezone.utc) >= call.expires:
+            self._idle.put_nowait(child)  # never handed a call that is already too late
+            return Outcome(
+                False,
+                exc=TaskExpired(
+                    f"expired at {call.expires.isoformat()} while it waited for a free child "
+                    "process"
+                ),
+                traceback="",
+            )
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:

@@ -30,10 +30,10 @@ import asyncio
 import logging
 from collections import OrderedDict
 
-from .dlq import REPLAY_HEADER
+from ..dlq import REPLAY_HEADER
+from ..protocol import Envelope
+from ..schedule import SCHEDULE_HEADER
 from .middleware import Context, Middleware, Outcome
-from .protocol import Envelope
-from .schedule import SCHEDULE_HEADER
 
 __all__ = ["Dedupe"]
 

@@ -1,0 +1,304 @@
+"""The worker: wiring, start-up checks, lifecycle and signals.
+
+A worker is a few parts, each in its own module of this package:
+
+* :mod:`.consume` — the consuming connection's life (wait for the broker, declare, consume,
+  reconnect) and the dispatch of each delivery;
+* :mod:`.fastpath` — the common delivery settled without an asyncio task;
+* :mod:`.pipeline` — the one fixed pipeline for everything else;
+* :mod:`.settle` — the only code that acks, rejects, requeues, retries or dead-letters;
+* :mod:`.middleware` — the hooks features plug into (replies, dedupe, ...);
+* :mod:`.pool` / :mod:`.process_pool` — where task code runs and how limits are enforced.
+
+Concurrency: at most ``concurrency`` tasks run at once; ``prefetch = concurrency ×
+prefetch_multiplier`` deliveries per consumer may wait for a slot. ``async def`` tasks run on
+the event loop; sync tasks in a thread pool, inline (``asyncio``) or in child processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..config import DEFAULT_POLICY, Settings, TaskPolicy, redact_url
+from ..errors import AmqpTasksError, BrokerError, TopologyError
+from ..tasks import Task
+from ..transport.aio import AsyncPublisher
+from .consume import ConsumeLoop
+from .dedupe import Dedupe
+from .fastpath import FastPath
+from .middleware import Middleware
+from .pipeline import Pipeline
+from .pool import InlineRunner, ThreadRunner
+from .process_pool import ProcessRunner
+from .replies import ReplyMiddleware
+from .settle import Settler
+from .stats import Stats
+
+__all__ = ["POOLS", "Worker", "WorkerOptions", "default_hostname"]
+
+log = logging.getLogger("amqptasks.worker")
+POOLS = ("threads", "asyncio", "processes")
+
+
+def default_hostname() -> str:
+    return f"amqptasks@{socket.gethostname()}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    queues: tuple[str, ...]
+    concurrency: int = 8
+    prefetch_multiplier: int = 4
+    pool: str = "threads"
+    hostname: str = ""
+    declare: bool = True
+    max_tasks_per_child: int = 0
+    max_memory_per_child: int = 0  # KiB
+    #: Give up when no broker answered within this many seconds of start (None: wait forever).
+    connect_timeout: float | None = None
+
+    @property
+    def prefetch(self) -> int:
+        return self.concurrency * self.prefetch_multiplier
+
+
+class Worker:
+    """Consumes ``options.queues`` and runs ``tasks``; ``await run()`` returns an exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tasks: Mapping[str, Task],
+        options: WorkerOptions,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        if options.pool not in POOLS:
+            raise AmqpTasksError(
+                f"pool {options.pool!r} is not available (choose from {', '.join(POOLS)})"
+            )
+        work = {q.name for q in settings.topology.work_queues()}
+        missing = [q for q in options.queues if q not in work]
+        if missing:
+            declared = ", ".join(q.name for q in settings.topology.work_queues())
+            raise AmqpTasksError(
+                f"queue(s) {', '.join(missing)} not declared in {settings.source} "
+                f"(declared: {declared})"
+            )
+        self.settings = settings
+        self.tasks = dict(tasks)
+        self.options = options
+        self.hostname = options.hostname or default_hostname()
+        self.policies: dict[str, TaskPolicy] = {
+            name: t.policy.merged(settings.task_policy(name)).merged(DEFAULT_POLICY)
+            for name, t in self.tasks.items()
+        }
+        self.publisher = AsyncPublisher(
+            settings.broker.url,
+            timeout=settings.broker.publish_timeout,
+            name=f"{self.hostname} publisher",
+            heartbeat=settings.broker.heartbeat,
+        )
+        self.middleware: list[Middleware] = [
+            ReplyMiddleware(self.publisher.publish, settings.results.ignore_result),
+            *middleware,
+            # Last, so its should_run claims a message only once every other hook said yes
+            # (a claim is released by after_run, which then always follows).
+            Dedupe(),
+        ]
+        self.stats = Stats()
+        self._stopping = asyncio.Event()
+        self._done = asyncio.Event()
+        self._signals = 0
+        self._exit_code = 0
+        #: True after a second signal: exit without waiting for running tasks.
+        self.cold = False
+        self.settler = Settler(self.publisher.publish, self.hostname, self.middleware)
+        self.pipeline = Pipeline(
+            settings,
+            self.tasks,
+            self.policies,
+            self.hostname,
+            self.middleware,
+            self.settler,
+            self.stats,
+            concurrency=options.concurrency,
+            stopping=self._stopping,
+        )
+        self.fast = FastPath(
+            self.pipeline, self.tasks, self.policies, self.middleware, pool=options.pool
+        )
+        self.consuming = ConsumeLoop(
+            settings,
+            options.queues,
+            prefetch=options.prefetch,
+            hostname=self.hostname,
+            pipeline=self.pipeline,
+            fast=self.fast,
+            stats=self.stats,
+            stopping=self._stopping,
+            done=self._done,
+            declare=options.declare,
+            connect_timeout=options.connect_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.hostname} broker={redact_url(self.settings.broker.url)}>"
+
+    @property
+    def on_ready(self) -> Callable[[], None] | None:
+        """Called each time every consumer is attached (the CLI prints "ready: consuming")."""
+        return self.consuming.on_ready
+
+    @on_ready.setter
+    def on_ready(self, callback: Callable[[], None] | None) -> None:
+        self.consuming.on_ready = callback
+
+    @property
+    def processed(self) -> int:
+        return self.stats.processed
+
+    @property
+    def reconnects(self) -> int:
+        return self.stats.reconnects
+
+    # -- start-up checks ------------------------------------------------------------------------
+    def check_limits(self) -> list[str]:
+        """Problems with time limits, found before consuming (not at 3 a.m.).
+
+        A hard limit at or above the broker's ``consumer_timeout`` is refused: the broker would
+        close the channel (and redeliver) before the limit fires. Limits the chosen pool cannot
+        enforce are warned about.
+        """
+        errors = []
+        timeout = self.settings.broker.consumer_timeout
+        for name, policy in sorted(self.policies.items()):
+            hard = policy.time_limit or 0
+            if hard and hard >= timeout:
+                errors.append(
+                    f"task {name}: time_limit {hard:g}s is not below the broker's "
+                    f"consumer_timeout ({timeout:g}s, broker.consumer_timeout)"
+                )
+            task = self.tasks[name]
+            if (
+                (hard or policy.soft_time_limit)
+                and not task.is_async
+                and self.options.pool == "asyncio"
+            ):
+                log.warning(
+                    "task %s has time limits, which --pool asyncio cannot enforce for "
+                    "sync tasks (use threads or processes)",
+                    name,
+                )
+        return errors
+
+    def banner(self) -> str:
+        s = self.settings
+        sub = s.topology.subset(self.options.queues)
+        extra = ""
+        if self.options.pool == "processes":
+            extra = (
+                f" max-tasks-per-child={self.options.max_tasks_per_child or '-'} "
+                f"max-memory-per-child={self.options.max_memory_per_child or '-'}KiB"
+            )
+        lines = [
+            f"amqptasks worker {self.hostname}",
+            f"  broker:      {redact_url(s.broker.url)}",
+            f"  config:      {s.source}",
+            f"  pool:        {self.options.pool}  concurrency={self.options.concurrency} "
+            f"prefetch={self.options.prefetch} (per consumer){extra}",
+            "  queues:",
+        ]
+        for q in self.options.queues:
+            lines.append(f"    {q}  (dead letters: {q}.dlq)")
+            for b in sub.bindings_of(q):
+                if not b.exchange.startswith("amqptasks."):
+                    lines.append(f"      <- {b.exchange} [{b.routing_key}]")
+        lines.append("  tasks:")
+        lines.extend(
+            f"    {name}{'  (async)' if t.is_async else ''}"
+            for name, t in sorted(self.tasks.items())
+        )
+        return "\n".join(lines)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def _start_runner(self) -> None:
+        if self.options.pool == "threads":
+            self.pipeline.runner = ThreadRunner(self.options.concurrency)
+        elif self.options.pool == "asyncio":
+            self.pipeline.runner = InlineRunner()
+        else:
+            runner = ProcessRunner(
+                self.options.concurrency,
+                self.settings.imports,
+                max_tasks_per_child=self.options.max_tasks_per_child,
+                max_memory_per_child=self.options.max_memory_per_child,
+            )
+            await runner.start()
+            self.pipeline.runner = runner
+
+    async def run(self) -> int:
+        """Consume until a signal, reconnecting after connection loss; return the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            problems = self.check_limits()
+            if problems:
+                raise AmqpTasksError("refusing to start:\n  " + "\n  ".join(problems))
+            await self._start_runner()
+            await self.consuming.run()
+        except (BrokerError, TopologyError, AmqpTasksError) as exc:
+            log.error("%s", exc)
+            self._exit_code = 1
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self._shutdown()
+        return self._exit_code
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.warning(
+                "%s: warm shutdown — finishing %d running task(s), returning the rest",
+                signal.Signals(sig).name,
+                self.stats.running,
+            )
+            asyncio.get_running_loop().create_task(self.stop())
+        else:
+            log.warning(
+                "%s again: cold shutdown — unfinished tasks are not acked and return to the queue",
+                signal.Signals(sig).name,
+            )
+            self._exit_code = 1
+            self.cold = True
+            self._stopping.set()
+            for t in list(self.pipeline.inflight):
+                t.cancel()
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Warm shutdown: stop consuming, let running tasks finish and settle, then exit."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        await self.consuming.cancel()
+        self.fast.cancel_pending()
+        while self.pipeline.inflight or self.fast.pending:
+            if self.pipeline.inflight:
+                await asyncio.wait(set(self.pipeline.inflight), timeout=0.1)
+            else:
+                await asyncio.sleep(0.02)
+        self._done.set()
+
+    async def _shutdown(self) -> None:
+        self._stopping.set()
+        await self.consuming.close()
+        await self.publisher.close()
+        if self.pipeline.runner is not None:
+            self.pipeline.runner.close()

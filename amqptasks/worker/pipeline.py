@@ -1,0 +1,247 @@
+"""The worker's one fixed pipeline for a delivery that does not take the fast path::
+
+    stopping? -> size -> decode -> lookup -> expiry -> not-yet-due? -> slot -> expiry again
+      -> should_run -> (early ack) -> before_run -> run -> retry decision -> after_run -> settle
+
+Each step either passes the delivery on or settles it (through :class:`.settle.Settler`), so a
+delivery is settled exactly once. Expiry is checked again once a concurrency slot is free: a
+message can wait behind long tasks for longer than its ``expires`` allows, and a task must not
+start after its deadline (the process pool checks a third time, when a child is free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from ..config import Settings, TaskPolicy
+from ..errors import ProtocolError, TaskExpired
+from ..protocol import Envelope, decode
+from ..tasks import Request, Task
+from ..topology import delay_seconds
+from ..transport.pika_consumer import PikaDelivery as Delivery
+from .middleware import Context, Middleware, Outcome, run_after, run_before, run_should_run
+from .pool import AsyncRunner, Call, Runner
+from .retry import decide
+from .settle import Settler
+from .slots import Slots
+from .stats import Stats
+
+__all__ = ["Pipeline", "log_failure", "log_success"]
+
+log = logging.getLogger("amqptasks.worker")
+
+
+def log_success(env: Envelope, runtime: float, result: Any) -> None:
+    if log.isEnabledFor(logging.INFO):  # skip formatting on the hot path when not shown
+        log.info(
+            "task %s[%s] succeeded in %.3fs: %.200r",
+            env.task,
+            env.id,
+            runtime,
+            result,
+            extra={"task_id": env.id, "task_name": env.task},
+        )
+
+
+def log_failure(env: Envelope, runtime: float, exc: BaseException | None) -> None:
+    log.warning(
+        "task %s[%s] failed in %.3fs: %s: %s",
+        env.task,
+        env.id,
+        runtime,
+        type(exc).__name__,
+        exc,
+        extra={"task_id": env.id, "task_name": env.task},
+    )
+
+
+class Pipeline:
+    """Runs deliveries through the full pipeline, at most ``concurrency`` tasks at once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tasks: Mapping[str, Task],
+        policies: Mapping[str, TaskPolicy],
+        hostname: str,
+        middleware: list[Middleware],
+        settler: Settler,
+        stats: Stats,
+        *,
+        concurrency: int,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.tasks = tasks
+        self.policies = policies
+        self.hostname = hostname
+        self.middleware = middleware
+        self.settler = settler
+        self.stats = stats
+        self.stopping = stopping
+        self.runner: Runner | None = None
+        self.async_runner = AsyncRunner()
+        self.inflight: set[asyncio.Task[Any]] = set()
+        self.slots = Slots(concurrency)
+
+    # -- tasks on the loop ----------------------------------------------------------------------
+    def spawn(self, work: Any, delivery: Delivery) -> None:
+        """Run ``work`` (a coroutine settling ``delivery``) as a task the worker waits for."""
+        task = asyncio.get_running_loop().create_task(self._guard(work, delivery))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    async def _guard(self, work: Any, delivery: Delivery) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not leave the delivery unsettled silently
+            log.exception(
+                "unexpected error processing a delivery on %s; rejecting it to its "
+                "dead-letter queue",
+                delivery.queue,
+            )
+            await self.settler.reject(delivery, "<unknown>")
+
+    # -- the pipeline ---------------------------------------------------------------------------
+    async def process(self, delivery: Delivery, env: Envelope | None = None) -> None:
+        """The full pipeline; ``env`` is the envelope when the caller already decoded it."""
+        settler = self.settler
+        if self.stopping.is_set():
+            await settler.requeue(delivery)
+            return
+        if len(delivery.body) > self.settings.max_body_size:
+            await settler.dead_letter(
+                delivery,
+                "too-large",
+                f"body of {len(delivery.body)} bytes is over the limit of "
+                f"{self.settings.max_body_size} (serialization.max_body_size)",
+            )
+            return
+        now = datetime.now(timezone.utc)
+        try:
+            if env is None:
+                env = decode(delivery.body, delivery.properties, self.settings.accept, now=now)
+        except ProtocolError as exc:
+            await settler.dead_letter(delivery, exc.reason, str(exc))
+            return
+        except Exception as exc:  # the decoder must never leave a delivery unsettled
+            await settler.dead_letter(delivery, "decode-error", f"{type(exc).__name__}: {exc}")
+            return
+        task = self.tasks.get(env.task)
+        if task is None:
+            await settler.dead_letter(
+                delivery,
+                "unknown-task",
+                f"task {env.task!r} is not registered on worker {self.hostname}",
+                env=env,
+            )
+            return
+        if env.is_expired(now):
+            await self._expired(delivery, env, "before it started")
+            return
+        if env.eta is not None and delay_seconds((env.eta - now).total_seconds()) >= 1:
+            # Not due yet (a producer's eta, or a delay level rounding early): back to the
+            # broker's delay levels, never held here.
+            if await settler.republish(
+                delivery, env, delay_seconds((env.eta - now).total_seconds())
+            ):
+                await settler.ack(delivery)
+            return
+        if env.links:
+            await settler.dead_letter(
+                delivery,
+                "unsupported",
+                f"workflow fields ({', '.join(sorted(env.links))}) are not supported yet",
+                env=env,
+            )
+            return
+        if not await self.slots.take(self.stopping):
+            await settler.requeue(delivery)
+            return
+        if env.is_expired(datetime.now(timezone.utc)):
+            self.slots.release()
+            await self._expired(delivery, env, "while it waited for a free slot")
+            return
+        policy = self.policies[env.task]
+        self.stats.running += 1
+        try:
+            ctx = Context(env, task, delivery.queue, self.hostname)
+            if not await run_should_run(self.middleware, ctx):
+                await settler.ack(delivery)  # settled without running (e.g. a duplicate)
+                return
+            if policy.acks_early:
+                await settler.ack(delivery)
+            await run_before(self.middleware, ctx)
+            try:
+                outcome = await self._execute(task, env, delivery.queue, policy)
+            except Exception as exc:  # a bug around the task: its failure, settled as one,
+                # so every after_run hook (e.g. a Dedupe claim's release) still runs
+                log.exception("running %s[%s] failed inside the worker", env.task, env.id)
+                outcome = Outcome(False, exc=exc, traceback=traceback.format_exc())
+        finally:
+            self.stats.running -= 1
+            self.slots.release()
+        await self.finish(delivery, env, task, policy, ctx, outcome, now)
+
+    async def _expired(self, delivery: Delivery, env: Envelope, when: str) -> None:
+        assert env.expires is not None
+        await self.settler.dead_letter(
+            delivery, "expired", f"expired at {env.expires.isoformat()} {when}", env=env
+        )
+
+    async def finish(
+        self,
+        delivery: Delivery,
+        env: Envelope,
+        task: Task,
+        policy: TaskPolicy,
+        ctx: Context,
+        outcome: Outcome,
+        now: datetime,
+    ) -> None:
+        """Retry decision, ``after_run`` hooks, then settle: the one place a ran task's
+        delivery is settled."""
+        if not outcome.ok and not policy.acks_early and not isinstance(outcome.exc, TaskExpired):
+            assert outcome.exc is not None
+            decision = decide(policy, outcome.exc, env.retries, task.autoretry_for)
+            if decision.retry:
+                outcome.retry_countdown = decision.countdown
+            else:
+                outcome.exc = decision.exc
+        await run_after(self.middleware, ctx, outcome)
+        self.stats.processed += 1
+        await self.settler.settle(delivery, env, policy, outcome, now)
+
+    async def _execute(self, task: Task, env: Envelope, queue: str, policy: TaskPolicy) -> Outcome:
+        request = Request(
+            id=env.id,
+            task=env.task,
+            retries=env.retries,
+            queue=queue,
+            hostname=self.hostname,
+            headers=env.headers,
+        )
+        call = Call(
+            task,
+            env.args,
+            env.kwargs,
+            request,
+            soft=policy.soft_time_limit or 0.0,
+            hard=policy.time_limit or 0.0,
+            expires=env.expires,
+        )
+        runner = self.async_runner if task.is_async else self.runner
+        assert runner is not None
+        outcome = await runner.run(call)
+        if outcome.ok:
+            log_success(env, outcome.runtime, outcome.result)
+        else:
+            log_failure(env, outcome.runtime, outcome.exc)
+        return outcome
