@@ -241,13 +241,78 @@ def load_config(
     except OSError as exc:
         raise ConfigError(source, "", f"cannot be read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            source, exc.key, f"duplicate key at line {exc.line} (first at line {exc.first})"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, "", f"invalid YAML{where}: {problem}") from None
     return _Parser(source).settings(data if data is not None else {}, env)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(key)
+        self.key = key
+        self.line = line
+        self.first = first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses a key given twice in one mapping, at any depth.
+
+    YAML loaders let the last of two equal keys win silently: a second ``worker:`` section
+    would drop the first without a word. The node tree is indexed by key path once composed,
+    so the error can say where (``queues.web_tasks.bindings[0].exchange``). Keys brought in by
+    a ``<<`` merge are not duplicates: an explicit key after a merge is YAML's override.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._paths: dict[int, str] = {}
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            self._index(node, "")
+        return node
+
+    def _index(self, node: yaml.Node, path: str) -> None:
+        if id(node) in self._paths:  # an alias: already indexed where its anchor is
+            return
+        self._paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag == _MERGE_TAG:
+                    continue
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                self._index(value, _join(path, str(name)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._index(item, f"{path}[{i}]")
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if seen is not None:
+                raise _DuplicateKey(_join(self._paths.get(id(node), ""), str(key)), line, seen)
+            first[key] = line
+        return super().construct_mapping(node, deep)
 
 
 T = TypeVar("T")

@@ -372,6 +372,67 @@ def test_tab_indentation_is_invalid_yaml_with_its_line(tmp_path: Path) -> None:
         load_config(path, env={})
 
 
+# -- duplicate keys: YAML lets the last one win silently; we refuse them, at every level --------
+@pytest.mark.parametrize(
+    ("text", "key", "line", "first"),
+    [
+        (
+            BASE + "worker: {concurrency: 2}\nresults: {}\nworker: {concurrency: 4}\n",
+            "worker",
+            7,
+            5,
+        ),
+        (
+            BASE + "worker:\n  concurrency: 2\n  pool: threads\n  concurrency: 4\n",
+            "worker.concurrency",
+            8,
+            6,
+        ),
+        (
+            "exchanges:\n  tasks: {type: topic}\nqueues:\n"
+            "  web_tasks:\n    bindings:\n      - {exchange: tasks, routing_key: a, exchange: x}\n",
+            "queues.web_tasks.bindings[0].exchange",
+            6,
+            6,
+        ),
+        (
+            BASE + "routes:\n  'a.*': {queue: web_tasks}\n  a.*: {queue: web_tasks}\n",
+            "routes.a.*",
+            7,
+            6,
+        ),
+        (BASE.replace("queues:", "queues:\n  web_tasks: {}"), "queues.web_tasks", 5, 4),
+    ],
+)
+def test_duplicate_keys_are_refused_with_line_and_key_path(
+    tmp_path: Path, text: str, key: str, line: int, first: int
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value) == f"{path}: {key}: duplicate key at line {line} (first at line {first})"
+    assert info.value.key == key
+
+
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    # '<<' is YAML's "these, then my own": an explicit key after a merge overrides it.
+    path = write(
+        tmp_path,
+        """\
+        exchanges:
+          tasks: {type: topic}
+        queues:
+          web_tasks: &q {bindings: [{exchange: tasks, routing_key: "web.#"}], max_length: 5}
+          other:
+            <<: *q
+            max_length: 10
+        """,
+    )
+    topology = load_config(path, env={}).topology
+    assert topology.queue("other").args["x-max-length"] == 10
+    assert topology.reaches("tasks", "web.x") == ("web_tasks", "other")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as info:
