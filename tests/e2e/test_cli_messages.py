@@ -260,3 +260,37 @@ def test_json_log_format_is_one_object_per_line(tmp_path, broker, worker_factory
     [done] = [r for r in records if task_id in r["message"]]
     assert done["logger"] == "amqptasks.worker" and done["level"] == "INFO"
     assert "succeeded" in done["message"]
+
+
+# -- topology: a summary by default, every object with -v -----------------------------------------
+def test_topology_show_and_apply_summarise_the_delay_levels(tmp_path, broker):
+    cfg = write_config(tmp_path, broker)
+    delay_line = (
+        "delay levels: 22 queues amqptasks.delay.0..21 (1 s .. 48.5 days), 23 exchanges, "
+        "25 bindings, exchange-to-exchange bindings: 22 (-v lists them)"
+    )
+    shown = run_cli(cfg, "topology", "show")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert delay_line in lines
+    assert not [x for x in lines if "amqptasks.delay." in x and x != delay_line]
+    for text in (
+        "  tasks --[web.#]--> web_tasks",
+        "  web_tasks.dlq  role=dead-letter durable=true",
+    ):
+        assert text in lines
+    assert len(lines) < 40  # three queues: a screen, not ~100 lines
+    full = run_cli(cfg, "topology", "show", "-v").stdout.splitlines()
+    assert "  amqptasks.delay.21  type=topic durable=true" in full
+    assert len([x for x in full if "amqptasks.delay." in x]) == 23 + 22 + 25 + 22
+    assert run_cli(cfg, "topology", "show", "--all").stdout.splitlines() == full
+
+    applied = run_cli(cfg, "topology", "apply")
+    assert applied.returncode == 0, applied.stderr
+    lines = applied.stdout.splitlines()
+    assert delay_line in lines and not [x for x in lines if x.startswith("declared ")]
+    assert lines[-1].endswith(": 107 objects")
+    assert broker.depth("amqptasks.delay.21") == 0  # declared all the same
+    verbose = run_cli(cfg, "topology", "apply", "-v").stdout.splitlines()
+    assert len([x for x in verbose if x.startswith("declared ")]) == 107
+    assert "declared queue amqptasks.delay.0" in verbose
