@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -59,21 +59,40 @@ TASK_KEYS = (
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
 
 
+#: What may precede the authority: a scheme (even misspelt, or missing its ':') and slashes.
+_URL_PREFIX = re.compile(r"\s*(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)(?P<colon>:?)(?P<slashes>/*)")
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: safe for logs, banners and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        if url.count("@") == parts.netloc.count("@"):
-            return url  # no '@' at all, or only a user name (no password) in the netloc
-        # An '@' outside the netloc: without '//' ('user:pass@host', 'amqp:/user:pass@host')
-        # urlsplit finds no netloc and any credentials sit in the path. Hide all before it.
-        return "***@" + url.rsplit("@", 1)[1]
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """``url`` with its password replaced by ``***`` and every other character kept.
+
+    Safe for logs, banners, reprs and errors — and for reporting a malformed URL: the point of
+    showing it is the typo (``amqps//``, a wrong host or port), so nothing but the password is
+    hidden. Works on the raw text rather than ``urlsplit``, which finds no credentials at all
+    in ``amqps//user:pw@host``. The userinfo ends at the last '@' of the authority; when an
+    unencoded '/', '?' or '#' ends the authority before any '@' (a password containing one),
+    everything up to the last '@' counts as the password: better hide too much than show the
+    rest of a password.
+    """
+    start = len(url) - len(url.lstrip())
+    m = _URL_PREFIX.match(url)
+    if m is not None and (
+        m["slashes"] or (m["colon"] and m["scheme"].lower() in ("amqp", "amqps"))
+    ):
+        start = m.end()  # 'user:pw@host' alone has no scheme: 'user' is not one
+    rest = url[start:]
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    at = rest.rfind("@", 0, end)
+    if at < 0:
+        if ":" not in rest[:end]:
+            return url
+        at = rest.rfind("@")
+        if at < 0:
+            return url
+    colon = rest.find(":", 0, at)
+    if colon < 0:
+        return url  # a user name alone is not a secret
+    return url[:start] + rest[: colon + 1] + "***" + rest[at:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +107,16 @@ class BrokerSettings:
     consumer_timeout: float = 1800.0
     #: How long a worker waits between reconnection attempts at most (exponential backoff).
     reconnect_max_delay: float = 30.0
+
+    def __repr__(self) -> str:
+        # The dataclass keeps the real URL; its repr is what lands in error trackers' captured
+        # local variables and in debug prints, so it shows the URL with the password hidden.
+        return (
+            f"BrokerSettings(url={redact_url(self.url)!r}, "
+            f"publish_timeout={self.publish_timeout!r}, heartbeat={self.heartbeat!r}, "
+            f"consumer_timeout={self.consumer_timeout!r}, "
+            f"reconnect_max_delay={self.reconnect_max_delay!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,13 +241,78 @@ def load_config(
     except OSError as exc:
         raise ConfigError(source, "", f"cannot be read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            source, exc.key, f"duplicate key at line {exc.line} (first at line {exc.first})"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, "", f"invalid YAML{where}: {problem}") from None
     return _Parser(source).settings(data if data is not None else {}, env)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(key)
+        self.key = key
+        self.line = line
+        self.first = first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses a key given twice in one mapping, at any depth.
+
+    YAML loaders let the last of two equal keys win silently: a second ``worker:`` section
+    would drop the first without a word. The node tree is indexed by key path once composed,
+    so the error can say where (``queues.web_tasks.bindings[0].exchange``). Keys brought in by
+    a ``<<`` merge are not duplicates: an explicit key after a merge is YAML's override.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._paths: dict[int, str] = {}
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            self._index(node, "")
+        return node
+
+    def _index(self, node: yaml.Node, path: str) -> None:
+        if id(node) in self._paths:  # an alias: already indexed where its anchor is
+            return
+        self._paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag == _MERGE_TAG:
+                    continue
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                self._index(value, _join(path, str(name)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._index(item, f"{path}[{i}]")
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if seen is not None:
+                raise _DuplicateKey(_join(self._paths.get(id(node), ""), str(key)), line, seen)
+            first[key] = line
+        return super().construct_mapping(node, deep)
 
 
 T = TypeVar("T")
@@ -354,7 +448,9 @@ class _Parser:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
         except ValueError:
-            raise self.fail(key, "expected an amqp:// or amqps:// URL") from None
+            raise self.fail(
+                key, f"expected an amqp:// or amqps:// URL, got {redact_url(url)!r}"
+            ) from None
         if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
             raise self.fail(key, f"expected an amqp:// or amqps:// URL, got {redact_url(url)!r}")
         timeout = self.typed(

@@ -8,6 +8,7 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
 
     AmqpTasksError
     ├── ConfigError                 config file invalid: names file, key path, expectation
+    │   └── TaskImportError         a module under ``imports`` is missing or raised on import
     ├── ProtocolError               a message body/properties that cannot become an envelope
     │   ├── DecodeError             not UTF-8 JSON object / missing or mistyped field
     │   ├── EncodeError             arguments that cannot be serialised
@@ -58,6 +59,7 @@ __all__ = [
     "SoftTimeLimitExceeded",
     "TaskError",
     "TaskExpired",
+    "TaskImportError",
     "TaskNotRegistered",
     "TimeLimitExceeded",
     "TopologyError",
@@ -82,6 +84,35 @@ class ConfigError(AmqpTasksError):
         self.problem = problem
         where = f"{path}: {key}" if key else path
         super().__init__(f"{where}: {problem}")
+
+
+class TaskImportError(ConfigError):
+    """A task module named under ``imports`` could not be imported: missing, or its code raised.
+
+    A start-up error the user fixes like a config error (the CLI exits 2). ``str()`` names the
+    module, where it is listed, the exception and the file:line that raised it::
+
+        importing 'myapp.tasks' (imports[0] in config/amqptasks.yaml) failed:
+        ZeroDivisionError: division by zero (at myapp/tasks.py:3)
+
+    ``__cause__`` is the original exception (its traceback is printed with ``-l debug``).
+    """
+
+    def __init__(
+        self, module: str, path: str, key: str, error: BaseException, where: str | None = None
+    ) -> None:
+        said = " ".join(str(error).split())
+        what = f"{type(error).__name__}: {said}" if said else type(error).__name__
+        super().__init__(path, key, what)
+        self.module = module
+        self.where = where
+        listed = f"{key} in {path}" if path else key
+        self.args = (
+            f"importing {module!r} ({listed}) failed: {what}" + (f" (at {where})" if where else ""),
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class ProtocolError(AmqpTasksError):

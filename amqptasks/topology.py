@@ -183,24 +183,66 @@ class Topology:
             )
         return tuple(delay_route(q, delay) for q in targets)
 
-    def describe(self) -> list[str]:
-        """Human-readable lines: what ``topology show`` prints."""
+    def describe(self, everything: bool = False) -> list[str]:
+        """Human-readable lines: what ``topology show`` prints.
+
+        By default the delay infrastructure (dozens of objects nobody configures by hand) is
+        one summary line and everything else is listed: the config's exchanges, queues and
+        bindings plus the dead-letter exchange and queues. ``everything`` lists each object.
+        """
+        hide = (lambda name: False) if everything else _is_delay
         lines = ["exchanges:"]
         for e in self.exchanges:
-            lines.append(f"  {e.name}  type={e.type} durable={str(e.durable).lower()}")
+            if not hide(e.name):
+                lines.append(f"  {e.name}  type={e.type} durable={str(e.durable).lower()}")
         lines.append("queues:")
         for q in self.queues:
+            if hide(q.name):
+                continue
             args = " ".join(f"{k}={v}" for k, v in q.arguments)
             lines.append(
                 f"  {q.name}  role={q.role} durable={str(q.durable).lower()}  {args}".rstrip()
             )
         lines.append("bindings:")
         for b in self.bindings:
-            lines.append(f"  {b.exchange} --[{b.routing_key}]--> {b.queue}")
-        lines.append("exchange-to-exchange bindings (delay levels):")
-        for x in self.exchange_bindings:
-            lines.append(f"  {x.source} --[{x.routing_key}]--> exchange {x.destination}")
+            if not hide(b.exchange):
+                lines.append(f"  {b.exchange} --[{b.routing_key}]--> {b.queue}")
+        if everything:
+            lines.append("exchange-to-exchange bindings (delay levels):")
+            for x in self.exchange_bindings:
+                lines.append(f"  {x.source} --[{x.routing_key}]--> exchange {x.destination}")
+        else:
+            lines.extend(self._delay_summary())
         return lines
+
+    def _delay_summary(self) -> list[str]:
+        levels = sorted(
+            (int(q.name.rsplit(".", 1)[1]), int(q.args.get("x-message-ttl", 0)))
+            for q in self.queues
+            if q.role == "delay"
+        )
+        if not levels:
+            return []
+        exchanges = sum(_is_delay(e.name) for e in self.exchanges)
+        bindings = sum(_is_delay(b.exchange) for b in self.bindings)
+        longest = sum(ttl for _, ttl in levels) / 1000
+        return [
+            f"delay levels: {len(levels)} queues {DELAY_PREFIX}.{levels[0][0]}..{levels[-1][0]} "
+            f"({_duration(levels[0][1] / 1000)} .. {_duration(longest)}), "
+            f"{exchanges} exchanges, {bindings} bindings, "
+            f"exchange-to-exchange bindings: {len(self.exchange_bindings)} (-v lists them)"
+        ]
+
+
+def _is_delay(name: str) -> bool:
+    return name.startswith(DELAY_PREFIX + ".")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{seconds:g} s"
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:

@@ -1,12 +1,14 @@
 """The ``amqptasks`` command line (click): one module per command group; the only package that
 imports click.
 
-Errors that are the user's to fix (config, routing, topology, broker unreachable) print one
-``error: ...`` line and exit 2 (usage/config) or 1 (runtime); no traceback.
+Errors that are the user's to fix print one ``error: ...`` line (with ``-l debug`` the
+traceback follows) and exit 2 (usage/config: a bad option, config file, queue name or task
+module) or 1 (runtime: broker, unroutable, topology mismatch, a failed task); no traceback.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -17,8 +19,9 @@ import click
 
 from ..config import Settings, load_config
 from ..errors import AmqpTasksError, ConfigError
+from .logs import FORMATS, LEVELS, debug_traceback, echo, setup
 
-__all__ = ["config_option", "friendly_errors", "main", "settings_for"]
+__all__ = ["BadUsage", "config_option", "friendly_errors", "main", "settings_for"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,6 +32,16 @@ config_option = click.option(
     default=None,
     help="Config file (default: $AMQPTASKS_CONFIG, else ./config/amqptasks.yaml).",
 )
+
+
+class BadUsage(click.ClickException):
+    """A command line that names something the config does not have (``-Q nosuchqueue``):
+    one ``error:`` line, exit 2, like a config error."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        echo(f"error: {self.format_message()}", level=logging.ERROR)
 
 
 def settings_for(config_path: str | None) -> Settings:
@@ -45,10 +58,12 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            click.echo(f"error: {exc}", err=True)
+            echo(f"error: {exc}", level=logging.ERROR)
+            debug_traceback(exc)
             sys.exit(2)
         except AmqpTasksError as exc:
-            click.echo(f"error: {exc}", err=True)
+            echo(f"error: {exc}", level=logging.ERROR)
+            debug_traceback(exc)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -56,8 +71,22 @@ def friendly_errors(fn: F) -> F:
 
 @click.group()
 @click.version_option(package_name="amqptasks")
-def main() -> None:
+@click.option(
+    "-l",
+    "--loglevel",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    default=None,
+    help="Log level of every command (a command's own -l wins; default INFO).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="text (default) or json, for every command (a command's own option wins).",
+)
+def main(loglevel: str | None, log_format: str | None) -> None:
     """amqptasks: task routing on RabbitMQ, honest about delivery."""
+    setup(loglevel or "INFO", log_format or "text")
 
 
 def _register() -> None:

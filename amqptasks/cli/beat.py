@@ -14,6 +14,7 @@ from ..loader import load_tasks
 from ..schedule import Schedule, format_utc, zone
 from ..scheduler import LOCK_QUEUE, Scheduler, collect_schedules
 from . import config_option, friendly_errors, main, settings_for
+from .logs import echo, log_options
 
 
 def _parse_from(value: str | None) -> datetime:
@@ -73,12 +74,6 @@ def _listing(settings: Settings, schedules: list[Schedule], start: datetime, cou
     default=None,
     help="With --list: list fire times after this ISO 8601 time instead of now.",
 )
-@click.option(
-    "-l",
-    "--loglevel",
-    default="INFO",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
 @click.option("-n", "--hostname", default=None, help="Scheduler name (default: beat@HOST).")
 @click.option(
     "--heartbeat",
@@ -95,12 +90,12 @@ def _listing(settings: Settings, schedules: list[Schedule], start: datetime, cou
     help="Declare the config's topology at start (exchanges, queues, bindings).",
 )
 @config_option
+@log_options
 @friendly_errors
 def beat(
     list_only: bool,
     count: int,
     from_time: str | None,
-    loglevel: str,
     hostname: str | None,
     heartbeat: int,
     declare: bool,
@@ -109,7 +104,7 @@ def beat(
     """Run the periodic scheduler: one active per broker vhost, the others on standby."""
     settings = settings_for(config_path)
     start = _parse_from(from_time)
-    tasks = load_tasks(settings.imports)  # imports may define Python schedules too
+    tasks = load_tasks(settings.imports, source=settings.source)  # may define schedules too
     schedules = collect_schedules(settings)
     if list_only:
         click.echo(_listing(settings, schedules, start, count))
@@ -118,13 +113,6 @@ def beat(
         raise click.UsageError(
             f"no schedules: add 'schedules:' to {settings.source} (see docs/scheduler.md)"
         )
-    logging.basicConfig(
-        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("aiormq", "aio_pika"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # pika logs a lost connection as several ERROR tracebacks; the link reports it in one line.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
     log = logging.getLogger("amqptasks.beat")
     for s in schedules:
         if s.task not in tasks:
@@ -137,13 +125,12 @@ def beat(
     scheduler = Scheduler(
         settings, schedules, hostname=hostname or "", heartbeat=heartbeat, declare=declare
     )
-    click.echo(
+    echo(
         f"amqptasks beat {scheduler.hostname}\n"
         f"  broker:    {redact_url(settings.broker.url)}\n"
         f"  config:    {settings.source}\n"
         f"  lock:      {LOCK_QUEUE} (single active consumer; heartbeat {heartbeat}s)\n"
-        "  schedules:\n" + "\n".join(f"    {s.describe()}" for s in schedules),
-        err=True,
+        "  schedules:\n" + "\n".join(f"    {s.describe()}" for s in schedules)
     )
-    scheduler.on_role = lambda role: click.echo(f"beat: {role}", err=True)
+    scheduler.on_role = lambda role: echo(f"beat: {role}")
     sys.exit(asyncio.run(scheduler.run()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 import click
@@ -11,6 +12,16 @@ from ..config import load_config, redact_url
 from ..errors import TopologyError
 from ..transport.aio import declare_topology
 from . import config_option, friendly_errors, main
+from .logs import echo, log_options
+
+every_option = click.option(
+    "-v",
+    "--all",
+    "everything",
+    is_flag=True,
+    help="List every object, the 22 delay levels' exchanges, queues and bindings included "
+    "(default: those summarised in one line).",
+)
 
 
 @main.group()
@@ -19,13 +30,15 @@ def topology() -> None:
 
 
 @topology.command("show")
+@every_option
 @config_option
+@log_options
 @friendly_errors
-def topology_show(config_path: str | None) -> None:
-    """Print every exchange, queue, binding and argument that will be declared."""
+def topology_show(everything: bool, config_path: str | None) -> None:
+    """Print the exchanges, queues, bindings and arguments that will be declared."""
     settings = load_config(config_path)
     click.echo(f"# from {settings.source}, broker {redact_url(settings.broker.url)}")
-    click.echo("\n".join(settings.topology.describe()))
+    click.echo("\n".join(settings.topology.describe(everything=everything)))
     click.echo("routes:")
     for pattern, route in settings.routes.items():
         click.echo(f"  {pattern} -> {route.exchange or '(default)'} [{route.routing_key}]")
@@ -35,16 +48,21 @@ def topology_show(config_path: str | None) -> None:
 
 
 @topology.command("apply")
+@every_option
 @config_option
+@log_options
 @friendly_errors
-def topology_apply(config_path: str | None) -> None:
+def topology_apply(everything: bool, config_path: str | None) -> None:
     """Declare the topology idempotently; report objects whose arguments differ."""
     settings = load_config(config_path)
     try:
         declared = asyncio.run(declare_topology(settings.broker.url, settings.topology))
     except TopologyError as exc:
-        click.echo(f"error: {exc}", err=True)
+        echo(f"error: {exc}", level=logging.ERROR)
         sys.exit(1)
-    for line in declared:
-        click.echo(f"declared {line}")
+    if everything:
+        for line in declared:
+            click.echo(f"declared {line}")
+    else:
+        click.echo("\n".join(settings.topology.describe()))
     click.echo(f"topology applied to {redact_url(settings.broker.url)}: {len(declared)} objects")

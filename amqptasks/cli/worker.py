@@ -9,10 +9,29 @@ import sys
 
 import click
 
+from ..config import Settings
 from ..loader import load_tasks
 from ..scheduler import run_with_beat
 from ..worker import Worker, WorkerOptions
-from . import config_option, friendly_errors, main, settings_for
+from . import BadUsage, config_option, friendly_errors, main, settings_for
+from .logs import echo, log_options
+
+
+def _queues(option: str | None, settings: Settings) -> tuple[str, ...]:
+    """The queues to consume: ``-Q``'s (each must be a work queue of the config), else all."""
+    declared = tuple(q.name for q in settings.topology.work_queues())
+    if not option:
+        return declared
+    names = tuple(q.strip() for q in option.split(",") if q.strip())
+    missing = [q for q in names if q not in declared]
+    if missing:
+        which = ", ".join(repr(q) for q in missing)
+        raise BadUsage(
+            f"-Q {option}: queue{'s' if len(missing) > 1 else ''} {which} "
+            f"{'are' if len(missing) > 1 else 'is'} not declared in {settings.source} "
+            f"(declared: {', '.join(declared) or 'none'})"
+        )
+    return names
 
 
 @main.command()
@@ -55,12 +74,6 @@ from . import config_option, friendly_errors, main, settings_for
     default=None,
     help="prefetch = concurrency x this (default: worker.prefetch_multiplier).",
 )
-@click.option(
-    "-l",
-    "--loglevel",
-    default="INFO",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
 @click.option("-n", "--hostname", default=None, help="Worker name (default: amqptasks@HOST).")
 @click.option(
     "--declare/--no-declare",
@@ -84,6 +97,7 @@ from . import config_option, friendly_errors, main, settings_for
     "lock as 'amqptasks beat', so only one scheduler fires).",
 )
 @config_option
+@log_options
 @friendly_errors
 def worker(
     queues: str | None,
@@ -92,7 +106,6 @@ def worker(
     max_tasks_per_child: int | None,
     max_memory_per_child: int | None,
     prefetch_multiplier: int | None,
-    loglevel: str,
     hostname: str | None,
     declare: bool,
     connect_timeout: float | None,
@@ -104,16 +117,7 @@ def worker(
     chosen_pool = pool or settings.worker.pool
     if (max_tasks_per_child or max_memory_per_child) and chosen_pool != "processes":
         raise click.UsageError("--max-tasks-per-child/--max-memory-per-child need --pool processes")
-    logging.basicConfig(
-        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
-    logging.getLogger("aio_pika").setLevel(logging.WARNING)
-    names = (
-        tuple(q.strip() for q in queues.split(",") if q.strip())
-        if queues
-        else tuple(q.name for q in settings.topology.work_queues())
-    )
+    names = _queues(queues, settings)
     if not names:
         raise click.UsageError("no queues to consume: pass -Q or declare queues in the config")
     w = settings.worker
@@ -128,10 +132,10 @@ def worker(
         max_memory_per_child=max_memory_per_child or 0,
         connect_timeout=connect_timeout,
     )
-    tasks = load_tasks(settings.imports)
+    tasks = load_tasks(settings.imports, source=settings.source)
     wk = Worker(settings, tasks, options)
-    click.echo(wk.banner(), err=True)
-    wk.on_ready = lambda: click.echo(f"ready: consuming {', '.join(names)}", err=True)
+    echo(wk.banner())
+    wk.on_ready = lambda: echo(f"ready: consuming {', '.join(names)}")
     code = asyncio.run(
         run_with_beat(wk.run(), settings, hostname=wk.hostname) if embed_beat else wk.run()
     )

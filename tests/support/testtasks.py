@@ -116,3 +116,9 @@ def auto(tag: str) -> None:
 def when(tag: str) -> float:
     _record(f"ran {tag} {time.time():.3f}")
     return time.time()
+
+
+@app.task(name="testtasks.headers", bind=True)
+def headers(self) -> dict:
+    """The AMQP headers the task saw (``self.request.headers``)."""
+    return dict(self.request.headers)

@@ -372,6 +372,67 @@ def test_tab_indentation_is_invalid_yaml_with_its_line(tmp_path: Path) -> None:
         load_config(path, env={})
 
 
+# -- duplicate keys: YAML lets the last one win silently; we refuse them, at every level --------
+@pytest.mark.parametrize(
+    ("text", "key", "line", "first"),
+    [
+        (
+            BASE + "worker: {concurrency: 2}\nresults: {}\nworker: {concurrency: 4}\n",
+            "worker",
+            7,
+            5,
+        ),
+        (
+            BASE + "worker:\n  concurrency: 2\n  pool: threads\n  concurrency: 4\n",
+            "worker.concurrency",
+            8,
+            6,
+        ),
+        (
+            "exchanges:\n  tasks: {type: topic}\nqueues:\n"
+            "  web_tasks:\n    bindings:\n      - {exchange: tasks, routing_key: a, exchange: x}\n",
+            "queues.web_tasks.bindings[0].exchange",
+            6,
+            6,
+        ),
+        (
+            BASE + "routes:\n  'a.*': {queue: web_tasks}\n  a.*: {queue: web_tasks}\n",
+            "routes.a.*",
+            7,
+            6,
+        ),
+        (BASE.replace("queues:", "queues:\n  web_tasks: {}"), "queues.web_tasks", 5, 4),
+    ],
+)
+def test_duplicate_keys_are_refused_with_line_and_key_path(
+    tmp_path: Path, text: str, key: str, line: int, first: int
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value) == f"{path}: {key}: duplicate key at line {line} (first at line {first})"
+    assert info.value.key == key
+
+
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    # '<<' is YAML's "these, then my own": an explicit key after a merge overrides it.
+    path = write(
+        tmp_path,
+        """\
+        exchanges:
+          tasks: {type: topic}
+        queues:
+          web_tasks: &q {bindings: [{exchange: tasks, routing_key: "web.#"}], max_length: 5}
+          other:
+            <<: *q
+            max_length: 10
+        """,
+    )
+    topology = load_config(path, env={}).topology
+    assert topology.queue("other").args["x-max-length"] == 10
+    assert topology.reaches("tasks", "web.x") == ("web_tasks", "other")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as info:
@@ -438,26 +499,57 @@ def test_default_path_is_relative_to_the_working_directory(
 
 
 # -- URLs and passwords -------------------------------------------------------------------------
+# redact_url hides the password and nothing else: a typo anywhere else (scheme, '//', user, host,
+# port, path) must stay visible in the error that reports it.
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
         ("amqp://guest:guest@localhost:5672/%2F", "amqp://guest:***@localhost:5672/%2F"),
         ("amqps://app:p%40ss@rabbit:5671/prod", "amqps://app:***@rabbit:5671/prod"),
-        ("amqp://app:p@ss@rabbit/", "amqp://app:***@rabbit/"),
+        ("amqp://app:p@ss@rabbit/", "amqp://app:***@rabbit/"),  # the last '@' ends it
+        ("amqp://app:pa:ss@rabbit/", "amqp://app:***@rabbit/"),
         ("amqp://app:@rabbit/", "amqp://app:***@rabbit/"),
+        ("amqp://:s3cret@rabbit/", "amqp://:***@rabbit/"),
         ("amqp://app@rabbit/", "amqp://app@rabbit/"),
         ("amqp://localhost", "amqp://localhost"),
-        ("amqp://app:s3cret@[::1/", "<unparseable url>"),
-        # No '//': no netloc, so everything before the last '@' is hidden.
-        ("app:s3cret@rabbit:5672", "***@rabbit:5672"),
-        ("amqp:/app:s3cret@rabbit/", "***@rabbit/"),
-        ("app:p@ss@rabbit", "***@rabbit"),
-        ("amqp://app@rabbit/a@b", "***@b"),  # an '@' outside the netloc is never trusted
         ("amqp://a@b@rabbit/", "amqp://a@b@rabbit/"),  # a user name alone is not a secret
+        ("amqp://app@rabbit/a@b", "amqp://app@rabbit/a@b"),
+        ("amqp://app:s3cret@rabbit/v@host", "amqp://app:***@rabbit/v@host"),
+        ("amqp://rabbit/?x=a@b", "amqp://rabbit/?x=a@b"),
+        ("amqp://app:s3cret@[::1/", "amqp://app:***@[::1/"),
+        ("amqp://app:s3cret@rabbit:notaport/", "amqp://app:***@rabbit:notaport/"),
+        ("AMQP://App:s3cret@Rabbit:5672/V", "AMQP://App:***@Rabbit:5672/V"),
+        # Malformed: every character but the password's stays, so the typo can be seen.
+        ("amqps//guest:s3cret@localhost:5671/", "amqps//guest:***@localhost:5671/"),
+        ("amqps:/guest:s3cret@localhost:5671/", "amqps:/guest:***@localhost:5671/"),
+        ("amqps:guest:s3cret@localhost:5671/", "amqps:guest:***@localhost:5671/"),
+        ("amqp:///guest:s3cret@localhost/", "amqp:///guest:***@localhost/"),
+        ("amqq://guest:s3cret@localhost/", "amqq://guest:***@localhost/"),
+        ("http://app:s3cret@rabbit/", "http://app:***@rabbit/"),
+        ("app:s3cret@rabbit:5672", "app:***@rabbit:5672"),
+        ("app:p@ss@rabbit", "app:***@rabbit"),
+        ("amqp://app:s3cret@/vhost", "amqp://app:***@/vhost"),
+        (" amqp://app:s3cret@rabbit/", " amqp://app:***@rabbit/"),
+        # An unencoded '/', '?' or '#' in a password ends the authority early: up to the last
+        # '@' is hidden rather than risk showing the rest of the password.
+        ("amqp://app:s3/cret@rabbit/", "amqp://app:***@rabbit/"),
+        ("amqp://app:s3?cret@rabbit/", "amqp://app:***@rabbit/"),
+        ("amqp://app:s3#cret@rabbit/", "amqp://app:***@rabbit/"),
+        ("", ""),
     ],
 )
-def test_redact_url(url: str, shown: str) -> None:
+def test_redact_url_hides_the_password_and_nothing_else(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+    assert "cret" not in shown
+
+
+def test_redact_url_keeps_every_other_character() -> None:
+    for url, password in [
+        ("amqps//guest:pw1@localhost:5671/", "pw1"),
+        ("amqp://u:pw2@h:5672/%2F?heartbeat=5", "pw2"),
+        ("u:p@w3@h", "p@w3"),
+    ]:
+        assert redact_url(url).replace("***", password) == url
 
 
 @pytest.mark.parametrize(
@@ -480,6 +572,29 @@ def test_bad_url_error_never_shows_the_password(tmp_path: Path, url: str) -> Non
         assert "amqp:// or amqps:// URL" in str(info.value)
 
 
+def test_url_typo_stays_visible_in_the_error(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "broker: {url: 'amqps//guest:s3cret@localhost:5671/'}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value) == (
+        f"{path}: broker.url: expected an amqp:// or amqps:// URL, "
+        "got 'amqps//guest:***@localhost:5671/'"
+    )
+
+
+def test_settings_repr_and_str_hide_the_password(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "broker: {url: 'amqp://app:s3cret@rabbit:5672/prod'}\n")
+    settings = load_config(path, env={})
+    assert settings.broker.url == "amqp://app:s3cret@rabbit:5672/prod"  # the real URL is kept
+    for text in (repr(settings), str(settings), repr(settings.broker), str(settings.broker)):
+        assert "s3cret" not in text
+        assert "amqp://app:***@rabbit:5672/prod" in text
+    assert repr(settings.broker) == (
+        "BrokerSettings(url='amqp://app:***@rabbit:5672/prod', publish_timeout=10.0, "
+        "heartbeat=30, consumer_timeout=1800.0, reconnect_max_delay=30.0)"
+    )
+
+
 # urlsplit checks the port only when .port is read; a bad one must fail here, not at connect.
 @pytest.mark.parametrize("url", ["amqp://app:s3cret@rabbit:notaport/", "amqp://rabbit:99999/"])
 def test_bad_port_is_a_config_error(tmp_path: Path, url: str) -> None:
@@ -488,6 +603,7 @@ def test_bad_port_is_a_config_error(tmp_path: Path, url: str) -> None:
         load_config(path, env={})
     assert "s3cret" not in str(info.value)
     assert "\n" not in str(info.value)
+    assert url.replace("s3cret", "***") in str(info.value)  # which URL, typo visible
 
 
 @pytest.mark.parametrize("url", ["amqp://rabbit:5672/", "amqps://app:pw@rabbit:5671/prod"])

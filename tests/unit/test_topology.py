@@ -270,5 +270,48 @@ def test_describe_lists_everything(topology: Topology) -> None:
     assert lines.index("exchanges:") < lines.index("queues:") < lines.index("bindings:")
 
 
+def test_describe_summarises_the_delay_levels_in_one_line() -> None:
+    topology = build_topology(
+        {"tasks": "topic"}, [QueueSpec("a", (("tasks", "a.#"),)), QueueSpec("b")]
+    )
+    lines = topology.describe()
+    assert lines == [
+        "exchanges:",
+        "  tasks  type=topic durable=true",
+        f"  {DLX_EXCHANGE}  type=direct durable=true",
+        "queues:",
+        "  a  role=work durable=true  x-dead-letter-exchange=amqptasks.dlx "
+        "x-dead-letter-routing-key=a",
+        "  a.dlq  role=dead-letter durable=true",
+        "  b  role=work durable=true  x-dead-letter-exchange=amqptasks.dlx "
+        "x-dead-letter-routing-key=b",
+        "  b.dlq  role=dead-letter durable=true",
+        "bindings:",
+        "  tasks --[a.#]--> a",
+        f"  {DLX_EXCHANGE} --[a]--> a.dlq",
+        f"  {DLX_EXCHANGE} --[b]--> b.dlq",
+        "delay levels: 22 queues amqptasks.delay.0..21 (1 s .. 48.5 days), 23 exchanges, "
+        "24 bindings, exchange-to-exchange bindings: 22 (-v lists them)",
+    ]
+    assert not any("amqptasks.delay" in line for line in lines[:-1])
+
+
+def test_describe_everything_lists_every_object() -> None:
+    topology = build_topology({"tasks": "topic"}, [QueueSpec("a", (("tasks", "a.#"),))])
+    lines = topology.describe(everything=True)
+    # 23 exchanges, 22 queues, 22 + 1 bindings, 22 exchange-to-exchange bindings
+    assert sum(line.startswith("  amqptasks.delay.") for line in lines) == 23 + 22 + 23 + 22
+    assert (
+        "  amqptasks.delay.21  role=delay durable=true  x-message-ttl=2097152000 "
+        "x-dead-letter-exchange=amqptasks.delay.20" in lines
+    )
+    assert "  amqptasks.delay.deliver --[" + "*." * 22 + "a]--> a" in lines
+    assert (
+        "  amqptasks.delay.0 --[" + "*." * 21 + "0.#]--> exchange amqptasks.delay.deliver" in lines
+    )
+    assert not any(line.startswith("delay levels:") for line in lines)
+    assert len(lines) > 3 * len(topology.describe())
+
+
 def test_queue_args_property() -> None:
     assert Queue("q", arguments=(("a", 1), ("b", "x"))).args == {"a": 1, "b": "x"}
