@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import struct
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -49,6 +50,18 @@ __all__ = [
 log = logging.getLogger("amqptasks.transport")
 
 
+def _table(value: Any) -> Any:
+    """Header values as pamqp encodes them: ``bytes`` becomes ``bytearray`` (pamqp's type for
+    the AMQP byte array, which pika reads back as ``bytes``); everything else unchanged."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: _table(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_table(v) for v in value]
+    return value
+
+
 def _message(body: bytes, props: Properties) -> aio_pika.Message:
     return aio_pika.Message(
         body,
@@ -58,10 +71,16 @@ def _message(body: bytes, props: Properties) -> aio_pika.Message:
         correlation_id=props.correlation_id,
         reply_to=props.reply_to,
         priority=props.priority,
-        headers=props.headers,
+        headers=_table(props.headers) if props.headers else props.headers,
         delivery_mode=aio_pika.DeliveryMode(props.delivery_mode or 1),
         timestamp=props.timestamp,
     )
+
+
+#: What pamqp/aiormq raise for a value they cannot put in a frame. aiormq marshals a publish
+#: before queueing it and gives its confirm number back when that fails, so nothing was sent
+#: and the channel stays in step (checked by tests/integration/test_publish_options.py).
+_UNENCODABLE = (TypeError, ValueError, AttributeError, OverflowError, struct.error)
 
 
 def with_heartbeat(url: str, heartbeat: int | None) -> str:
@@ -172,6 +191,12 @@ class AsyncPublisher:
             if ex is None:
                 ex = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
             await ex.publish(_message(body, props), routing_key, mandatory=True, timeout=limit)
+        except _UNENCODABLE as exc:
+            problem = f"{type(exc).__name__}: {exc}"[:300]
+            raise PublishError(
+                f"publish to exchange {exchange!r} routing key {routing_key!r} failed "
+                f"({problem}); nothing was published"
+            ) from exc
         except aio_pika.exceptions.PublishError as exc:
             text = getattr(getattr(exc, "frame", None), "reply_text", "NO_ROUTE")
             raise UnroutableError(exchange, routing_key, str(text)) from exc

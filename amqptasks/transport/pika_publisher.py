@@ -223,13 +223,45 @@ class _Link:
         if self.closed or self.channel is None or not self.channel.is_open:
             rec.future.set_exception(self.error or BrokerError("publisher channel is not open"))
             return
-        seq = next(self._seq)
-        self._pending[seq] = rec
+        # The broker numbers the publishes it receives on a confirm channel (1, 2, ...) and
+        # confirms by that number; ours must count exactly the publishes that reached it. So
+        # the number is taken only once basic_publish returned: a value pika cannot encode
+        # (priority 300, a header it has no type for) raises while the frames are marshalled,
+        # and pika marshals all three frames before it writes any (Connection._send_message),
+        # so nothing was sent and the sequence must not move (it did, and every later confirm
+        # was matched to the wrong publish: each publish after one bad one timed out).
+        sent_before = self.conn.frames_sent
         try:
             self.channel.basic_publish(rec.exchange, rec.routing_key, body, props, mandatory=True)
         except Exception as exc:
-            self._pending.pop(seq, None)
-            rec.future.set_exception(PublishError(f"publish failed: {exc}"))
+            problem = f"{type(exc).__name__}: {exc}"[:300]
+            where = f"exchange {rec.exchange!r} routing key {rec.routing_key!r}"
+            if self.conn.frames_sent == sent_before:
+                rec.future.set_exception(
+                    PublishError(f"publish to {where} failed ({problem}); nothing was published")
+                )
+                return
+            # Part of the message was written: the broker's count is unknown and the frame
+            # stream is broken. Give the link up (every unconfirmed publish fails, "may or
+            # may not"); the next publish opens a fresh connection and channel.
+            rec.future.set_exception(
+                PublishError(
+                    f"publish to {where} failed after part of it was sent ({problem}); "
+                    "the message may or may not have been delivered"
+                )
+            )
+            self._abandon(BrokerError(f"publisher link abandoned after a failed send: {problem}"))
+            return
+        self._pending[next(self._seq)] = rec
+
+    def _abandon(self, exc: BrokerError) -> None:
+        self.closed = True
+        self.error = exc
+        self._fail_all(
+            BrokerError(f"{exc}; a publish not yet confirmed may or may not have been delivered")
+        )
+        if self.conn.is_open:
+            self.conn.close()
 
     def _drain_outbox(self) -> None:
         batch = self._outbox.take()
