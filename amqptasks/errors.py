@@ -15,6 +15,7 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
     ├── RoutingError                no route for a task name
     ├── TopologyError               broker objects differ from the config (which, what, values)
     ├── BrokerError                 the broker could not be reached or talked to
+    │   ├── BrokerRefused           the broker refused the login, vhost or permission
     │   └── PublishError            a publish did not get a positive confirm
     │       ├── UnroutableError     mandatory publish returned: no queue bound
     │       ├── PublishNacked       the broker nacked the publish
@@ -36,6 +37,7 @@ from __future__ import annotations
 __all__ = [
     "AmqpTasksError",
     "BrokerError",
+    "BrokerRefused",
     "ConfigError",
     "ContentTypeRefused",
     "DecodeError",
@@ -116,6 +118,20 @@ class TopologyError(AmqpTasksError):
 
 class BrokerError(AmqpTasksError):
     """The broker could not be reached or refused an operation."""
+
+
+class BrokerRefused(BrokerError):
+    """The broker refused the login, the virtual host or a permission.
+
+    Raised at once, without the retry a broker that is down gets: asking again gives the same
+    answer. ``reason`` is the broker's own text (``ACCESS_REFUSED - Login was refused ...``,
+    ``NOT_ALLOWED - vhost x not found``); ``str()`` names the broker with its password
+    redacted (build it with :func:`amqptasks.transport.refusal.refused`).
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class PublishError(BrokerError):

@@ -30,6 +30,7 @@ import aiormq.exceptions
 from ..config import redact_url
 from ..errors import (
     BrokerError,
+    BrokerRefused,
     PublishError,
     PublishNacked,
     PublishTimeout,
@@ -39,6 +40,7 @@ from ..errors import (
 from ..protocol import Properties
 from ..topology import Binding, Exchange, ExchangeBinding, Queue, Topology
 from .pika_publisher import REPLY_TO, ReplyHandler
+from .refusal import refusal, refused
 
 __all__ = [
     "AsyncPublisher",
@@ -93,6 +95,8 @@ def with_heartbeat(url: str, heartbeat: int | None) -> str:
 async def _connect(
     url: str, name: str, timeout: float, heartbeat: int | None = None
 ) -> aio_pika.abc.AbstractConnection:
+    """A connection; :class:`BrokerRefused` (the broker's reason, see :mod:`.refusal`) for a
+    refused login/vhost/permission, :class:`BrokerError` for anything else."""
     try:
         return await aio_pika.connect(
             with_heartbeat(url, heartbeat),
@@ -100,7 +104,18 @@ async def _connect(
             client_properties={"connection_name": name},
         )
     except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        # The pika handshake that recovers a reason aiormq dropped blocks: off the loop.
+        reason = await asyncio.to_thread(refusal, exc, url=url, timeout=timeout)
+        if reason is not None:
+            raise refused(url, reason) from exc
         raise BrokerError(f"cannot connect to broker {redact_url(url)}: {exc!r}") from exc
+
+
+def _refused_channel(url: str, exc: BaseException, what: str) -> None:
+    """Raise :class:`BrokerRefused` if ``exc`` is a permission refusal (403) on a channel."""
+    reason = refusal(exc)
+    if reason is not None:
+        raise refused(url, reason, what) from exc
 
 
 class AsyncPublisher:
@@ -148,11 +163,14 @@ class AsyncPublisher:
             return self._channel
 
     async def _connect_retrying(self) -> aio_pika.abc.AbstractConnection:
-        """Connect, retrying with backoff; the caller's deadline (``wait_for``) bounds it."""
+        """Connect, retrying with backoff; the caller's deadline (``wait_for``) bounds it. A
+        refusal (:class:`BrokerRefused`) is raised at once: retrying gets the same answer."""
         delay = 0.1
         while True:
             try:
                 return await _connect(self.url, self.name, self.timeout, self.heartbeat)
+            except BrokerRefused:
+                raise
             except BrokerError as exc:
                 self.last_error = exc
                 await asyncio.sleep(delay)
@@ -210,6 +228,7 @@ class AsyncPublisher:
                 f"{routing_key!r} within {limit}s; it may or may not have been delivered"
             ) from exc
         except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            _refused_channel(self.url, exc, f"the publish to exchange {exchange!r}")
             raise PublishError(f"publish to exchange {exchange!r} failed: {exc!r}") from exc
 
     async def close(self) -> None:
@@ -297,6 +316,7 @@ async def declare_topology(url: str, topology: Topology, *, timeout: float = 10.
                 )
                 channel = await conn.channel(publisher_confirms=False)
             except aiormq.exceptions.AMQPError as exc:
+                _refused_channel(url, exc, f"the declaration of {kind} {name!r}")
                 problems.append(f"{kind} {name!r}: {exc!r}")
                 channel = await conn.channel(publisher_confirms=False)
 
@@ -372,6 +392,9 @@ class DeadLetterSession:
             self._queue = await self._channel.declare_queue(self.queue_name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise BrokerError(f"queue {self.queue_name!r} does not exist") from exc
+        except aiormq.exceptions.AMQPError as exc:
+            _refused_channel(self.url, exc, f"access to queue {self.queue_name!r}")
+            raise
         count = self._queue.declaration_result.message_count
         return int(count or 0)
 

@@ -32,9 +32,17 @@ import pika.frame
 import pika.spec
 
 from ..config import redact_url
-from ..errors import BrokerError, PublishError, PublishNacked, PublishTimeout, UnroutableError
+from ..errors import (
+    BrokerError,
+    BrokerRefused,
+    PublishError,
+    PublishNacked,
+    PublishTimeout,
+    UnroutableError,
+)
 from ..handoff import Handoff
 from ..protocol import Properties
+from .refusal import refusal, refused
 
 __all__ = ["ReplyHandler", "SyncPublisher"]
 
@@ -155,7 +163,12 @@ class _Link:
             log.exception("reply handler failed")
 
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
-        self.error = BrokerError(f"cannot connect to broker {redact_url(self.url)}: {exc}")
+        reason = refusal(exc)
+        self.error = (
+            refused(self.url, reason)
+            if reason is not None
+            else BrokerError(f"cannot connect to broker {redact_url(self.url)}: {exc}")
+        )
         self.closed = True
         self.ready.set()
         self.conn.ioloop.stop()
@@ -174,8 +187,13 @@ class _Link:
 
     def _on_channel_close(self, _ch: Any, exc: BaseException) -> None:
         self.closed = True
-        self.error = BrokerError(f"publisher channel closed: {exc}")
-        self._fail_all(BrokerError(f"publisher channel closed before the confirm: {exc}"))
+        reason = refusal(exc)  # e.g. no write permission on the exchange
+        if reason is not None:
+            self.error = refused(self.url, reason, "the publish")
+            self._fail_all(self.error)
+        else:
+            self.error = BrokerError(f"publisher channel closed: {exc}")
+            self._fail_all(BrokerError(f"publisher channel closed before the confirm: {exc}"))
         if self.conn.is_open:
             self.conn.close()
 
@@ -344,7 +362,8 @@ class SyncPublisher:
 
     def _connected(self, deadline: float) -> _Link:
         """An open link, reconnecting (with backoff) until ``deadline`` if the broker is down
-        or the last connection died: a publish waits a bounded time, then raises."""
+        or the last connection died: a publish waits a bounded time, then raises. A broker
+        that refuses the login or the vhost raises :class:`BrokerRefused` at once."""
         delay = 0.1
         while True:
             with self._lock:
@@ -362,6 +381,8 @@ class SyncPublisher:
                 )
             if not link.closed:
                 return link
+            if isinstance(link.error, BrokerRefused):  # asking again gets the same answer
+                raise BrokerRefused(str(link.error), link.error.reason)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BrokerError(
