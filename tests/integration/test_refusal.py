@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ import pytest
 from broker_fixtures import AMQP_PORT, Broker, mgmt
 
 from amqptasks import BrokerError, BrokerRefused
+from amqptasks.protocol import Properties
 from amqptasks.topology import Queue, Topology
-from amqptasks.transport.aio import DeadLetterSession, declare_topology
+from amqptasks.transport.aio import AsyncPublisher, DeadLetterSession, declare_topology
+from amqptasks.transport.pika_publisher import SyncPublisher
 from amqptasks.transport.refusal import refusal, refused
 
 LOGIN = "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN"
@@ -135,3 +138,28 @@ def test_found_through_the_cause_chain_and_redacted(broker: Broker) -> None:
     assert str(err).startswith(f"broker amqp://guest:***@localhost:{AMQP_PORT}/")
     assert "wrong" not in str(err) and err.reason == reason
     assert refusal(err) == reason
+
+
+def test_a_publish_without_write_permission_is_refused_by_both_publishers(
+    broker: Broker, user: str
+) -> None:
+    url = _url(broker, f"{user}:pw")
+    pub = SyncPublisher(url, timeout=10)
+    try:
+        for _ in range(2):  # the link is replaced; the answer stays the same, at once
+            start = time.monotonic()
+            with pytest.raises(BrokerRefused, match="refused the publish: ACCESS_REFUSED"):
+                pub.publish("amq.topic", "k", b"x", Properties())
+            assert time.monotonic() - start < 2
+    finally:
+        pub.close()
+
+    async def main() -> None:
+        apub = AsyncPublisher(url, timeout=10)
+        try:
+            with pytest.raises(BrokerRefused, match="ACCESS_REFUSED - access to exchange"):
+                await apub.publish("amq.topic", "k", b"x", Properties())
+        finally:
+            await apub.close()
+
+    asyncio.run(main())
