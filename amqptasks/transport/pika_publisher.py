@@ -1,4 +1,4 @@
-"""The synchronous, thread-safe publisher: the only module that imports pika.
+"""The synchronous, thread-safe publisher (pika), used by ``.delay()`` and ``amqptasks send``.
 
 One background I/O thread owns a pika ``SelectConnection`` and a confirm-mode channel; callers
 on any thread hand it publishes through ``add_callback_threadsafe`` and wait on a future that
