@@ -9,6 +9,7 @@ from .config import Settings, load_config
 from .errors import (
     AmqpTasksError,
     BrokerError,
+    BrokerRefused,
     ConfigError,
     PublishError,
     PublishNacked,
@@ -26,6 +27,7 @@ __all__ = [
     "App",
     "AsyncResult",
     "BrokerError",
+    "BrokerRefused",
     "ConfigError",
     "PublishError",
     "PublishNacked",

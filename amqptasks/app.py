@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import math
 import os
 import threading
 from collections import deque
@@ -20,7 +21,16 @@ from typing import Any, overload
 
 from .config import Settings, load_config
 from .errors import AmqpTasksError, TaskNotRegistered
-from .protocol import DL_PREFIX, Envelope, Properties, encode, new_id
+from .protocol import (
+    DL_PREFIX,
+    Envelope,
+    Properties,
+    check_headers,
+    check_priority,
+    check_shortstr,
+    encode,
+    new_id,
+)
 from .results import AsyncResult, ResultCollector
 from .routing import Router
 from .tasks import Sender, Task
@@ -60,13 +70,50 @@ class Prepared:
 
 
 def _when(value: Any, key: str, now: datetime) -> datetime | None:
+    """``countdown=``/``eta=``/``expires=`` as an aware time: seconds from ``now`` (a finite
+    number) or a datetime (naive means UTC)."""
     if value is None:
         return None
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return now + timedelta(seconds=value)
-    raise TypeError(f"{key}= must be seconds or a datetime, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{key}= must be a finite number of seconds, got {value!r}")
+        try:
+            return now + timedelta(seconds=value)
+        except OverflowError:
+            raise ValueError(f"{key}={value!r} seconds is out of range for a time") from None
+    raise TypeError(f"{key}= must be seconds or a datetime, got {type(value).__name__}: {value!r}")
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Refuse a bad publish option by name before anything reaches the wire.
+
+    Every value that ends up in an AMQP frame is checked here (protocol's ``check_*``): a
+    value a client library fails to encode would otherwise surface as a bare ``struct.error``
+    from deep inside pika or pamqp.
+    """
+    unknown = options.keys() - _PUBLISH_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown publish option(s): {', '.join(sorted(unknown))}")
+    for key in ("exchange", "routing_key", "queue"):
+        if options.get(key) is not None:
+            check_shortstr(options[key], key)
+    if options.get("task_id") is not None:
+        check_shortstr(options["task_id"], "task_id", empty=False)
+    check_priority(options.get("priority"))
+    check_headers(options.get("headers"))
+    timeout = options.get("timeout")
+    if timeout is not None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+            raise TypeError(f"timeout= must be seconds, got {type(timeout).__name__}: {timeout!r}")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout= must be a finite number of seconds > 0, got {timeout!r}")
+    ignore = options.get("ignore_result")
+    if ignore is not None and not isinstance(ignore, bool):
+        raise TypeError(f"ignore_result= must be a bool, got {type(ignore).__name__}: {ignore!r}")
+    if options.get("countdown") is not None and options.get("eta") is not None:
+        raise TypeError("give countdown= or eta=, not both")
 
 
 class App(Sender):
@@ -185,12 +232,11 @@ class App(Sender):
         reply_to: str | None,
         **options: Any,
     ) -> Prepared:
-        """Everything a publish needs, computed without I/O."""
-        unknown = options.keys() - _PUBLISH_OPTIONS
-        if unknown:
-            raise TypeError(f"unknown publish option(s): {', '.join(sorted(unknown))}")
-        if options.get("countdown") is not None and options.get("eta") is not None:
-            raise TypeError("give countdown= or eta=, not both")
+        """Everything a publish needs, computed without I/O; a bad option raises
+        ``TypeError``/``ValueError`` naming it (and the header key) before any I/O."""
+        _check_options(options)
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping, got {type(kwargs).__name__}")
         route = self.router.route(
             name,
             exchange=options.get("exchange"),
@@ -221,6 +267,8 @@ class App(Sender):
         )
         delay = delay_seconds((eta - now).total_seconds()) if eta is not None else 0
         destinations = self.settings.topology.destinations(route.exchange, route.routing_key, delay)
+        for _exchange, key in destinations:  # a delayed route's key carries the queue name
+            check_shortstr(key, f"routing key {key[:40]!r}... of the delayed route")
         if delay >= 1:  # the route it waits for travels with it (for the DLQ and replay)
             envelope.headers.setdefault(DL_PREFIX + "original-exchange", route.exchange)
             envelope.headers.setdefault(DL_PREFIX + "original-routing-key", route.routing_key)

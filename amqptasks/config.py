@@ -100,7 +100,9 @@ class BrokerSettings:
     url: str = DEFAULT_BROKER_URL
     #: Seconds a publish waits for the broker's confirm (or a connection) before raising.
     publish_timeout: float = 10.0
-    #: AMQP heartbeat (seconds) on every connection: a dead peer is noticed within ~2x this.
+    #: AMQP heartbeat (seconds) on every connection. The broker drops a silent client after
+    #: about two heartbeats; pika (publisher, consumer, beat lock) gives up on a silent broker
+    #: within 2 x (heartbeat + 5) s.
     heartbeat: int = 30
     #: The broker's ``consumer_timeout`` (RabbitMQ default 30 min): a delivery unacked longer
     #: than this closes the channel, so hard time limits must stay below it.

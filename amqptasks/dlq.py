@@ -8,17 +8,38 @@ RabbitMQ's ``x-death``; :func:`describe` reads those too.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .protocol import BROKER_DEATH_HEADERS, DL_PREFIX, Properties, dumps, loads
+from .protocol import BROKER_DEATH_HEADERS, DL_PREFIX, Properties, dumps, loads, message_id_of
 
-__all__ = ["REPLAY_HEADER", "DeadLetter", "describe", "replay_message"]
+__all__ = [
+    "REPLAY_HEADER",
+    "REPLAY_SKIPPED",
+    "DeadLetter",
+    "describe",
+    "replay_message",
+    "replay_skip_reason",
+]
 
 #: Header on a replayed copy: a digest of the dead letter it came from. The same dead letter
 #: always gives the same marker, so a copy published twice by an interrupted replay (a kill
 #: between the broker's confirm and the replay ledger's line) is recognisable as a copy.
 REPLAY_HEADER = DL_PREFIX + "replay"
+
+#: Dead-letter reasons whose message fails the same way when replayed unchanged (the body and
+#: properties are sent back as they are): ``dlq replay`` skips these unless ``--force``. Every
+#: other reason is replayed: ``unknown-task`` (the task may be deployed now), ``task-failed``,
+#: ``time-limit``, ``worker-lost`` and the broker's own (``broker:*``). The table of all reasons
+#: is docs/protocol.md section 8; a unit test keeps the two in step.
+REPLAY_SKIPPED: Mapping[str, str] = {
+    "decode-error": "the body decodes the same way again",
+    "content-type-refused": "its content type is still refused",
+    "too-large": "the body is as large as before",
+    "expired": "its expiry time has passed for good",
+    "unsupported": "workflow fields are still not supported",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +68,10 @@ def describe(
 ) -> DeadLetter:
     headers = dict(props.headers or {})
     task = ""
-    body_id = ""
     try:
         obj = loads(body)
         if isinstance(obj, dict):
             task = str(obj.get("task", ""))
-            body_id = str(obj.get("id") or "")
     except Exception:  # undecodable bodies are exactly what a DLQ holds
         task = "<undecodable>"
     deaths = headers.get("x-death") or []
@@ -62,7 +81,10 @@ def describe(
     exc_msg = _h(headers, "exception-message")
     broker_keys = death.get("routing-keys") or [routing_key]
     return DeadLetter(
-        id=props.message_id or body_id or "",
+        # The decoder's rule, so list/show/replay name the message as the worker's log did:
+        # the body's id, else message_id (which the worker writes onto the dead-letter copy
+        # when it had to generate the id).
+        id=message_id_of(body, props) or "",
         task=task,
         reason=str(reason),
         detail=str(_h(headers, "detail")),
@@ -75,6 +97,11 @@ def describe(
         worker=str(_h(headers, "worker")),
         traceback=str(_h(headers, "traceback")),
     )
+
+
+def replay_skip_reason(letter: DeadLetter) -> str | None:
+    """Why replaying ``letter`` unchanged cannot succeed (:data:`REPLAY_SKIPPED`), or None."""
+    return REPLAY_SKIPPED.get(letter.reason)
 
 
 def replay_message(

@@ -17,7 +17,7 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
     ├── RoutingError                no route for a task name
     ├── TopologyError               broker objects differ from the config (which, what, values)
     ├── BrokerError                 the broker could not be reached or talked to
-    │   ├── BrokerRefused           login, vhost or permission refused (no retry helps)
+    │   ├── BrokerRefused           the broker refused the login, vhost or permission
     │   └── PublishError            a publish did not get a positive confirm
     │       ├── UnroutableError     mandatory publish returned: no queue bound
     │       ├── PublishNacked       the broker nacked the publish
@@ -162,7 +162,17 @@ class BrokerError(AmqpTasksError):
 
 
 class BrokerRefused(BrokerError):
-    """The broker refused the login, the vhost or a permission: waiting will not help."""
+    """The broker refused the login, the virtual host or a permission.
+
+    Raised at once, without the retry a broker that is down gets: asking again gives the same
+    answer. ``reason`` is the broker's own text (``ACCESS_REFUSED - Login was refused ...``,
+    ``NOT_ALLOWED - vhost x not found``); ``str()`` names the broker with its password
+    redacted (build it with :func:`amqptasks.transport.refusal.refused`).
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class PublishError(BrokerError):

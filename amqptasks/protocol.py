@@ -15,8 +15,10 @@ import os
 import pickle
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -34,6 +36,9 @@ __all__ = [
     "Envelope",
     "Properties",
     "Reply",
+    "check_headers",
+    "check_priority",
+    "check_shortstr",
     "dead_letter_properties",
     "decode",
     "decode_reply",
@@ -41,6 +46,7 @@ __all__ = [
     "encode",
     "encode_reply",
     "loads",
+    "message_id_of",
     "new_id",
     "parse_time",
 ]
@@ -374,6 +380,161 @@ def encode(envelope: Envelope) -> tuple[bytes, Properties]:
     return body, props
 
 
+# -- what AMQP properties can carry -----------------------------------------------------------
+# Checked before a publish, so a bad value is refused by name instead of failing inside a client
+# library's frame encoder. The limits are the intersection of what both our clients encode:
+# pika (the sync publisher, the worker's consumer) and pamqp (aio-pika's encoder).
+SHORTSTR_MAX = 255  # AMQP 0-9-1 shortstr: exchange, routing key, message_id, correlation_id
+FIELD_NAME_MAX = 128  # AMQP 0-9-1 field names; pamqp truncates a longer header name silently
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_FIELD_TYPES = "str, bytes, bool, int, decimal.Decimal, datetime, None, list or dict"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _utf8_size(value: str, what: str) -> int:
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not encodable as UTF-8 ({exc.reason}): {_short(value)}"
+        ) from None
+
+
+def check_shortstr(value: Any, what: str, *, empty: bool = True) -> str:
+    """``value`` if it is a str that fits an AMQP short string (at most 255 bytes of UTF-8).
+
+    ``what`` names the value in the error (``routing_key``, ``task_id``...).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}: {_short(value)}")
+    size = _utf8_size(value, what)
+    if size > SHORTSTR_MAX:
+        raise ValueError(
+            f"{what} is {size} bytes in UTF-8; AMQP allows at most {SHORTSTR_MAX}: {_short(value)}"
+        )
+    if not empty and not value:
+        raise ValueError(f"{what} must not be empty")
+    return value
+
+
+def check_priority(value: Any, what: str = "priority") -> int | None:
+    """``value`` if it is None or an int 0..255 (the AMQP ``priority`` octet)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(
+            f"{what} must be an int from 0 to 255, got {type(value).__name__}: {value!r}"
+        )
+    if not 0 <= value <= 255:
+        raise ValueError(f"{what} must be from 0 to 255, got {value}")
+    return value
+
+
+def check_headers(headers: Any, what: str = "headers") -> dict[str, Any]:
+    """``headers`` as a dict, if an AMQP field table can carry it through both clients.
+
+    Keys: str of at most 128 bytes of UTF-8. Values: str, bytes, bool, int (signed 64-bit),
+    ``decimal.Decimal`` (up to 255 decimal places, 32-bit mantissa), ``datetime`` (from
+    1970-01-01 UTC; naive means UTC; sent in whole seconds), None, and lists and dicts of
+    these. Not floats: pika, the sync publisher's client, has no float encoding (and pamqp
+    would send a 32-bit one). The error names the offending key path, e.g.
+    ``headers['tenant']['ids'][2]``.
+    """
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise TypeError(
+            f"{what} must be a mapping with str keys, got {type(headers).__name__}: "
+            f"{_short(headers)}"
+        )
+    _check_table(headers, what)
+    return dict(headers)
+
+
+def _check_table(table: Mapping[Any, Any], where: str) -> None:
+    for key, value in table.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{where}: key {key!r} must be a str, got {type(key).__name__}")
+        size = _utf8_size(key, f"{where}: key")
+        if size > FIELD_NAME_MAX:
+            raise ValueError(
+                f"{where}: key {_short(key)} is {size} bytes in UTF-8; AMQP field names "
+                f"hold at most {FIELD_NAME_MAX}"
+            )
+        _check_field(value, f"{where}[{key!r}]")
+
+
+def _check_field(value: Any, where: str) -> None:
+    if value is None or isinstance(value, (bool, bytes)):
+        return
+    if isinstance(value, str):
+        _utf8_size(value, where)
+    elif isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError(f"{where} = {value} does not fit in a signed 64-bit integer")
+    elif isinstance(value, float):
+        raise TypeError(
+            f"{where} is a float ({value!r}); AMQP headers sent by amqptasks cannot carry "
+            "floats (pika has no float encoding): send a str or a decimal.Decimal"
+        )
+    elif isinstance(value, Decimal):
+        if not value.is_finite() or not all(_decimal_fits(d) for d in (value, value.normalize())):
+            raise ValueError(
+                f"{where} = {value}: an AMQP decimal holds a finite value with at most 255 "
+                "decimal places and a 32-bit signed mantissa"
+            )
+    elif isinstance(value, datetime):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+        if aware < _EPOCH:
+            raise ValueError(
+                f"{where} = {value.isoformat()}: AMQP timestamps start at 1970-01-01 UTC"
+            )
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_field(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        _check_table(value, where)
+    else:
+        hint = " (use a list)" if isinstance(value, tuple) else ""
+        raise TypeError(
+            f"{where} has type {type(value).__name__} ({_short(value)}), which an AMQP field "
+            f"table cannot carry{hint}; allowed: {_FIELD_TYPES}"
+        )
+
+
+def _decimal_fits(value: Decimal) -> bool:
+    """Whether ``value`` encodes as an AMQP decimal (scale octet + signed 32-bit mantissa) the
+    way pika and pamqp compute it (pika normalises first, pamqp does not: both are checked)."""
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite
+    scale, mantissa = (0, int(value)) if exponent > 0 else (-exponent, int(value.scaleb(-exponent)))
+    return 0 <= scale <= 255 and _INT32_MIN <= mantissa <= _INT32_MAX
+
+
+def message_id_of(body: bytes, props: Properties) -> str | None:
+    """The id :func:`decode` would give this message, without decoding it in full: the body's
+    ``id`` (a JSON object's non-empty string field), else the ``message_id`` property, else
+    None (:func:`decode` would then generate one).
+
+    For the paths that must name a message that may not decode (dead-lettering, ``amqptasks
+    dlq``), so logs, ``dlq list``/``show`` and replay agree on one id.
+    """
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    body_id = obj.get("id") if isinstance(obj, dict) else None
+    if isinstance(body_id, str) and body_id:
+        return body_id
+    return props.message_id or None
+
+
 # -- replies ---------------------------------------------------------------------------------
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
@@ -472,10 +633,14 @@ def dead_letter_properties(
     exc_message: str | None = None,
     traceback: str | None = None,
     attempts: int = 1,
+    message_id: str | None = None,
 ) -> Properties:
     """The original properties plus the documented ``x-amqptasks-*`` dead-letter headers.
 
     The body is never changed, so a replay republishes exactly what the producer sent.
+    ``message_id`` is the id the worker gave the message (and logged): it becomes the copy's
+    ``message_id`` when the original has none, so an id the worker had to generate stays the
+    message's id in ``amqptasks dlq list``/``show`` and after a replay.
     """
     headers = dict(props.headers or {})
     first = headers.get(DL_PREFIX + "first-failed-at") or failed_at.isoformat()
@@ -501,4 +666,9 @@ def dead_letter_properties(
         headers[DL_PREFIX + "exception-message"] = (exc_message or "")[:TRACEBACK_LIMIT]
     if traceback is not None:
         headers[DL_PREFIX + "traceback"] = traceback[-TRACEBACK_LIMIT:]
-    return replace(props, headers=headers, delivery_mode=2)
+    return replace(
+        props,
+        headers=headers,
+        delivery_mode=2,
+        message_id=props.message_id or message_id or None,
+    )

@@ -31,7 +31,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .config import Settings
-from .errors import AmqpTasksError, BrokerError, ConfigError, RoutingError, TopologyError
+from .errors import (
+    AmqpTasksError,
+    BrokerError,
+    BrokerRefused,
+    ConfigError,
+    RoutingError,
+    TopologyError,
+)
 from .protocol import Envelope, dumps, encode, loads
 from .routing import Router
 from .schedule import (
@@ -206,6 +213,10 @@ class Scheduler:
                 )
                 try:
                     await link.open()
+                except BrokerRefused as exc:  # asking again gets the same answer: stop
+                    log.error("%s", exc)
+                    self._exit_code = 1
+                    return 1
                 except BrokerError as exc:
                     self._set_role("connecting")
                     log.warning("beat %s: %s; retrying in %.1fs", self.hostname, exc, delay)
@@ -215,7 +226,7 @@ class Scheduler:
                 delay = 0.5
                 try:
                     await self._session(link)
-                except TopologyError as exc:
+                except (TopologyError, BrokerRefused) as exc:
                     log.error("%s", exc)
                     self._exit_code = 1
                     return 1

@@ -6,12 +6,13 @@ import asyncio
 import hashlib
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
 
 from ..config import Settings, redact_url
-from ..dlq import DeadLetter, describe, replay_message
+from ..dlq import DeadLetter, describe, replay_message, replay_skip_reason
 from ..errors import AmqpTasksError, UnroutableError
 from ..topology import DLQ_SUFFIX, dlq_name
 from ..transport.aio import DeadLetterSession, Delivery
@@ -156,10 +157,12 @@ async def _replay(
     every: bool,
     task: str | None,
     ledger: ReplayLedger,
-) -> tuple[int, list[str]]:
+    force: bool = False,
+) -> tuple[int, list[str], Counter[str]]:
     session = DeadLetterSession(settings.broker.url, name, timeout=settings.broker.publish_timeout)
     moved = 0
     problems: list[str] = []
+    skipped: Counter[str] = Counter()  # reason -> dead letters left in place
     try:
         count = await session.open()
         with click.progressbar(length=count, label=f"replaying {name}", file=sys.stderr) as bar:
@@ -172,6 +175,15 @@ async def _replay(
                 if not every and view.id not in ids:
                     continue
                 if task is not None and view.task != task:
+                    continue
+                why = None if force else replay_skip_reason(view)
+                if why is not None:  # it would come straight back: leave it, say so
+                    skipped[view.reason] += 1
+                    if not every:
+                        problems.append(
+                            f"{view.id}: reason {view.reason}: {why}; --force replays it anyway"
+                        )
+                        ids.discard(view.id)
                     continue
                 key = ReplayLedger.key(redact_url(settings.broker.url), name, d)
                 if key not in ledger.pending:  # else: sent by an interrupted run already
@@ -192,7 +204,7 @@ async def _replay(
     finally:
         await session.close()
     problems += [f"{i}: not found" for i in sorted(ids)]
-    return moved, problems
+    return moved, problems, skipped
 
 
 @dlq.command("replay")
@@ -200,6 +212,12 @@ async def _replay(
 @click.argument("ids", nargs=-1)
 @click.option("--all", "every", is_flag=True, help="Replay every dead letter (see --task).")
 @click.option("--task", default=None, help="Only dead letters of this task.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also replay dead letters whose reason means they fail again unchanged "
+    "(decode-error, content-type-refused, too-large, expired, unsupported).",
+)
 @click.option(
     "--ledger",
     "ledger_path",
@@ -215,10 +233,15 @@ def dlq_replay(
     ids: tuple[str, ...],
     every: bool,
     task: str | None,
+    force: bool,
     ledger_path: str,
     config_path: str | None,
 ) -> None:
     """Move dead letters back to their original exchange and routing key, attempts reset.
+
+    Dead letters that would fail the same way again (reasons decode-error,
+    content-type-refused, too-large, expired, unsupported) are left in place and counted,
+    unless --force; a skipped id named on the command line makes the exit status 1.
 
     Each copy is confirmed by the broker before its dead letter is acked (never lost); a
     replay interrupted in between is finished by running it again (at most the one message
@@ -233,10 +256,19 @@ def dlq_replay(
     name = _dlq(settings, queue)
     ledger = ReplayLedger(Path(ledger_path))
     try:
-        moved, problems = asyncio.run(_replay(settings, name, set(ids), every, task, ledger))
+        moved, problems, skipped = asyncio.run(
+            _replay(settings, name, set(ids), every, task, ledger, force)
+        )
     finally:
         ledger.close()
     click.echo(f"replayed {moved} message(s) from {name}")
+    if skipped:
+        per_reason = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+        click.echo(
+            f"skipped {sum(skipped.values())} message(s) that would fail the same way again "
+            f"({per_reason}); they stay in {name}; --force replays them too",
+            err=True,
+        )
     for p in problems:
         click.echo(f"not replayed: {p}", err=True)
     if problems:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import struct
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -29,6 +30,7 @@ import aiormq.exceptions
 from ..config import redact_url
 from ..errors import (
     BrokerError,
+    BrokerRefused,
     PublishError,
     PublishNacked,
     PublishTimeout,
@@ -38,6 +40,7 @@ from ..errors import (
 from ..protocol import Properties
 from ..topology import Binding, Exchange, ExchangeBinding, Queue, Topology
 from .pika_publisher import REPLY_TO, ReplyHandler
+from .refusal import refusal, refused
 
 __all__ = [
     "AsyncPublisher",
@@ -47,6 +50,19 @@ __all__ = [
 ]
 
 log = logging.getLogger("amqptasks.transport")
+DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to"
+
+
+def _table(value: Any) -> Any:
+    """Header values as pamqp encodes them: ``bytes`` becomes ``bytearray`` (pamqp's type for
+    the AMQP byte array, which pika reads back as ``bytes``); everything else unchanged."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: _table(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_table(v) for v in value]
+    return value
 
 
 def _message(body: bytes, props: Properties) -> aio_pika.Message:
@@ -58,10 +74,16 @@ def _message(body: bytes, props: Properties) -> aio_pika.Message:
         correlation_id=props.correlation_id,
         reply_to=props.reply_to,
         priority=props.priority,
-        headers=props.headers,
+        headers=_table(props.headers) if props.headers else props.headers,
         delivery_mode=aio_pika.DeliveryMode(props.delivery_mode or 1),
         timestamp=props.timestamp,
     )
+
+
+#: What pamqp/aiormq raise for a value they cannot put in a frame. aiormq marshals a publish
+#: before queueing it and gives its confirm number back when that fails, so nothing was sent
+#: and the channel stays in step (checked by tests/integration/test_publish_options.py).
+_UNENCODABLE = (TypeError, ValueError, AttributeError, OverflowError, struct.error)
 
 
 def with_heartbeat(url: str, heartbeat: int | None) -> str:
@@ -74,6 +96,8 @@ def with_heartbeat(url: str, heartbeat: int | None) -> str:
 async def _connect(
     url: str, name: str, timeout: float, heartbeat: int | None = None
 ) -> aio_pika.abc.AbstractConnection:
+    """A connection; :class:`BrokerRefused` (the broker's reason, see :mod:`.refusal`) for a
+    refused login/vhost/permission, :class:`BrokerError` for anything else."""
     try:
         return await aio_pika.connect(
             with_heartbeat(url, heartbeat),
@@ -81,7 +105,18 @@ async def _connect(
             client_properties={"connection_name": name},
         )
     except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        # The pika handshake that recovers a reason aiormq dropped blocks: off the loop.
+        reason = await asyncio.to_thread(refusal, exc, url=url, timeout=timeout)
+        if reason is not None:
+            raise refused(url, reason) from exc
         raise BrokerError(f"cannot connect to broker {redact_url(url)}: {exc!r}") from exc
+
+
+def _refused_channel(url: str, exc: BaseException, what: str) -> None:
+    """Raise :class:`BrokerRefused` if ``exc`` is a permission refusal (403) on a channel."""
+    reason = refusal(exc)
+    if reason is not None:
+        raise refused(url, reason, what) from exc
 
 
 class AsyncPublisher:
@@ -129,11 +164,14 @@ class AsyncPublisher:
             return self._channel
 
     async def _connect_retrying(self) -> aio_pika.abc.AbstractConnection:
-        """Connect, retrying with backoff; the caller's deadline (``wait_for``) bounds it."""
+        """Connect, retrying with backoff; the caller's deadline (``wait_for``) bounds it. A
+        refusal (:class:`BrokerRefused`) is raised at once: retrying gets the same answer."""
         delay = 0.1
         while True:
             try:
                 return await _connect(self.url, self.name, self.timeout, self.heartbeat)
+            except BrokerRefused:
+                raise
             except BrokerError as exc:
                 self.last_error = exc
                 await asyncio.sleep(delay)
@@ -171,7 +209,17 @@ class AsyncPublisher:
             ex = self._exchanges.get(exchange)
             if ex is None:
                 ex = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
-            await ex.publish(_message(body, props), routing_key, mandatory=True, timeout=limit)
+            # RabbitMQ 3.10 answers a mandatory publish to a direct reply-to address with
+            # basic.return NO_ROUTE although it delivers it: such replies go out unmandatory
+            # (a caller that is gone loses its reply either way; that is the rpc contract).
+            mandatory = not routing_key.startswith(DIRECT_REPLY_PREFIX)
+            await ex.publish(_message(body, props), routing_key, mandatory=mandatory, timeout=limit)
+        except _UNENCODABLE as exc:
+            problem = f"{type(exc).__name__}: {exc}"[:300]
+            raise PublishError(
+                f"publish to exchange {exchange!r} routing key {routing_key!r} failed "
+                f"({problem}); nothing was published"
+            ) from exc
         except aio_pika.exceptions.PublishError as exc:
             text = getattr(getattr(exc, "frame", None), "reply_text", "NO_ROUTE")
             raise UnroutableError(exchange, routing_key, str(text)) from exc
@@ -185,6 +233,7 @@ class AsyncPublisher:
                 f"{routing_key!r} within {limit}s; it may or may not have been delivered"
             ) from exc
         except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            _refused_channel(self.url, exc, f"the publish to exchange {exchange!r}")
             raise PublishError(f"publish to exchange {exchange!r} failed: {exc!r}") from exc
 
     async def close(self) -> None:
@@ -272,6 +321,7 @@ async def declare_topology(url: str, topology: Topology, *, timeout: float = 10.
                 )
                 channel = await conn.channel(publisher_confirms=False)
             except aiormq.exceptions.AMQPError as exc:
+                _refused_channel(url, exc, f"the declaration of {kind} {name!r}")
                 problems.append(f"{kind} {name!r}: {exc!r}")
                 channel = await conn.channel(publisher_confirms=False)
 
@@ -347,6 +397,9 @@ class DeadLetterSession:
             self._queue = await self._channel.declare_queue(self.queue_name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise BrokerError(f"queue {self.queue_name!r} does not exist") from exc
+        except aiormq.exceptions.AMQPError as exc:
+            _refused_channel(self.url, exc, f"access to queue {self.queue_name!r}")
+            raise
         count = self._queue.declaration_result.message_count
         return int(count or 0)
 

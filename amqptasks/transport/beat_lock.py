@@ -51,6 +51,7 @@ from ..config import redact_url
 from ..errors import BrokerError
 from ..protocol import Properties
 from .pika_publisher import to_pika
+from .refusal import refusal, refused
 
 __all__ = ["BeatLink", "Firing", "Returned"]
 
@@ -207,9 +208,14 @@ class BeatLink:
         try:
             self._connect()
         except Exception as exc:
-            what = f"cannot join {self.lock_queue!r} on {redact_url(self.url)}"
-            self._settle(opened, None, _broker_error(what, exc))
-            self._finish(f"could not connect: {exc}")
+            reason = refusal(exc)  # wrong password, no such vhost, no permission: say so
+            if reason is not None:
+                error: BrokerError = refused(self.url, reason)
+            else:
+                what = f"cannot join {self.lock_queue!r} on {redact_url(self.url)}"
+                error = _broker_error(what, exc)
+            self._settle(opened, None, error)
+            self._finish(f"could not connect: {error}")
             return
         self._settle(opened, None, None)
         reason = "closed"

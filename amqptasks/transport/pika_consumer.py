@@ -28,7 +28,7 @@ import pika.exceptions
 from ..config import redact_url
 from ..errors import BrokerError, BrokerRefused, TopologyError
 from ..protocol import Properties
-from .refusal import refusal
+from .refusal import refusal, refused
 
 __all__ = ["AckWindow", "PikaConsumer", "PikaDelivery"]
 
@@ -188,9 +188,7 @@ class PikaConsumer:
                 return
             reason = refusal(exc)
             if reason is not None:
-                opened.set_exception(
-                    BrokerRefused(f"broker {redact_url(self.url)} refused the connection: {reason}")
-                )
+                opened.set_exception(refused(self.url, reason))
             else:
                 opened.set_exception(
                     BrokerError(
@@ -273,10 +271,10 @@ class PikaConsumer:
                 raise TopologyError(
                     f"queue {queue!r} does not exist on the broker: run 'amqptasks topology apply'"
                 ) from None
-            refused = refusal(reason[0]) if reason else None
-            if refused is not None:
+            denied = refusal(reason[0]) if reason else None
+            if denied is not None:
                 raise BrokerRefused(
-                    f"the broker refused to let us consume {queue!r}: {refused}"
+                    f"the broker refused to let us consume {queue!r}: {denied}", denied
                 ) from None
             raise
         window = self._window

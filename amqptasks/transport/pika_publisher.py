@@ -1,4 +1,4 @@
-"""The synchronous, thread-safe publisher: the only module that imports pika.
+"""The synchronous, thread-safe publisher (pika), used by ``.delay()`` and ``amqptasks send``.
 
 One background I/O thread owns a pika ``SelectConnection`` and a confirm-mode channel; callers
 on any thread hand it publishes through ``add_callback_threadsafe`` and wait on a future that
@@ -32,9 +32,17 @@ import pika.frame
 import pika.spec
 
 from ..config import redact_url
-from ..errors import BrokerError, PublishError, PublishNacked, PublishTimeout, UnroutableError
+from ..errors import (
+    BrokerError,
+    BrokerRefused,
+    PublishError,
+    PublishNacked,
+    PublishTimeout,
+    UnroutableError,
+)
 from ..handoff import Handoff
 from ..protocol import Properties
+from .refusal import refusal, refused
 
 __all__ = ["ReplyHandler", "SyncPublisher"]
 
@@ -155,7 +163,12 @@ class _Link:
             log.exception("reply handler failed")
 
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
-        self.error = BrokerError(f"cannot connect to broker {redact_url(self.url)}: {exc}")
+        reason = refusal(exc)
+        self.error = (
+            refused(self.url, reason)
+            if reason is not None
+            else BrokerError(f"cannot connect to broker {redact_url(self.url)}: {exc}")
+        )
         self.closed = True
         self.ready.set()
         self.conn.ioloop.stop()
@@ -174,8 +187,13 @@ class _Link:
 
     def _on_channel_close(self, _ch: Any, exc: BaseException) -> None:
         self.closed = True
-        self.error = BrokerError(f"publisher channel closed: {exc}")
-        self._fail_all(BrokerError(f"publisher channel closed before the confirm: {exc}"))
+        reason = refusal(exc)  # e.g. no write permission on the exchange
+        if reason is not None:
+            self.error = refused(self.url, reason, "the publish")
+            self._fail_all(self.error)
+        else:
+            self.error = BrokerError(f"publisher channel closed: {exc}")
+            self._fail_all(BrokerError(f"publisher channel closed before the confirm: {exc}"))
         if self.conn.is_open:
             self.conn.close()
 
@@ -223,13 +241,45 @@ class _Link:
         if self.closed or self.channel is None or not self.channel.is_open:
             rec.future.set_exception(self.error or BrokerError("publisher channel is not open"))
             return
-        seq = next(self._seq)
-        self._pending[seq] = rec
+        # The broker numbers the publishes it receives on a confirm channel (1, 2, ...) and
+        # confirms by that number; ours must count exactly the publishes that reached it. So
+        # the number is taken only once basic_publish returned: a value pika cannot encode
+        # (priority 300, a header it has no type for) raises while the frames are marshalled,
+        # and pika marshals all three frames before it writes any (Connection._send_message),
+        # so nothing was sent and the sequence must not move (it did, and every later confirm
+        # was matched to the wrong publish: each publish after one bad one timed out).
+        sent_before = self.conn.frames_sent
         try:
             self.channel.basic_publish(rec.exchange, rec.routing_key, body, props, mandatory=True)
         except Exception as exc:
-            self._pending.pop(seq, None)
-            rec.future.set_exception(PublishError(f"publish failed: {exc}"))
+            problem = f"{type(exc).__name__}: {exc}"[:300]
+            where = f"exchange {rec.exchange!r} routing key {rec.routing_key!r}"
+            if self.conn.frames_sent == sent_before:
+                rec.future.set_exception(
+                    PublishError(f"publish to {where} failed ({problem}); nothing was published")
+                )
+                return
+            # Part of the message was written: the broker's count is unknown and the frame
+            # stream is broken. Give the link up (every unconfirmed publish fails, "may or
+            # may not"); the next publish opens a fresh connection and channel.
+            rec.future.set_exception(
+                PublishError(
+                    f"publish to {where} failed after part of it was sent ({problem}); "
+                    "the message may or may not have been delivered"
+                )
+            )
+            self._abandon(BrokerError(f"publisher link abandoned after a failed send: {problem}"))
+            return
+        self._pending[next(self._seq)] = rec
+
+    def _abandon(self, exc: BrokerError) -> None:
+        self.closed = True
+        self.error = exc
+        self._fail_all(
+            BrokerError(f"{exc}; a publish not yet confirmed may or may not have been delivered")
+        )
+        if self.conn.is_open:
+            self.conn.close()
 
     def _drain_outbox(self) -> None:
         batch = self._outbox.take()
@@ -312,7 +362,8 @@ class SyncPublisher:
 
     def _connected(self, deadline: float) -> _Link:
         """An open link, reconnecting (with backoff) until ``deadline`` if the broker is down
-        or the last connection died: a publish waits a bounded time, then raises."""
+        or the last connection died: a publish waits a bounded time, then raises. A broker
+        that refuses the login or the vhost raises :class:`BrokerRefused` at once."""
         delay = 0.1
         while True:
             with self._lock:
@@ -330,6 +381,8 @@ class SyncPublisher:
                 )
             if not link.closed:
                 return link
+            if isinstance(link.error, BrokerRefused):  # asking again gets the same answer
+                raise BrokerRefused(str(link.error), link.error.reason)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BrokerError(

@@ -22,7 +22,15 @@ from datetime import datetime, timezone
 
 from ..config import TaskPolicy
 from ..errors import TaskExpired, TimeLimitExceeded, WorkerLost
-from ..protocol import BROKER_DEATH_HEADERS, DL_PREFIX, Envelope, dead_letter_properties, encode
+from ..protocol import (
+    BROKER_DEATH_HEADERS,
+    DL_PREFIX,
+    Envelope,
+    dead_letter_properties,
+    encode,
+    message_id_of,
+    new_id,
+)
 from ..topology import DLX_EXCHANGE, delay_route, delay_seconds
 from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Middleware, Outcome, Publish, Rejection, run_on_reject
@@ -159,7 +167,9 @@ class Settler:
         """Publish the dead-letter copy (confirmed), tell the ``on_reject`` hooks when the
         message never ran, then ack; reject to the broker's own dead-lettering if the copy
         cannot be confirmed."""
-        ident = env.id if env else delivery.properties.message_id or "<no id>"
+        # One id in the log, the dead letter and `amqptasks dlq`: the decoder's rule, and a
+        # generated id is written onto the copy so it stays the same everywhere.
+        ident = env.id if env else message_id_of(delivery.body, delivery.properties) or new_id()
         log.error(
             "message %s on %s dead-lettered: %s: %s",
             ident,
@@ -182,6 +192,7 @@ class Settler:
             exc_message=str(exc) if exc is not None else None,
             traceback=tb,
             attempts=(env.retries + 1) if env else 1,
+            message_id=ident,
         )
         try:
             await self.publish(DLX_EXCHANGE, delivery.queue, delivery.body, props)

@@ -206,3 +206,95 @@ def test_unroutable_replay_keeps_the_dead_letter(tmp_path, broker, worker_factor
     out = dlq(cfg, "replay", "default", "--all")
     assert out.returncode == 1 and "lost-route" in out.stderr and "unroutable" in out.stderr
     assert broker.depth("default.dlq") == 1
+
+
+# -- one id everywhere: the decoder's rule (body id, else message_id, else generated) -------
+def _logged_id(worker_output: str) -> str:
+    """The id in the worker's dead-letter log line (``message <id> on <queue> dead-lettered``)."""
+    import re
+
+    [ident] = re.findall(r"message (\S+) on default dead-lettered", worker_output)
+    return ident
+
+
+def test_a_body_only_id_is_the_id_in_log_list_show_and_replay(tmp_path, broker, worker_factory):
+    cfg = write_config(tmp_path, broker)
+    w = worker_factory(cfg, "-Q", "default")
+    # A foreign client: the id only in the body, no message_id property.
+    broker.publish_raw("tasks", "task.default", b'{"task": "no.such.task", "id": "body-only-7"}')
+    wait_for(lambda: broker.depth("default.dlq") == 1, message="the dead letter")
+    w.stop()
+    assert _logged_id(w.output()) == "body-only-7"
+    listed = dlq(cfg, "list", "default")
+    assert listed.returncode == 0, listed.stderr
+    [row] = [line for line in listed.stdout.splitlines() if "unknown-task" in line]
+    assert row.split()[0] == "body-only-7"
+    shown = dlq(cfg, "show", "default", "body-only-7")
+    assert shown.returncode == 0, shown.stderr
+    assert "id: body-only-7" in shown.stdout and "reason: unknown-task" in shown.stdout
+    ledger = str(tmp_path / "replay.log")
+    out = dlq(cfg, "replay", "default", "body-only-7", "--ledger", ledger)
+    assert out.returncode == 0, out.stderr
+    assert "replayed 1 message(s)" in out.stdout
+    assert broker.depth("default.dlq") == 0 and broker.depth("default") == 1
+
+
+def test_a_message_without_any_id_is_listed_and_shown_by_the_id_the_worker_logged(
+    tmp_path, broker, worker_factory
+):
+    cfg = write_config(tmp_path, broker)
+    w = worker_factory(cfg, "-Q", "default")
+    broker.publish_raw("tasks", "task.default", b'{"task": "no.such.task"}')
+    wait_for(lambda: broker.depth("default.dlq") == 1, message="the dead letter")
+    w.stop()
+    logged = _logged_id(w.output())
+    listed = dlq(cfg, "list", "default")
+    [row] = [line for line in listed.stdout.splitlines() if "unknown-task" in line]
+    assert row.split()[0] == logged
+    shown = dlq(cfg, "show", "default", logged)
+    assert shown.returncode == 0 and f"id: {logged}" in shown.stdout
+
+
+def _dead_letter(broker, message_id, reason, body=b'{"task": "testtasks.record", "args": ["x"]}'):
+    import pika
+
+    broker.publish_raw(
+        "amqptasks.dlx",
+        "default",
+        body,
+        pika.BasicProperties(
+            message_id=message_id,
+            headers={
+                "x-amqptasks-reason": reason,
+                "x-amqptasks-original-exchange": "tasks",
+                "x-amqptasks-original-routing-key": "task.default",
+            },
+        ),
+    )
+
+
+def test_replay_all_skips_what_cannot_succeed_and_says_why(tmp_path, broker, worker_factory):
+    cfg = write_config(tmp_path, broker)
+    worker_factory(cfg, "-Q", "default").stop()  # topology declared, nobody consuming
+    _dead_letter(broker, "d1", "decode-error", b"\xff not json")
+    _dead_letter(broker, "d2", "decode-error", b'{"task": "t", "nope": 1}')
+    _dead_letter(broker, "c1", "content-type-refused")
+    _dead_letter(broker, "e1", "expired")
+    _dead_letter(broker, "u1", "unknown-task")
+    _dead_letter(broker, "f1", "task-failed")
+    ledger = str(tmp_path / "replay.log")
+    out = dlq(cfg, "replay", "default", "--all", "--ledger", ledger)
+    assert out.returncode == 0, out.stderr
+    assert "replayed 2 message(s)" in out.stdout  # unknown-task and task-failed
+    assert "skipped 4" in out.stderr
+    for line in ("decode-error: 2", "content-type-refused: 1", "expired: 1", "--force"):
+        assert line in out.stderr, out.stderr
+    assert broker.depth("default") == 2 and broker.depth("default.dlq") == 4
+    # An explicit id is skipped the same way, and said so (exit 1: it was asked for).
+    one = dlq(cfg, "replay", "default", "e1", "--ledger", ledger)
+    assert one.returncode == 1 and "e1: reason expired" in one.stderr
+    assert broker.depth("default.dlq") == 4
+    forced = dlq(cfg, "replay", "default", "--all", "--force", "--ledger", ledger)
+    assert forced.returncode == 0, forced.stderr
+    assert "replayed 4 message(s)" in forced.stdout and "skipped" not in forced.stderr
+    assert broker.depth("default.dlq") == 0 and broker.depth("default") == 6

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amqptasks.dlq import describe, replay_message
+from amqptasks.dlq import describe, replay_message, replay_skip_reason
 from amqptasks.protocol import Properties, loads
 
 
@@ -59,3 +59,26 @@ def test_replay_resets_attempts_and_drops_dead_letter_headers():
 def test_replay_keeps_undecodable_bodies_untouched():
     body, _ = replay_message(b"{broken", Properties())
     assert body == b"{broken"
+
+
+# -- one id: the decoder's rule ------------------------------------------------------------
+def test_the_id_is_the_body_id_before_the_message_id():
+    both = describe(b'{"task": "t", "id": "from-body"}', Properties(message_id="from-prop"))
+    assert both.id == "from-body"  # what decode() and therefore the worker's log use
+    assert describe(b'{"task": "t"}', Properties(message_id="from-prop")).id == "from-prop"
+    assert describe(b'{"task": "t", "id": ""}', Properties(message_id="p")).id == "p"
+    assert describe(b'{"task": "t", "id": 5}', Properties(message_id="p")).id == "p"
+    assert describe(b"\xff", Properties(message_id="p")).id == "p"
+    assert describe(b'{"task": "t"}', Properties()).id == ""
+
+
+def test_replay_skips_exactly_the_reasons_that_fail_again_unchanged():
+    def reason(r: str) -> str | None:
+        return replay_skip_reason(describe(b"{}", Properties(headers={"x-amqptasks-reason": r})))
+
+    for r in ("decode-error", "content-type-refused", "too-large", "expired", "unsupported"):
+        assert reason(r), r
+    for r in ("unknown-task", "task-failed", "time-limit", "worker-lost"):
+        assert reason(r) is None, r
+    broker_dead = describe(b"{}", Properties(headers={"x-death": [{"reason": "rejected"}]}))
+    assert broker_dead.reason == "broker:rejected" and replay_skip_reason(broker_dead) is None

@@ -28,6 +28,7 @@ from amqptasks.protocol import (
     encode,
     encode_reply,
     loads,
+    message_id_of,
     parse_time,
 )
 
@@ -729,6 +730,32 @@ def test_second_failure_keeps_first_failed_at() -> None:
     assert headers["x-trace"] == "t-1"
 
 
+def test_dead_letter_copy_carries_the_id_the_worker_gave_a_message_without_one() -> None:
+    assert dead_letter(Properties(), message_id="generated-1").message_id == "generated-1"
+    # A producer's message_id is never replaced (the body id wins in decode() anyway).
+    assert dead_letter(Properties(message_id="mine"), message_id="other").message_id == "mine"
+    assert dead_letter(Properties()).message_id is None
+
+
+def test_message_id_of_follows_decode() -> None:
+    cases = [
+        (b'{"task": "t", "id": "b"}', Properties(message_id="p"), "b"),
+        (b'{"task": "t", "id": ""}', Properties(message_id="p"), "p"),
+        (b'{"task": "t", "id": 7}', Properties(message_id="p"), "p"),
+        (b"[1, 2]", Properties(message_id="p"), "p"),
+        (b"\xff", Properties(), None),
+        (b'{"task": "t"}', Properties(message_id=""), None),
+    ]
+    for raw, props, expected in cases:
+        assert message_id_of(raw, props) == expected, raw
+        try:
+            decoded = decode(raw, props).id
+        except DecodeError:
+            continue
+        if expected is not None:
+            assert decoded == expected
+
+
 # -- docs/protocol.md describes this module -----------------------------------------------------
 PROTOCOL_DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
@@ -744,11 +771,50 @@ def test_doc_lists_exactly_the_dead_letter_headers_written() -> None:
     assert documented - {REPLAY_HEADER} == written
 
 
-def test_doc_lists_the_protocol_reason_tokens() -> None:
+def _doc_reasons() -> dict[str, str]:
+    """The reason table of section 8: token -> its ``dlq replay`` column."""
     text = PROTOCOL_DOC.read_text("utf-8")
-    for reason in (DecodeError.reason, ContentTypeRefused.reason):
-        assert f"| `{reason}` |" in text
+    table = text[text.index("| `x-amqptasks-reason` | When | `dlq replay` |") :]
+    table = table[: table.index("\n\n")].split("\n", 2)[2]  # the rows, below the header
+    rows = re.findall(r"^\| `([a-z:<>-]+)` \| .+? \| (.+?) \|$", table, re.M)
+    return dict(rows)
+
+
+def _worker_reasons() -> set[str]:
+    """Every reason token the worker can write (its source, so a new one cannot go
+    undocumented): literals passed to ``_dead_letter``, the outcome reasons, and the decoder's
+    error reasons."""
+    source = (Path(__file__).resolve().parents[2] / "amqptasks" / "worker.py").read_text()
+    literal = set(re.findall(r'_dead_letter\(\s*delivery,\s*"([a-z-]+)"', source))
+    outcome = source[source.index("reason = (") :]
+    outcome = outcome[: outcome.index("await ")]
+    return (
+        literal
+        | set(re.findall(r'"([a-z-]+)"', outcome))
+        | {
+            DecodeError.reason,
+            ContentTypeRefused.reason,
+        }
+    )
+
+
+def test_doc_lists_every_reason_the_worker_writes_in_one_table() -> None:
+    documented = _doc_reasons()
+    written = _worker_reasons()
+    assert len(written) >= 9, written  # the scan still finds them
+    assert set(documented) - {"broker:<reason>"} == written
+    text = PROTOCOL_DOC.read_text("utf-8")
     assert MINIMAL.decode() in text
+    # The other docs point at this table instead of keeping a list of their own.
+    reliability = (PROTOCOL_DOC.parent / "reliability.md").read_text("utf-8")
+    assert "protocol.md#reasons" in reliability and "| `task-failed`" not in reliability
+
+
+def test_doc_replay_column_is_what_dlq_replay_does() -> None:
+    from amqptasks.dlq import REPLAY_SKIPPED
+
+    skipped = {r for r, what in _doc_reasons().items() if what.startswith("skipped")}
+    assert skipped == set(REPLAY_SKIPPED)
 
 
 def test_new_ids_are_distinct_version4_uuids_across_threads() -> None:
