@@ -92,9 +92,12 @@ def test_no_permission_on_the_vhost(broker: Broker) -> None:
 
 def test_a_channel_permission_refusal_is_one_too(broker: Broker, user: str) -> None:
     url = _url(broker, f"{user}:pw")
-    ch = pika.BlockingConnection(pika.URLParameters(url)).channel()
-    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
-        ch.queue_declare("not-allowed")
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+            conn.channel().queue_declare("not-allowed")
+    finally:
+        conn.close()
     assert refusal(err.value) == (
         f"ACCESS_REFUSED - access to queue 'not-allowed' in vhost '{broker.vhost}' "
         f"refused for user '{user}'"
