@@ -31,7 +31,8 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
     ├── WorkerLost                  the process running a task died (killed, OOM, os._exit)
     ├── ResultError                 the result of a task cannot be given
     │   ├── ResultTimeout           ``get(timeout=)`` ran out
-    │   └── ResultsDisabled         the task ignores results
+    │   ├── ResultsDisabled         the task ignores results
+    │   └── ResultStoreError        the result store (SQLite, Redis) failed: names URL and cause
     └── TaskError                   a task raised remotely (re-raised by ``AsyncResult.get``)
 """
 
@@ -52,6 +53,7 @@ __all__ = [
     "PublishNacked",
     "PublishTimeout",
     "ResultError",
+    "ResultStoreError",
     "ResultTimeout",
     "ResultsDisabled",
     "Retry",
@@ -251,6 +253,15 @@ class ResultTimeout(ResultError):
 
 class ResultsDisabled(ResultError):
     """The task (or the config default) ignores results, so none will ever arrive."""
+
+
+class ResultStoreError(ResultError):
+    """The result store could not be reached or refused an operation.
+
+    The message names the store's URL (password redacted) and the cause, e.g.
+    ``result store redis://:***@cache:6379/0: cannot connect: Connection refused``; the client
+    library's exception is chained as ``__cause__``.
+    """
 
 
 class TaskError(AmqpTasksError):

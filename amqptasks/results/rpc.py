@@ -16,14 +16,28 @@ from __future__ import annotations
 import builtins
 import threading
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import ResultsDisabled, ResultTimeout, TaskError
-from .protocol import FAILURE, SUCCESS, Reply, decode_reply
+from ..errors import ResultsDisabled, ResultTimeout, TaskError
+from ..protocol import FAILURE, SUCCESS, Reply, decode_reply
+from .meta import PENDING
 
-__all__ = ["PENDING", "AsyncResult", "ResultCollector", "remote_error"]
+__all__ = ["PENDING", "AsyncResult", "RemoteFailure", "ResultCollector", "remote_error"]
 
-PENDING = "PENDING"
+
+class RemoteFailure(Protocol):
+    """What :func:`remote_error` reads: a :class:`~amqptasks.protocol.Reply` (rpc) and a
+    stored :class:`~amqptasks.results.meta.ResultMeta` both have these fields, so a failure
+    read from a store raises exactly the error a failure replied over AMQP does."""
+
+    @property
+    def error_type(self) -> str | None: ...
+
+    @property
+    def error_message(self) -> str | None: ...
+
+    @property
+    def traceback(self) -> str | None: ...
 
 
 class _State:
@@ -74,7 +88,7 @@ class ResultCollector:
             return len(self._waiting)
 
 
-def remote_error(reply: Reply) -> TaskError:
+def remote_error(reply: RemoteFailure) -> TaskError:
     """A :class:`TaskError` whose class name is the remote type name (never imported)."""
     name = reply.error_type or "TaskError"
     bases: tuple[type, ...] = (TaskError,)
