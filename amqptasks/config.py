@@ -40,6 +40,8 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("config/amqptasks.yaml")
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/%2F"
+DEFAULT_RESULT_BACKEND = "sqlite:///.amqptasks/results.sqlite3"
+RESULT_SCHEMES = ("rpc", "sqlite", "redis", "rediss")
 EXCHANGE_TYPES = ("direct", "topic", "fanout")
 QUEUE_TYPES = ("classic", "quorum")
 POOLS = ("threads", "asyncio", "processes")
@@ -55,6 +57,7 @@ TASK_KEYS = (
     "time_limit",
     "acks_early",
     "ignore_result",
+    "track_started",
 )
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
 
@@ -148,6 +151,8 @@ class TaskPolicy:
     time_limit: float | None = None
     acks_early: bool | None = None
     ignore_result: bool | None = None
+    #: Write a STARTED state to the result store when the task starts (one more write).
+    track_started: bool | None = None
 
     def merged(self, fallback: TaskPolicy) -> TaskPolicy:
         """This policy with every unset field taken from ``fallback``."""
@@ -176,8 +181,22 @@ DEFAULT_POLICY = TaskPolicy(
 
 @dataclass(frozen=True, slots=True)
 class ResultSettings:
-    #: Default for tasks that do not say: when true no reply is ever sent.
+    #: Default for tasks that do not say: when true no result is kept or sent.
     ignore_result: bool = False
+    #: Where results live: ``rpc://`` (direct reply-to to the caller only), ``sqlite:///PATH``
+    #: (one host; the default, so AsyncResult(id) and chords work with no extra service) or
+    #: ``redis://HOST:PORT/DB`` (shared by workers and callers on many hosts).
+    backend: str = DEFAULT_RESULT_BACKEND
+    #: Seconds a stored result lives before it is removed (every store really removes it).
+    expires: float = 86400.0
+    #: Default for tasks that do not set ``track_started``.
+    track_started: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"ResultSettings(backend={redact_url(self.backend)!r}, expires={self.expires!r}, "
+            f"ignore_result={self.ignore_result!r}, track_started={self.track_started!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -419,7 +438,7 @@ class _Parser:
             routes=routes,
             default_route=default_route,
             worker=self.worker(top.get("worker", {})),
-            results=self.results(top.get("results", {})),
+            results=self.results(top.get("results", {}), env),
             accept=accept,
             max_body_size=max_body_size,
             task_policies=self.tasks(top.get("tasks", {})),
@@ -616,11 +635,44 @@ class _Parser:
             pool=self.choice(section.get("pool", "threads"), "worker.pool", POOLS),
         )
 
-    def results(self, value: Any) -> ResultSettings:
-        section = self.mapping(value, "results", ("ignore_result",))
+    def results(self, value: Any, env: Mapping[str, str]) -> ResultSettings:
+        section = self.mapping(
+            value, "results", ("backend", "expires", "ignore_result", "track_started")
+        )
+        key = (
+            "$AMQPTASKS_RESULT_BACKEND"
+            if env.get("AMQPTASKS_RESULT_BACKEND")
+            else "results.backend"
+        )
+        backend = self.typed(
+            env.get("AMQPTASKS_RESULT_BACKEND") or section.get("backend", DEFAULT_RESULT_BACKEND),
+            key,
+            str,
+            "a result store URL (rpc://, sqlite:///PATH, redis://HOST:PORT/DB)",
+        )
+        scheme, sep, rest = backend.partition("://")
+        if not sep or scheme not in RESULT_SCHEMES:
+            raise self.fail(
+                key,
+                f"expected rpc://, sqlite:///PATH or redis://HOST:PORT/DB, got "
+                f"{redact_url(backend)!r}",
+            )
+        if scheme == "sqlite" and not rest.startswith("/"):
+            raise self.fail(
+                key,
+                "a sqlite URL has three slashes before a relative path "
+                f"(sqlite:///results.db) and four before an absolute one, got {backend!r}",
+            )
+        if scheme == "sqlite" and len(rest) < 2:
+            raise self.fail(key, "a sqlite URL needs a file path (sqlite:///results.db)")
         return ResultSettings(
             ignore_result=self.typed(
                 section.get("ignore_result", False), "results.ignore_result", bool, "true or false"
+            ),
+            backend=backend,
+            expires=self.positive(section, "results", "expires", 86400.0, float),
+            track_started=self.typed(
+                section.get("track_started", False), "results.track_started", bool, "true or false"
             ),
         )
 
@@ -704,7 +756,7 @@ class _Parser:
                     if isinstance(raw, bool)
                     else self.positive(spec, key, "retry_backoff", 1.0, float)
                 )
-            for name in ("retry_jitter", "acks_early", "ignore_result"):
+            for name in ("retry_jitter", "acks_early", "ignore_result", "track_started"):
                 if name in spec:
                     values[name] = self.typed(spec[name], _join(key, name), bool, "true or false")
             if "autoretry_for" in spec:

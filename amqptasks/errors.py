@@ -31,6 +31,7 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
     ├── WorkerLost                  the process running a task died (killed, OOM, os._exit)
     ├── ResultError                 the result of a task cannot be given
     │   ├── ResultTimeout           ``get(timeout=)`` ran out
+    │   ├── ResultsUnavailable      rpc:// cannot read a result by id, nor keep a chord
     │   ├── ResultsDisabled         the task ignores results
     │   └── ResultStoreError        the result store (SQLite, Redis) failed: names URL and cause
     └── TaskError                   a task raised remotely (re-raised by ``AsyncResult.get``)
@@ -56,6 +57,7 @@ __all__ = [
     "ResultStoreError",
     "ResultTimeout",
     "ResultsDisabled",
+    "ResultsUnavailable",
     "Retry",
     "RoutingError",
     "SoftTimeLimitExceeded",
@@ -249,6 +251,12 @@ class ResultError(AmqpTasksError):
 
 class ResultTimeout(ResultError):
     """``AsyncResult.get(timeout=...)`` ran out before a reply arrived."""
+
+
+class ResultsUnavailable(ResultError):
+    """No way to read this result here: ``results.backend`` is ``rpc://`` (only the publishing
+    process hears a reply) and the handle was restored by id — or a chord was asked for,
+    which needs a store."""
 
 
 class ResultsDisabled(ResultError):

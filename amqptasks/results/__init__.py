@@ -2,7 +2,8 @@
 
 ::
 
-    rpc.py     AsyncResult and ResultCollector over AMQP direct reply-to (no store)
+    handles.py AsyncResult and GroupResult: read a reply when one comes, else the store
+    rpc.py     ResultCollector over AMQP direct reply-to, and remote_error
     meta.py    ResultMeta, the stored record, and the task states (pure)
     store.py   the ResultStore protocol (the seam) and ChordProgress (pure)
     sqlite.py  SqliteStore: one file shared by the processes of one host (the default)
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..config import redact_url
+from .handles import AsyncResult, GroupResult, ResultBackend
 from .meta import (
     FAILURE,
     PENDING,
@@ -28,8 +30,9 @@ from .meta import (
     STATES,
     SUCCESS,
     ResultMeta,
+    utcnow,
 )
-from .rpc import AsyncResult, ResultCollector, remote_error
+from .rpc import ResultCollector, remote_error
 from .store import DEFAULT_EXPIRES, ChordProgress, ResultStore
 
 if TYPE_CHECKING:
@@ -48,6 +51,8 @@ __all__ = [
     "SUCCESS",
     "AsyncResult",
     "ChordProgress",
+    "GroupResult",
+    "ResultBackend",
     "ResultCollector",
     "ResultMeta",
     "ResultStore",
@@ -55,6 +60,7 @@ __all__ = [
     "parse_sqlite_url",
     "remote_error",
     "store_from_url",
+    "utcnow",
 ]
 
 #: Query options a redis:// URL may carry (passed to redis-py); anything else is refused.

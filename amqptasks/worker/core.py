@@ -24,10 +24,13 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..app import App
+from ..canvas import BUILTIN_TASKS
 from ..config import DEFAULT_POLICY, Settings, TaskPolicy, redact_url
 from ..errors import AmqpTasksError, BrokerError, TopologyError
 from ..tasks import Task
 from ..transport.aio import AsyncPublisher
+from .builtins import builtin_tasks
 from .consume import ConsumeLoop
 from .dedupe import Dedupe
 from .fastpath import FastPath
@@ -36,8 +39,11 @@ from .pipeline import Pipeline
 from .pool import InlineRunner, ThreadRunner
 from .process_pool import ProcessRunner
 from .replies import ReplyMiddleware
+from .results import ResultsMiddleware, WorkflowMiddleware
 from .settle import Settler
 from .stats import Stats
+from .storecalls import StoreRunner
+from .workflow import Workflow
 
 __all__ = ["POOLS", "Worker", "WorkerOptions", "default_hostname"]
 
@@ -90,9 +96,14 @@ class Worker:
                 f"(declared: {declared})"
             )
         self.settings = settings
-        self.tasks = dict(tasks)
         self.options = options
         self.hostname = options.hostname or default_hostname()
+        #: Routes and encodes the messages a workflow step publishes (like a caller would).
+        self.app = App(settings)
+        self.tasks: dict[str, Task] = {}
+        self.tasks.update(builtin_tasks(self.tasks, self.app))
+        self.tasks.update(tasks)
+        self.app.tasks = self.tasks
         self.policies: dict[str, TaskPolicy] = {
             name: t.policy.merged(settings.task_policy(name)).merged(DEFAULT_POLICY)
             for name, t in self.tasks.items()
@@ -103,8 +114,29 @@ class Worker:
             name=f"{self.hostname} publisher",
             heartbeat=settings.broker.heartbeat,
         )
+        store = self.app.store
+        self.store = StoreRunner(store) if store is not None else None
+        replies = ReplyMiddleware(self.publisher.publish, settings.results.ignore_result)
+        workflow = Workflow(
+            self.app, self.publisher.publish, self.store, self.hostname, replies.reply_failure
+        )
+        stored: list[Middleware] = []
+        if self.store is not None:
+            stored.append(
+                ResultsMiddleware(
+                    self.store,
+                    self.policies,
+                    self.hostname,
+                    default_ignore=settings.results.ignore_result,
+                    default_track_started=settings.results.track_started,
+                )
+            )
+        # after_run hooks run in reverse: the result is stored, then the workflow continued,
+        # then the caller answered; the duplicate checks come first in should_run.
         self.middleware: list[Middleware] = [
-            ReplyMiddleware(self.publisher.publish, settings.results.ignore_result),
+            replies,
+            WorkflowMiddleware(workflow),
+            *stored,
             *middleware,
             # Last, so its should_run claims a message only once every other hook said yes
             # (a claim is released by after_run, which then always follows).
@@ -209,6 +241,7 @@ class Worker:
             f"amqptasks worker {self.hostname}",
             f"  broker:      {redact_url(s.broker.url)}",
             f"  config:      {s.source}",
+            f"  results:     {redact_url(s.results.backend)}",
             f"  pool:        {self.options.pool}  concurrency={self.options.concurrency} "
             f"prefetch={self.options.prefetch} (per consumer){extra}",
             "  queues:",
@@ -222,6 +255,7 @@ class Worker:
         lines.extend(
             f"    {name}{'  (async)' if t.is_async else ''}"
             for name, t in sorted(self.tasks.items())
+            if name not in BUILTIN_TASKS
         )
         return "\n".join(lines)
 
@@ -251,6 +285,8 @@ class Worker:
             if problems:
                 raise AmqpTasksError("refusing to start:\n  " + "\n  ".join(problems))
             await self._start_runner()
+            if self.store is not None:
+                self.store.start()
             await self.consuming.run()
         except (BrokerError, TopologyError, AmqpTasksError) as exc:
             log.error("%s", exc)
@@ -299,6 +335,8 @@ class Worker:
     async def _shutdown(self) -> None:
         self._stopping.set()
         await self.consuming.close()
+        if self.store is not None:
+            await self.store.close()
         await self.publisher.close()
         if self.pipeline.runner is not None:
             self.pipeline.runner.close()
