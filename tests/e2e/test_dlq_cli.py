@@ -180,8 +180,9 @@ def test_two_copies_of_one_replayed_dead_letter_run_once(tmp_path, broker, worke
     # The copy is settled without running: by the result store's record of the first copy,
     # or (while the first still runs, or without a store) by the worker's in-memory Dedupe.
     wait_for(
-        lambda: "already ran on this worker" in w.output()
-        or "already has a final state" in w.output(),
+        lambda: (
+            "already ran on this worker" in w.output() or "already has a final state" in w.output()
+        ),
         message="the copy settled",
     )
     w.stop()
