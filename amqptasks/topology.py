@@ -10,6 +10,10 @@ land in one place.
 Delays (countdown, eta, retry backoff) are held by the broker in :data:`DELAY_LEVELS` fixed-TTL
 queues (see :func:`delay_route` and docs/delays.md): no message ever waits in a worker's memory.
 
+Events have an exchange, derived too and declared with everything else:
+:data:`EVENTS_EXCHANGE` (topic: routing keys ``task.<state>`` / ``worker.<state>``, see
+docs/events.md).
+
 Everything is durable: RabbitMQ 4.x refuses transient non-exclusive queues, and persistent
 messages in a transient queue would not survive a restart anyway.
 """
@@ -28,7 +32,9 @@ __all__ = [
     "DELAY_LEVELS",
     "DLQ_SUFFIX",
     "DLX_EXCHANGE",
+    "EVENTS_EXCHANGE",
     "MAX_DELAY",
+    "RESERVED_EXCHANGES",
     "Binding",
     "Exchange",
     "ExchangeBinding",
@@ -43,6 +49,9 @@ __all__ = [
 ]
 
 DLX_EXCHANGE = "amqptasks.dlx"
+EVENTS_EXCHANGE = "amqptasks.events"
+#: Exchanges every topology has (a worker declares them whatever it consumes).
+_FLEET_EXCHANGES = ((EVENTS_EXCHANGE, "topic"),)
 DLQ_SUFFIX = ".dlq"
 #: Binary delay levels: level n holds a message 2**n seconds. 22 levels reach 2**22 - 1 s
 #: (48.5 days), more than the 30 days we promise, in at most 22 hops.
@@ -50,6 +59,8 @@ DELAY_LEVELS = 22
 MAX_DELAY: int = 2**DELAY_LEVELS - 1
 DELAY_PREFIX = "amqptasks.delay"
 DELAY_DELIVER_EXCHANGE = "amqptasks.delay.deliver"
+#: Exchange names the config may not use: they are derived here.
+RESERVED_EXCHANGES = frozenset({DLX_EXCHANGE, EVENTS_EXCHANGE})
 
 Args = tuple[tuple[str, Any], ...]
 
@@ -129,8 +140,8 @@ class Topology:
         return tuple(b for b in self.bindings if b.queue == queue)
 
     def subset(self, queues: Iterable[str]) -> Topology:
-        """The part a worker consuming ``queues`` depends on: the queues, their DLQs and the
-        delay infrastructure its retries travel through."""
+        """The part a worker consuming ``queues`` depends on: the queues, their DLQs, the
+        delay infrastructure its retries travel through, and the events exchange."""
         wanted = set(queues)
         wanted |= {dlq_name(q) for q in wanted}
         wanted |= {q.name for q in self.queues if q.role == "delay"}
@@ -138,6 +149,7 @@ class Topology:
         exchange_names = {b.exchange for b in bindings}
         exchange_names |= {e.source for e in self.exchange_bindings}
         exchange_names |= {e.destination for e in self.exchange_bindings}
+        exchange_names |= {name for name, _kind in _FLEET_EXCHANGES}
         return Topology(
             exchanges=tuple(e for e in self.exchanges if e.name in exchange_names),
             queues=tuple(q for q in self.queues if q.name in wanted),
@@ -283,6 +295,7 @@ def build_topology(exchanges: Mapping[str, str], queues: Iterable[QueueSpec]) ->
     """Derive the full topology (work queues, dead-letter and delay infrastructure)."""
     ex = [Exchange(name, type_) for name, type_ in exchanges.items()]
     ex.append(Exchange(DLX_EXCHANGE, "direct"))
+    ex.extend(Exchange(name, kind) for name, kind in _FLEET_EXCHANGES)
     qs: list[Queue] = []
     bs: list[Binding] = []
     specs = list(queues)

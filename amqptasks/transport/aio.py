@@ -157,8 +157,12 @@ class AsyncPublisher:
         props: Properties,
         *,
         timeout: float | None = None,
+        mandatory: bool = True,
     ) -> None:
-        """Publish and wait for the broker's confirm; raises a :class:`PublishError` if not."""
+        """Publish and wait for the broker's confirm; raises a :class:`PublishError` if not.
+
+        ``mandatory=False`` is for messages nobody has to receive (events: no listener bound
+        is normal), which the broker then confirms instead of returning."""
         limit = self.timeout if timeout is None else timeout
         try:
             channel = await asyncio.wait_for(self._ready(), limit)
@@ -171,7 +175,7 @@ class AsyncPublisher:
             ex = self._exchanges.get(exchange)
             if ex is None:
                 ex = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
-            await ex.publish(_message(body, props), routing_key, mandatory=True, timeout=limit)
+            await ex.publish(_message(body, props), routing_key, mandatory=mandatory, timeout=limit)
         except aio_pika.exceptions.PublishError as exc:
             text = getattr(getattr(exc, "frame", None), "reply_text", "NO_ROUTE")
             raise UnroutableError(exchange, routing_key, str(text)) from exc

@@ -288,6 +288,13 @@ class PikaConsumer:
         tag = self._channel.basic_consume(queue, on_message, auto_ack=False)
         self._tags.append(tag)
 
+    async def declare_exchange(self, name: str, kind: str) -> None:
+        """Declare a durable exchange (idempotent): the worker's own event and control
+        exchanges, which must exist even when it does not declare the topology."""
+        assert self._channel is not None, "connect() first"
+        channel = self._channel
+        await self._rpc(lambda cb: channel.exchange_declare(name, kind, durable=True, callback=cb))
+
     # -- settling ------------------------------------------------------------------------------
     def settle(self, tag: int, acked: bool) -> None:
         self._window.settle(tag, acked)

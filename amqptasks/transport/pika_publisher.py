@@ -59,7 +59,7 @@ def to_pika(props: Properties) -> pika.BasicProperties:
 
 
 class _Pending:
-    __slots__ = ("exchange", "future", "message_id", "routing_key")
+    __slots__ = ("exchange", "future", "mandatory", "message_id", "routing_key")
 
     def __init__(
         self,
@@ -67,11 +67,13 @@ class _Pending:
         exchange: str,
         routing_key: str,
         message_id: str | None,
+        mandatory: bool = True,
     ) -> None:
         self.future = future
         self.exchange = exchange
         self.routing_key = routing_key
         self.message_id = message_id
+        self.mandatory = mandatory
 
 
 class _Link:
@@ -226,7 +228,9 @@ class _Link:
         seq = next(self._seq)
         self._pending[seq] = rec
         try:
-            self.channel.basic_publish(rec.exchange, rec.routing_key, body, props, mandatory=True)
+            self.channel.basic_publish(
+                rec.exchange, rec.routing_key, body, props, mandatory=rec.mandatory
+            )
         except Exception as exc:
             self._pending.pop(seq, None)
             rec.future.set_exception(PublishError(f"publish failed: {exc}"))
@@ -347,12 +351,16 @@ class SyncPublisher:
         props: Properties,
         *,
         timeout: float | None = None,
+        mandatory: bool = True,
     ) -> concurrent.futures.Future[None]:
-        """Start a publish; the future resolves on the broker's confirm (or its error)."""
+        """Start a publish; the future resolves on the broker's confirm (or its error).
+
+        ``mandatory=False`` is for messages nobody has to receive (events)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         link = self._connected(deadline)
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        link.submit(_Pending(future, exchange, routing_key, props.message_id), body, to_pika(props))
+        rec = _Pending(future, exchange, routing_key, props.message_id, mandatory)
+        link.submit(rec, body, to_pika(props))
         return future
 
     def publish(

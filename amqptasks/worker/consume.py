@@ -82,6 +82,8 @@ class ConsumeLoop:
         self.consumer: PikaConsumer | None = None
         #: Called each time every consumer is attached (the CLI prints "ready: consuming").
         self.on_ready: Callable[[], None] | None = None
+        #: Awaited after each (re)attach with the new connection (the events exchange).
+        self.attach_hooks: list[Callable[[PikaConsumer], Awaitable[None]]] = []
         self._lost = asyncio.Event()
         self._last_error: BaseException | str = "connection lost"
         self._declared = False
@@ -167,6 +169,8 @@ class ConsumeLoop:
         consumer.add_close_callback(self._on_connection_lost)
         for q in self.queues:
             await consumer.consume(q, self.on_delivery)
+        for hook in self.attach_hooks:
+            await hook(consumer)
 
     async def _unless_stopped(self, work: Awaitable[T]) -> T:
         """Await ``work`` unless the worker is told to stop first (then raise _Stopped)."""

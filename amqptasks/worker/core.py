@@ -8,6 +8,8 @@ A worker is a few parts, each in its own module of this package:
 * :mod:`.pipeline` — the one fixed pipeline for everything else;
 * :mod:`.settle` — the only code that acks, rejects, requeues, retries or dead-letters;
 * :mod:`.middleware` — the hooks features plug into (replies, dedupe, ...);
+* :mod:`.observer` — what both paths tell about each delivery: the :mod:`.tracker` (what
+  ``inspect`` reports) and, with events on, the :mod:`.events` emitter listen;
 * :mod:`.pool` / :mod:`.process_pool` — where task code runs and how limits are enforced.
 
 Concurrency: at most ``concurrency`` tasks run at once; ``prefetch = concurrency ×
@@ -23,21 +25,28 @@ import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import DEFAULT_POLICY, Settings, TaskPolicy, redact_url
 from ..errors import AmqpTasksError, BrokerError, TopologyError
+from ..events import EventSource
 from ..tasks import Task
+from ..topology import EVENTS_EXCHANGE
 from ..transport.aio import AsyncPublisher
+from ..transport.pika_consumer import PikaConsumer
 from .consume import ConsumeLoop
 from .dedupe import Dedupe
+from .events import EventEmitter, worker_snapshot_fields
 from .fastpath import FastPath
 from .middleware import Middleware
+from .observer import Observer, Observers
 from .pipeline import Pipeline
 from .pool import InlineRunner, ThreadRunner
 from .process_pool import ProcessRunner
 from .replies import ReplyMiddleware
 from .settle import Settler
 from .stats import Stats
+from .tracker import Tracker
 
 __all__ = ["POOLS", "Worker", "WorkerOptions", "default_hostname"]
 
@@ -61,6 +70,8 @@ class WorkerOptions:
     max_memory_per_child: int = 0  # KiB
     #: Give up when no broker answered within this many seconds of start (None: wait forever).
     connect_timeout: float | None = None
+    #: Publish task and worker events (None: the config's ``events.enabled``).
+    events: bool | None = None
 
     @property
     def prefetch(self) -> int:
@@ -145,6 +156,25 @@ class Worker:
             declare=options.declare,
             connect_timeout=options.connect_timeout,
         )
+        self.tracker = Tracker(self.stats)
+        observers: list[Observer] = [self.tracker]
+        self.events: EventEmitter | None = None
+        if settings.events.enabled if options.events is None else options.events:
+            self.events = EventEmitter(
+                AsyncPublisher(
+                    settings.broker.url,
+                    timeout=settings.broker.publish_timeout,
+                    name=f"{self.hostname} events",
+                    heartbeat=settings.broker.heartbeat,
+                ),
+                EventSource(self.hostname),
+                self.stats,
+                self._snapshot,
+                heartbeat_interval=settings.events.heartbeat_interval,
+            )
+            observers.append(self.events)
+        self.pipeline.observer = self.settler.observer = Observers(observers)
+        self.consuming.attach_hooks.append(self._attached)
 
     def __repr__(self) -> str:
         return f"<Worker {self.hostname} broker={redact_url(self.settings.broker.url)}>"
@@ -157,6 +187,26 @@ class Worker:
     @on_ready.setter
     def on_ready(self, callback: Callable[[], None] | None) -> None:
         self.consuming.on_ready = callback
+
+    async def _attached(self, consumer: PikaConsumer) -> None:
+        """After each (re)connect: the events exchange, then worker-online (once)."""
+        if self.events is not None:
+            await consumer.declare_exchange(EVENTS_EXCHANGE, "topic")
+            self.events.online()
+
+    def _snapshot(self) -> dict[str, Any]:
+        from .. import __version__
+
+        return worker_snapshot_fields(
+            pool=self.options.pool,
+            concurrency=self.options.concurrency,
+            prefetch=self.options.prefetch,
+            queues=self.consuming.queues,
+            active=len(self.tracker.active),
+            reserved=len(self.tracker.reserved),
+            processed=self.stats.processed,
+            version=__version__,
+        )
 
     @property
     def processed(self) -> int:
@@ -211,6 +261,7 @@ class Worker:
             f"  config:      {s.source}",
             f"  pool:        {self.options.pool}  concurrency={self.options.concurrency} "
             f"prefetch={self.options.prefetch} (per consumer){extra}",
+            f"  events:      {'on' if self.events is not None else 'off'}",
             "  queues:",
         ]
         for q in self.options.queues:
@@ -251,6 +302,8 @@ class Worker:
             if problems:
                 raise AmqpTasksError("refusing to start:\n  " + "\n  ".join(problems))
             await self._start_runner()
+            if self.events is not None:
+                self.events.start()
             await self.consuming.run()
         except (BrokerError, TopologyError, AmqpTasksError) as exc:
             log.error("%s", exc)
@@ -299,6 +352,8 @@ class Worker:
     async def _shutdown(self) -> None:
         self._stopping.set()
         await self.consuming.close()
+        if self.events is not None:
+            await self.events.close()
         await self.publisher.close()
         if self.pipeline.runner is not None:
             self.pipeline.runner.close()

@@ -91,7 +91,9 @@ class Middleware:
 
     async def should_run(self, ctx: Context) -> bool:
         """False settles the delivery (ack) without running it, e.g. a duplicate. Called after
-        decoding and lookup; a delivery that passed every ``should_run`` gets ``after_run``."""
+        decoding and lookup; a delivery that passed every ``should_run`` gets ``after_run``.
+        A hook saying no may put why in ``ctx.extra["skip"]``: the ``task-revoked`` event's
+        reason (``duplicate`` when unset)."""
         return True
 
     async def before_run(self, ctx: Context) -> None:

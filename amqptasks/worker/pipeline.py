@@ -25,6 +25,7 @@ from ..tasks import Request, Task
 from ..topology import delay_seconds
 from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Context, Middleware, Outcome, run_after, run_before, run_should_run
+from .observer import Observer
 from .pool import AsyncRunner, Call, Runner
 from .retry import decide
 from .settle import Settler
@@ -88,6 +89,7 @@ class Pipeline:
         self.async_runner = AsyncRunner()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.slots = Slots(concurrency)
+        self.observer: Observer = Observer()  # events and inspect (set by the Worker)
 
     # -- tasks on the loop ----------------------------------------------------------------------
     def spawn(self, work: Any, delivery: Delivery) -> None:
@@ -162,7 +164,9 @@ class Pipeline:
                 env=env,
             )
             return
+        self.observer.received(env, delivery.queue)
         if not await self.slots.take(self.stopping):
+            self.observer.returned(env, delivery.queue)
             await settler.requeue(delivery)
             return
         if env.is_expired(datetime.now(timezone.utc)):
@@ -174,11 +178,13 @@ class Pipeline:
         try:
             ctx = Context(env, task, delivery.queue, self.hostname)
             if not await run_should_run(self.middleware, ctx):
+                self.observer.skipped(env, delivery.queue, ctx.extra.get("skip", "duplicate"))
                 await settler.ack(delivery)  # settled without running (e.g. a duplicate)
                 return
             if policy.acks_early:
                 await settler.ack(delivery)
             await run_before(self.middleware, ctx)
+            self.observer.started(env, delivery.queue)
             try:
                 outcome = await self._execute(task, env, delivery.queue, policy)
             except Exception as exc:  # a bug around the task: its failure, settled as one,
@@ -215,6 +221,7 @@ class Pipeline:
                 outcome.retry_countdown = decision.countdown
             else:
                 outcome.exc = decision.exc
+        self.observer.finished(env, delivery.queue, outcome)
         await run_after(self.middleware, ctx, outcome)
         self.stats.processed += 1
         await self.settler.settle(delivery, env, policy, outcome, now)

@@ -6,6 +6,7 @@ import pytest
 
 from amqptasks.topology import (
     DLX_EXCHANGE,
+    EVENTS_EXCHANGE,
     Binding,
     Exchange,
     Queue,
@@ -48,6 +49,17 @@ def test_exchanges_include_the_declared_ones_and_the_dead_letter_exchange(
         Exchange(DLX_EXCHANGE, "direct"),
     )
     assert all(e.durable for e in topology.exchanges)
+
+
+def test_the_events_exchange_is_derived_and_in_every_subset(topology: Topology) -> None:
+    kinds = {e.name: e.type for e in topology.exchanges}
+    assert kinds[EVENTS_EXCHANGE] == "topic"  # routing keys task.<state> / worker.<state>
+    for queues in (["web_tasks"], ["lonely"], []):
+        assert {e.name: e.type for e in topology.subset(queues).exchanges}[
+            EVENTS_EXCHANGE
+        ] == "topic"
+    shown = "\n".join(topology.describe())
+    assert f"{EVENTS_EXCHANGE}  type=topic durable=true" in shown
 
 
 def test_every_work_queue_gets_a_dead_letter_queue(topology: Topology) -> None:
