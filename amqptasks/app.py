@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, overload
 
 from .config import Settings, load_config
+from .control import Control
 from .errors import AmqpTasksError, TaskNotRegistered
 from .events import EventSource, encode_batch
 from .protocol import CONTENT_TYPE_JSON, DL_PREFIX, Envelope, Properties, encode, new_id
@@ -97,6 +98,8 @@ class App(Sender):
         self._event_source: EventSource | None = None
         self.tasks: dict[str, Task] = {}
         self.results = ResultCollector()
+        #: Inspect and control the workers (``app.control.ping()``).
+        self.control = Control(self)
         self._router: Router | None = None
         self._publisher: SyncPublisher | None = None
         self._async_publishers: dict[asyncio.AbstractEventLoop, AsyncPublisher] = {}
@@ -173,11 +176,16 @@ class App(Sender):
                     self._publisher = SyncPublisher(
                         s.url,
                         timeout=s.publish_timeout,
-                        on_reply=self.results.deliver,
+                        on_reply=self._on_reply,
                         heartbeat=s.heartbeat,
                     )
                     atexit.register(self._publisher.close)
         return self._publisher
+
+    def _on_reply(self, correlation_id: str | None, body: bytes) -> None:
+        """Direct reply-to: control answers first, then task results."""
+        if not self.control.deliver(correlation_id, body):
+            self.results.deliver(correlation_id, body)
 
     # -- task-sent events ---------------------------------------------------------------------
     @property

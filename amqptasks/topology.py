@@ -10,9 +10,10 @@ land in one place.
 Delays (countdown, eta, retry backoff) are held by the broker in :data:`DELAY_LEVELS` fixed-TTL
 queues (see :func:`delay_route` and docs/delays.md): no message ever waits in a worker's memory.
 
-Events have an exchange, derived too and declared with everything else:
+Events and control have an exchange each, derived too and declared with everything else:
 :data:`EVENTS_EXCHANGE` (topic: routing keys ``task.<state>`` / ``worker.<state>``, see
-docs/events.md).
+docs/events.md) and :data:`CONTROL_EXCHANGE` (fanout: every worker's exclusive control queue
+hears every command, see docs/control.md).
 
 Everything is durable: RabbitMQ 4.x refuses transient non-exclusive queues, and persistent
 messages in a transient queue would not survive a restart anyway.
@@ -28,6 +29,7 @@ from typing import Any
 from .errors import RoutingError
 
 __all__ = [
+    "CONTROL_EXCHANGE",
     "DELAY_DELIVER_EXCHANGE",
     "DELAY_LEVELS",
     "DLQ_SUFFIX",
@@ -50,8 +52,9 @@ __all__ = [
 
 DLX_EXCHANGE = "amqptasks.dlx"
 EVENTS_EXCHANGE = "amqptasks.events"
+CONTROL_EXCHANGE = "amqptasks.control"
 #: Exchanges every topology has (a worker declares them whatever it consumes).
-_FLEET_EXCHANGES = ((EVENTS_EXCHANGE, "topic"),)
+_FLEET_EXCHANGES = ((EVENTS_EXCHANGE, "topic"), (CONTROL_EXCHANGE, "fanout"))
 DLQ_SUFFIX = ".dlq"
 #: Binary delay levels: level n holds a message 2**n seconds. 22 levels reach 2**22 - 1 s
 #: (48.5 days), more than the 30 days we promise, in at most 22 hops.
@@ -60,7 +63,7 @@ MAX_DELAY: int = 2**DELAY_LEVELS - 1
 DELAY_PREFIX = "amqptasks.delay"
 DELAY_DELIVER_EXCHANGE = "amqptasks.delay.deliver"
 #: Exchange names the config may not use: they are derived here.
-RESERVED_EXCHANGES = frozenset({DLX_EXCHANGE, EVENTS_EXCHANGE})
+RESERVED_EXCHANGES = frozenset({DLX_EXCHANGE, EVENTS_EXCHANGE, CONTROL_EXCHANGE})
 
 Args = tuple[tuple[str, Any], ...]
 
@@ -141,7 +144,8 @@ class Topology:
 
     def subset(self, queues: Iterable[str]) -> Topology:
         """The part a worker consuming ``queues`` depends on: the queues, their DLQs, the
-        delay infrastructure its retries travel through, and the events exchange."""
+        delay infrastructure its retries travel through, and the events and control
+        exchanges."""
         wanted = set(queues)
         wanted |= {dlq_name(q) for q in wanted}
         wanted |= {q.name for q in self.queues if q.role == "delay"}

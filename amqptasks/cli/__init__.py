@@ -62,7 +62,7 @@ def main() -> None:
 
 def _register() -> None:
     # Command modules attach themselves to ``main`` on import.
-    from . import beat, dlq, events, send, topology, worker  # noqa: F401
+    from . import beat, control, dlq, events, inspect, send, topology, worker  # noqa: F401
 
 
 _register()

@@ -10,6 +10,7 @@ A worker is a few parts, each in its own module of this package:
 * :mod:`.middleware` — the hooks features plug into (replies, dedupe, ...);
 * :mod:`.observer` — what both paths tell about each delivery: the :mod:`.tracker` (what
   ``inspect`` reports) and, with events on, the :mod:`.events` emitter listen;
+* :mod:`.control` — the control queue and the inspect/control commands;
 * :mod:`.pool` / :mod:`.process_pool` — where task code runs and how limits are enforced.
 
 Concurrency: at most ``concurrency`` tasks run at once; ``prefetch = concurrency ×
@@ -35,6 +36,7 @@ from ..topology import EVENTS_EXCHANGE
 from ..transport.aio import AsyncPublisher
 from ..transport.pika_consumer import PikaConsumer
 from .consume import ConsumeLoop
+from .control import ControlServer
 from .dedupe import Dedupe
 from .events import EventEmitter, worker_snapshot_fields
 from .fastpath import FastPath
@@ -174,7 +176,9 @@ class Worker:
             )
             observers.append(self.events)
         self.pipeline.observer = self.settler.observer = Observers(observers)
+        self.control = ControlServer(self)
         self.consuming.attach_hooks.append(self._attached)
+        self._stop_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Worker {self.hostname} broker={redact_url(self.settings.broker.url)}>"
@@ -189,7 +193,8 @@ class Worker:
         self.consuming.on_ready = callback
 
     async def _attached(self, consumer: PikaConsumer) -> None:
-        """After each (re)connect: the events exchange, then worker-online (once)."""
+        """After each (re)connect: the control queue, the events exchange, worker-online."""
+        await self.control.attach(consumer)
         if self.events is not None:
             await consumer.declare_exchange(EVENTS_EXCHANGE, "topic")
             self.events.online()
@@ -322,7 +327,7 @@ class Worker:
                 signal.Signals(sig).name,
                 self.stats.running,
             )
-            asyncio.get_running_loop().create_task(self.stop())
+            self.request_stop()
         else:
             log.warning(
                 "%s again: cold shutdown — unfinished tasks are not acked and return to the queue",
@@ -334,6 +339,11 @@ class Worker:
             for t in list(self.pipeline.inflight):
                 t.cancel()
             self._done.set()
+
+    def request_stop(self) -> None:
+        """Begin a warm shutdown from a callback on the loop (a signal, a control command)."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self.stop())
 
     async def stop(self) -> None:
         """Warm shutdown: stop consuming, let running tasks finish and settle, then exit."""

@@ -213,6 +213,12 @@ BAD = [
         "the name 'amqptasks.events' is reserved",
     ),
     (
+        "reserved-control-exchange",
+        "exchanges: {amqptasks.control: {type: fanout}}\n",
+        "exchanges.amqptasks.control",
+        "is reserved",
+    ),
+    (
         "events-enabled-string",
         BASE + "events: {enabled: 'yes'}\n",
         "events.enabled",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from amqptasks.topology import (
+    CONTROL_EXCHANGE,
     DLX_EXCHANGE,
     EVENTS_EXCHANGE,
     Binding,
@@ -51,15 +52,18 @@ def test_exchanges_include_the_declared_ones_and_the_dead_letter_exchange(
     assert all(e.durable for e in topology.exchanges)
 
 
-def test_the_events_exchange_is_derived_and_in_every_subset(topology: Topology) -> None:
+def test_events_and_control_exchanges_are_derived_and_in_every_subset(
+    topology: Topology,
+) -> None:
     kinds = {e.name: e.type for e in topology.exchanges}
     assert kinds[EVENTS_EXCHANGE] == "topic"  # routing keys task.<state> / worker.<state>
+    assert kinds[CONTROL_EXCHANGE] == "fanout"  # every worker hears every command
     for queues in (["web_tasks"], ["lonely"], []):
-        assert {e.name: e.type for e in topology.subset(queues).exchanges}[
-            EVENTS_EXCHANGE
-        ] == "topic"
+        sub = {e.name: e.type for e in topology.subset(queues).exchanges}
+        assert sub[EVENTS_EXCHANGE] == "topic" and sub[CONTROL_EXCHANGE] == "fanout"
     shown = "\n".join(topology.describe())
     assert f"{EVENTS_EXCHANGE}  type=topic durable=true" in shown
+    assert f"{CONTROL_EXCHANGE}  type=fanout durable=true" in shown
 
 
 def test_every_work_queue_gets_a_dead_letter_queue(topology: Topology) -> None:
