@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import logging
 import math
 import os
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,8 +24,11 @@ from typing import Any, overload
 from . import canvas
 from .canvas import Signature
 from .config import Settings, load_config, redact_url
+from .control import Control
 from .errors import AmqpTasksError, ConfigError, DecodeError, TaskNotRegistered
+from .events import EventSource, encode_batch
 from .protocol import (
+    CONTENT_TYPE_JSON,
     DL_PREFIX,
     Envelope,
     Properties,
@@ -44,7 +49,7 @@ from .results import (
 )
 from .routing import Router
 from .tasks import Sender, Task
-from .topology import delay_seconds
+from .topology import EVENTS_EXCHANGE, delay_seconds
 from .transport.aio import AsyncPublisher
 from .transport.pika_publisher import REPLY_TO, SyncPublisher, wait
 
@@ -54,6 +59,8 @@ __all__ = ["App"]
 # the classes in its body.
 ResultHandle = AsyncResult
 GroupHandle = GroupResult
+log = logging.getLogger("amqptasks.events")
+_EVENT_PROPS = Properties(content_type=CONTENT_TYPE_JSON, delivery_mode=2)
 
 _PUBLISH_OPTIONS = frozenset(
     {
@@ -82,6 +89,8 @@ class Prepared:
     props: Properties
     envelope: Envelope
     wants_reply: bool
+    #: The route before any delay: (exchange, routing key).
+    route: tuple[str, str] = ("", "")
 
 
 def _when(value: Any, key: str, now: datetime) -> datetime | None:
@@ -138,17 +147,29 @@ def _check_options(options: Mapping[str, Any]) -> None:
 
 
 class App(Sender):
-    """Holds settings, tasks and the publishers of one application."""
+    """Holds settings, tasks and the publishers of one application.
+
+    ``send_events=True`` publishes a ``task-sent`` event for every task sent (default: the
+    config's ``events.send_sent``).
+    """
 
     def __init__(
-        self, settings: Settings | None = None, *, config: str | os.PathLike[str] | None = None
+        self,
+        settings: Settings | None = None,
+        *,
+        config: str | os.PathLike[str] | None = None,
+        send_events: bool | None = None,
     ) -> None:
         self._settings = settings
         self._config_path = config
+        self._send_events = send_events
+        self._event_source: EventSource | None = None
         self.tasks: dict[str, Task] = {}
         self.results = ResultCollector()
         self._store: ResultStore | None = None
         self._store_loaded = False
+        #: Inspect and control the workers (``app.control.ping()``).
+        self.control = Control(self)
         self._router: Router | None = None
         self._publisher: SyncPublisher | None = None
         self._async_publishers: dict[asyncio.AbstractEventLoop, AsyncPublisher] = {}
@@ -332,11 +353,41 @@ class App(Sender):
                     self._publisher = SyncPublisher(
                         s.url,
                         timeout=s.publish_timeout,
-                        on_reply=self.results.deliver,
+                        on_reply=self._on_reply,
                         heartbeat=s.heartbeat,
                     )
                     atexit.register(self._publisher.close)
         return self._publisher
+
+    def _on_reply(self, correlation_id: str | None, body: bytes) -> None:
+        """Direct reply-to: control answers first, then task results."""
+        if not self.control.deliver(correlation_id, body):
+            self.results.deliver(correlation_id, body)
+
+    # -- task-sent events ---------------------------------------------------------------------
+    @property
+    def sends_events(self) -> bool:
+        if self._send_events is None:
+            return self.settings.events.send_sent
+        return self._send_events
+
+    def _sent_event(self, p: Prepared) -> dict[str, Any]:
+        """The ``task-sent`` event of ``p``, stamped now (just before its publish)."""
+        if self._event_source is None:
+            self._event_source = EventSource(socket.gethostname())
+        src = self._event_source
+        e = src.with_call(src.task_event("task-sent", p.envelope, None), p.envelope)
+        e["exchange"], e["routing_key"] = p.route
+        return e
+
+    def _publish_sent(self, events: Sequence[dict[str, Any]]) -> None:
+        """Publish ``task-sent`` events of confirmed tasks, in batches, without waiting (an
+        events publish that fails is logged; the tasks are sent either way)."""
+        for key, body, _count in encode_batch(events):
+            future = self.publisher.publish_nowait(
+                EVENTS_EXCHANGE, key, body, _EVENT_PROPS, mandatory=False
+            )
+            future.add_done_callback(_log_event_failure)
 
     def async_publisher(self) -> AsyncPublisher:
         """The publisher of the running event loop (one per loop: aio-pika objects are
@@ -412,7 +463,9 @@ class App(Sender):
             envelope.headers.setdefault(DL_PREFIX + "original-exchange", route.exchange)
             envelope.headers.setdefault(DL_PREFIX + "original-routing-key", route.routing_key)
         body, props = encode(envelope)
-        return Prepared(destinations, body, props, envelope, wants_reply)
+        return Prepared(
+            destinations, body, props, envelope, wants_reply, (route.exchange, route.routing_key)
+        )
 
     def send_task(
         self,
@@ -487,6 +540,7 @@ class App(Sender):
         done: list[Prepared] = []
         inflight: deque[tuple[int, concurrent.futures.Future[None], str, str]] = deque()
         first_error: BaseException | None = None
+        sent: list[dict[str, Any]] | None = [] if self.sends_events else None
 
         def drain(keep: int) -> None:
             nonlocal first_error
@@ -504,6 +558,8 @@ class App(Sender):
             if p.wants_reply:
                 key = p.props.correlation_id or p.envelope.id
                 states[key] = self.results.expect(key)
+            if sent is not None:
+                sent.append(self._sent_event(p))
             for ex, key in p.destinations:
                 inflight.append(
                     (
@@ -518,6 +574,9 @@ class App(Sender):
             if first_error is not None:
                 break
         drain(0)
+        if sent:
+            failed_at = getattr(first_error, "index", len(sent))
+            self._publish_sent(sent[:failed_at])
         if first_error is not None:
             raise first_error
         return done
@@ -537,12 +596,21 @@ class App(Sender):
             else None
         )
         publisher = self.async_publisher()
+        event = self._sent_event(p) if self.sends_events else None
         await asyncio.gather(
             *(
                 publisher.publish(ex, key, p.body, p.props, timeout=options.get("timeout"))
                 for ex, key in p.destinations
             )
         )
+        if event is not None:
+            for key, body, _count in encode_batch([event]):
+                try:
+                    await publisher.publish(
+                        EVENTS_EXCHANGE, key, body, _EVENT_PROPS, mandatory=False
+                    )
+                except AmqpTasksError as exc:
+                    log.warning("task-sent event for %s not published: %s", p.envelope.id, exc)
         return ResultHandle(
             p.envelope.id, name, state, backend=self.backend, ignored=not p.wants_reply
         )
@@ -563,3 +631,9 @@ class App(Sender):
         pub = self._async_publishers.pop(loop, None)
         if pub is not None:
             await pub.close()
+
+
+def _log_event_failure(future: concurrent.futures.Future[None]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.warning("task-sent event not published: %s", exc)

@@ -24,12 +24,13 @@ from .errors import ConfigError, RoutingError
 from .protocol import CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE
 from .routing import DEFAULT_EXCHANGE, Route, Router, is_glob
 from .schedule import SCHEDULE_KEYS, Schedule, ScheduleFieldError, build_schedule, zone
-from .topology import DLQ_SUFFIX, DLX_EXCHANGE, QueueSpec, Topology, build_topology
+from .topology import DLQ_SUFFIX, RESERVED_EXCHANGES, QueueSpec, Topology, build_topology
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_POLICY",
     "BrokerSettings",
+    "EventSettings",
     "ResultSettings",
     "Settings",
     "TaskPolicy",
@@ -199,6 +200,22 @@ class ResultSettings:
         )
 
 
+#: Whether workers publish events unless told otherwise (docs/events.md: the measured cost).
+EVENTS_BY_DEFAULT = False
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    """Task and worker events (docs/events.md)."""
+
+    #: Workers publish task and worker events (``-E/--events``, ``--no-events``).
+    enabled: bool = EVENTS_BY_DEFAULT
+    #: Publishers (``App``) publish ``task-sent`` for each task they send.
+    send_sent: bool = False
+    #: Seconds between two ``worker-heartbeat`` events.
+    heartbeat_interval: float = 2.0
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole validated configuration. Build with :func:`load_config` or :meth:`from_mapping`."""
@@ -211,6 +228,7 @@ class Settings:
     default_route: Route | None = None
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     results: ResultSettings = field(default_factory=ResultSettings)
+    events: EventSettings = field(default_factory=EventSettings)
     accept: frozenset[str] = frozenset({CONTENT_TYPE_JSON})
     #: Bodies larger than this are dead-lettered unread (reason ``too-large``).
     max_body_size: int = 10 * 1024 * 1024
@@ -407,6 +425,7 @@ class _Parser:
                 "default_route",
                 "worker",
                 "results",
+                "events",
                 "tasks",
                 "timezone",
                 "schedules",
@@ -439,6 +458,7 @@ class _Parser:
             default_route=default_route,
             worker=self.worker(top.get("worker", {})),
             results=self.results(top.get("results", {}), env),
+            events=self.events(top.get("events", {})),
             accept=accept,
             max_body_size=max_body_size,
             task_policies=self.tasks(top.get("tasks", {})),
@@ -502,7 +522,7 @@ class _Parser:
         for name, spec in self.mapping(value, "exchanges").items():
             key = _join("exchanges", name)
             self.name(name, key, "an exchange")
-            if name.startswith("amq.") or name == DLX_EXCHANGE:
+            if name.startswith("amq.") or name in RESERVED_EXCHANGES:
                 raise self.fail(key, f"the name {name!r} is reserved")
             spec = self.mapping(spec if spec is not None else {}, key, ("type",))
             out[name] = self.choice(spec.get("type", "topic"), _join(key, "type"), EXCHANGE_TYPES)
@@ -674,6 +694,21 @@ class _Parser:
             track_started=self.typed(
                 section.get("track_started", False), "results.track_started", bool, "true or false"
             ),
+        )
+
+    def events(self, value: Any) -> EventSettings:
+        section = self.mapping(value, "events", ("enabled", "send_sent", "heartbeat_interval"))
+        return EventSettings(
+            enabled=self.typed(
+                section.get("enabled", EVENTS_BY_DEFAULT),
+                "events.enabled",
+                bool,
+                "true or false",
+            ),
+            send_sent=self.typed(
+                section.get("send_sent", False), "events.send_sent", bool, "true or false"
+            ),
+            heartbeat_interval=self.positive(section, "events", "heartbeat_interval", 2.0, float),
         )
 
     def serialization(self, value: Any) -> tuple[frozenset[str], int]:

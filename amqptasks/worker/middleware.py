@@ -103,7 +103,9 @@ class Middleware:
     async def should_run(self, ctx: Context) -> bool:
         """False settles the delivery without running it: with ``ctx.preset`` when set (then
         ``after_run`` hooks see that outcome), else with an ack (e.g. a duplicate). Called after
-        decoding and lookup; a delivery that passed every ``should_run`` gets ``after_run``."""
+        decoding and lookup; a delivery that passed every ``should_run`` gets ``after_run``.
+        A hook saying no may put why in ``ctx.extra["skip"]``: the ``task-revoked`` event's
+        reason (``duplicate`` when unset)."""
         return True
 
     async def before_run(self, ctx: Context) -> None:

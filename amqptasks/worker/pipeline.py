@@ -28,6 +28,7 @@ from ..tasks import Request, Task
 from ..topology import delay_seconds
 from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Context, Middleware, Outcome, run_after, run_before, run_should_run
+from .observer import Observer
 from .pool import AsyncRunner, Call, Runner
 from .retry import decide
 from .settle import Settler
@@ -91,6 +92,7 @@ class Pipeline:
         self.async_runner = AsyncRunner()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.slots = Slots(concurrency)
+        self.observer: Observer = Observer()  # events and inspect (set by the Worker)
 
     # -- tasks on the loop ----------------------------------------------------------------------
     def spawn(self, work: Any, delivery: Delivery) -> None:
@@ -157,7 +159,9 @@ class Pipeline:
             ):
                 await settler.ack(delivery)
             return
+        self.observer.received(env, delivery.queue)
         if not await self.slots.take(self.stopping):
+            self.observer.returned(env, delivery.queue)
             await settler.requeue(delivery)
             return
         if env.is_expired(datetime.now(timezone.utc)):
@@ -170,6 +174,8 @@ class Pipeline:
             ctx = Context(env, task, delivery.queue, self.hostname, delivery.redelivered)
             if not await run_should_run(self.middleware, ctx):
                 if ctx.preset is None:
+                    skip = ctx.extra.get("skip", "duplicate")
+                    self.observer.skipped(env, delivery.queue, skip)
                     await settler.ack(delivery)  # settled without running (e.g. a duplicate)
                     return
                 outcome = ctx.preset  # its outcome is known: settled with it, not run
@@ -177,6 +183,7 @@ class Pipeline:
                 if policy.acks_early:
                     await settler.ack(delivery)
                 await run_before(self.middleware, ctx)
+                self.observer.started(env, delivery.queue)
                 try:
                     outcome = await self._execute(task, env, delivery.queue, policy)
                 except Exception as exc:  # a bug around the task: its failure, settled as
@@ -218,6 +225,7 @@ class Pipeline:
                 outcome.retry_countdown = decision.countdown
             else:
                 outcome.exc = decision.exc
+        self.observer.finished(env, delivery.queue, outcome)
         await run_after(self.middleware, ctx, outcome)
         self.stats.processed += 1
         await self.settler.settle(delivery, env, policy, outcome, now)

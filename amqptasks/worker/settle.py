@@ -35,6 +35,7 @@ from ..protocol import (
 from ..topology import DLX_EXCHANGE, delay_route, delay_seconds
 from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Middleware, Outcome, Publish, Rejection, run_on_reject
+from .observer import Observer
 
 __all__ = ["Settler", "failure_reason"]
 
@@ -59,6 +60,7 @@ class Settler:
         self.publish = publish
         self.hostname = hostname
         self.middleware = middleware
+        self.observer: Observer = Observer()  # events and inspect (set by the Worker)
 
     async def ack(self, delivery: Delivery) -> None:
         try:
@@ -215,6 +217,7 @@ class Settler:
             rejection = Rejection(
                 ident, reason, detail, delivery.queue, self.hostname, delivery.properties, env
             )
+            self.observer.rejected(rejection)
             await run_on_reject(self.middleware, rejection)
         if confirmed:
             await self.ack(delivery)
