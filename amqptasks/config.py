@@ -24,12 +24,13 @@ from .errors import ConfigError, RoutingError
 from .protocol import CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE
 from .routing import DEFAULT_EXCHANGE, Route, Router, is_glob
 from .schedule import SCHEDULE_KEYS, Schedule, ScheduleFieldError, build_schedule, zone
-from .topology import DLQ_SUFFIX, DLX_EXCHANGE, QueueSpec, Topology, build_topology
+from .topology import DLQ_SUFFIX, RESERVED_EXCHANGES, QueueSpec, Topology, build_topology
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_POLICY",
     "BrokerSettings",
+    "EventSettings",
     "ResultSettings",
     "Settings",
     "TaskPolicy",
@@ -40,6 +41,8 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("config/amqptasks.yaml")
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/%2F"
+DEFAULT_RESULT_BACKEND = "sqlite:///.amqptasks/results.sqlite3"
+RESULT_SCHEMES = ("rpc", "sqlite", "redis", "rediss")
 EXCHANGE_TYPES = ("direct", "topic", "fanout")
 QUEUE_TYPES = ("classic", "quorum")
 POOLS = ("threads", "asyncio", "processes")
@@ -55,6 +58,7 @@ TASK_KEYS = (
     "time_limit",
     "acks_early",
     "ignore_result",
+    "track_started",
 )
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
 
@@ -148,6 +152,8 @@ class TaskPolicy:
     time_limit: float | None = None
     acks_early: bool | None = None
     ignore_result: bool | None = None
+    #: Write a STARTED state to the result store when the task starts (one more write).
+    track_started: bool | None = None
 
     def merged(self, fallback: TaskPolicy) -> TaskPolicy:
         """This policy with every unset field taken from ``fallback``."""
@@ -176,8 +182,38 @@ DEFAULT_POLICY = TaskPolicy(
 
 @dataclass(frozen=True, slots=True)
 class ResultSettings:
-    #: Default for tasks that do not say: when true no reply is ever sent.
+    #: Default for tasks that do not say: when true no result is kept or sent.
     ignore_result: bool = False
+    #: Where results live: ``rpc://`` (direct reply-to to the caller only), ``sqlite:///PATH``
+    #: (one host; the default, so AsyncResult(id) and chords work with no extra service) or
+    #: ``redis://HOST:PORT/DB`` (shared by workers and callers on many hosts).
+    backend: str = DEFAULT_RESULT_BACKEND
+    #: Seconds a stored result lives before it is removed (every store really removes it).
+    expires: float = 86400.0
+    #: Default for tasks that do not set ``track_started``.
+    track_started: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"ResultSettings(backend={redact_url(self.backend)!r}, expires={self.expires!r}, "
+            f"ignore_result={self.ignore_result!r}, track_started={self.track_started!r})"
+        )
+
+
+#: Whether workers publish events unless told otherwise (docs/events.md: the measured cost).
+EVENTS_BY_DEFAULT = False
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    """Task and worker events (docs/events.md)."""
+
+    #: Workers publish task and worker events (``-E/--events``, ``--no-events``).
+    enabled: bool = EVENTS_BY_DEFAULT
+    #: Publishers (``App``) publish ``task-sent`` for each task they send.
+    send_sent: bool = False
+    #: Seconds between two ``worker-heartbeat`` events.
+    heartbeat_interval: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +228,7 @@ class Settings:
     default_route: Route | None = None
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     results: ResultSettings = field(default_factory=ResultSettings)
+    events: EventSettings = field(default_factory=EventSettings)
     accept: frozenset[str] = frozenset({CONTENT_TYPE_JSON})
     #: Bodies larger than this are dead-lettered unread (reason ``too-large``).
     max_body_size: int = 10 * 1024 * 1024
@@ -388,6 +425,7 @@ class _Parser:
                 "default_route",
                 "worker",
                 "results",
+                "events",
                 "tasks",
                 "timezone",
                 "schedules",
@@ -419,7 +457,8 @@ class _Parser:
             routes=routes,
             default_route=default_route,
             worker=self.worker(top.get("worker", {})),
-            results=self.results(top.get("results", {})),
+            results=self.results(top.get("results", {}), env),
+            events=self.events(top.get("events", {})),
             accept=accept,
             max_body_size=max_body_size,
             task_policies=self.tasks(top.get("tasks", {})),
@@ -483,7 +522,7 @@ class _Parser:
         for name, spec in self.mapping(value, "exchanges").items():
             key = _join("exchanges", name)
             self.name(name, key, "an exchange")
-            if name.startswith("amq.") or name == DLX_EXCHANGE:
+            if name.startswith("amq.") or name in RESERVED_EXCHANGES:
                 raise self.fail(key, f"the name {name!r} is reserved")
             spec = self.mapping(spec if spec is not None else {}, key, ("type",))
             out[name] = self.choice(spec.get("type", "topic"), _join(key, "type"), EXCHANGE_TYPES)
@@ -616,12 +655,60 @@ class _Parser:
             pool=self.choice(section.get("pool", "threads"), "worker.pool", POOLS),
         )
 
-    def results(self, value: Any) -> ResultSettings:
-        section = self.mapping(value, "results", ("ignore_result",))
+    def results(self, value: Any, env: Mapping[str, str]) -> ResultSettings:
+        section = self.mapping(
+            value, "results", ("backend", "expires", "ignore_result", "track_started")
+        )
+        key = (
+            "$AMQPTASKS_RESULT_BACKEND"
+            if env.get("AMQPTASKS_RESULT_BACKEND")
+            else "results.backend"
+        )
+        backend = self.typed(
+            env.get("AMQPTASKS_RESULT_BACKEND") or section.get("backend", DEFAULT_RESULT_BACKEND),
+            key,
+            str,
+            "a result store URL (rpc://, sqlite:///PATH, redis://HOST:PORT/DB)",
+        )
+        scheme, sep, rest = backend.partition("://")
+        if not sep or scheme not in RESULT_SCHEMES:
+            raise self.fail(
+                key,
+                f"expected rpc://, sqlite:///PATH or redis://HOST:PORT/DB, got "
+                f"{redact_url(backend)!r}",
+            )
+        if scheme == "sqlite" and not rest.startswith("/"):
+            raise self.fail(
+                key,
+                "a sqlite URL has three slashes before a relative path "
+                f"(sqlite:///results.db) and four before an absolute one, got {backend!r}",
+            )
+        if scheme == "sqlite" and len(rest) < 2:
+            raise self.fail(key, "a sqlite URL needs a file path (sqlite:///results.db)")
         return ResultSettings(
             ignore_result=self.typed(
                 section.get("ignore_result", False), "results.ignore_result", bool, "true or false"
             ),
+            backend=backend,
+            expires=self.positive(section, "results", "expires", 86400.0, float),
+            track_started=self.typed(
+                section.get("track_started", False), "results.track_started", bool, "true or false"
+            ),
+        )
+
+    def events(self, value: Any) -> EventSettings:
+        section = self.mapping(value, "events", ("enabled", "send_sent", "heartbeat_interval"))
+        return EventSettings(
+            enabled=self.typed(
+                section.get("enabled", EVENTS_BY_DEFAULT),
+                "events.enabled",
+                bool,
+                "true or false",
+            ),
+            send_sent=self.typed(
+                section.get("send_sent", False), "events.send_sent", bool, "true or false"
+            ),
+            heartbeat_interval=self.positive(section, "events", "heartbeat_interval", 2.0, float),
         )
 
     def serialization(self, value: Any) -> tuple[frozenset[str], int]:
@@ -704,7 +791,7 @@ class _Parser:
                     if isinstance(raw, bool)
                     else self.positive(spec, key, "retry_backoff", 1.0, float)
                 )
-            for name in ("retry_jitter", "acks_early", "ignore_result"):
+            for name in ("retry_jitter", "acks_early", "ignore_result", "track_started"):
                 if name in spec:
                     values[name] = self.typed(spec[name], _join(key, name), bool, "true or false")
             if "autoretry_for" in spec:

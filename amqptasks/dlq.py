@@ -38,7 +38,6 @@ REPLAY_SKIPPED: Mapping[str, str] = {
     "content-type-refused": "its content type is still refused",
     "too-large": "the body is as large as before",
     "expired": "its expiry time has passed for good",
-    "unsupported": "workflow fields are still not supported",
 }
 
 

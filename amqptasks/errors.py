@@ -31,7 +31,9 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
     ├── WorkerLost                  the process running a task died (killed, OOM, os._exit)
     ├── ResultError                 the result of a task cannot be given
     │   ├── ResultTimeout           ``get(timeout=)`` ran out
-    │   └── ResultsDisabled         the task ignores results
+    │   ├── ResultsUnavailable      rpc:// cannot read a result by id, nor keep a chord
+    │   ├── ResultsDisabled         the task ignores results
+    │   └── ResultStoreError        the result store (SQLite, Redis) failed: names URL and cause
     └── TaskError                   a task raised remotely (re-raised by ``AsyncResult.get``)
 """
 
@@ -52,8 +54,10 @@ __all__ = [
     "PublishNacked",
     "PublishTimeout",
     "ResultError",
+    "ResultStoreError",
     "ResultTimeout",
     "ResultsDisabled",
+    "ResultsUnavailable",
     "Retry",
     "RoutingError",
     "SoftTimeLimitExceeded",
@@ -249,8 +253,23 @@ class ResultTimeout(ResultError):
     """``AsyncResult.get(timeout=...)`` ran out before a reply arrived."""
 
 
+class ResultsUnavailable(ResultError):
+    """No way to read this result here: ``results.backend`` is ``rpc://`` (only the publishing
+    process hears a reply) and the handle was restored by id — or a chord was asked for,
+    which needs a store."""
+
+
 class ResultsDisabled(ResultError):
     """The task (or the config default) ignores results, so none will ever arrive."""
+
+
+class ResultStoreError(ResultError):
+    """The result store could not be reached or refused an operation.
+
+    The message names the store's URL (password redacted) and the cause, e.g.
+    ``result store redis://:***@cache:6379/0: cannot connect: Connection refused``; the client
+    library's exception is chained as ``__cause__``.
+    """
 
 
 class TaskError(AmqpTasksError):

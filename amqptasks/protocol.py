@@ -28,15 +28,19 @@ from .errors import ContentTypeRefused, DecodeError, EncodeError
 __all__ = [
     "CONTENT_TYPE_JSON",
     "CONTENT_TYPE_PICKLE",
+    "DEAD_LETTER_REASONS",
     "DEFAULT_ACCEPT",
     "DL_PREFIX",
     "FAILURE",
     "PROTOCOL_VERSION",
+    "SIGNATURE_OPTIONS",
     "SUCCESS",
     "Envelope",
     "Properties",
     "Reply",
     "check_headers",
+    "check_membership",
+    "check_node",
     "check_priority",
     "check_shortstr",
     "dead_letter_properties",
@@ -69,7 +73,7 @@ _DATETIME = re.compile(
 )
 
 # Fields a later feature fills; accepted and type-checked now so producers can rely on them.
-_LINK_FIELDS = ("callbacks", "errbacks", "chain", "chord")
+_LINK_FIELDS = ("callbacks", "errbacks", "chain", "chord", "group_id")
 _KNOWN_FIELDS = frozenset(
     {
         "v",
@@ -310,10 +314,17 @@ def decode(
         if obj.get(key) is not None:
             links[key] = obj[key]
     for key in ("callbacks", "errbacks", "chain"):
-        if key in links and not isinstance(links[key], list):
-            raise DecodeError(f"field {key!r} must be a JSON array")
-    if "chord" in links and not isinstance(links["chord"], dict):
-        raise DecodeError("field 'chord' must be a JSON object")
+        if key in links:
+            if not isinstance(links[key], list):
+                raise DecodeError(f"field {key!r} must be a JSON array")
+            for i, node in enumerate(links[key]):
+                check_node(node, f"{key}[{i}]")
+    if "chord" in links:
+        if not isinstance(links["chord"], dict):
+            raise DecodeError("field 'chord' must be a JSON object")
+        check_membership(links["chord"], "chord")
+    if "group_id" in links and (not isinstance(links["group_id"], str) or not links["group_id"]):
+        raise DecodeError("field 'group_id' must be a non-empty string")
 
     priority = props.priority
     return Envelope(
@@ -332,6 +343,112 @@ def decode(
         priority=priority,
         headers=dict(props.headers) if props.headers else {},
     )
+
+
+# -- workflow nodes (docs/protocol.md, "Workflows"; schema $defs/node) -------------------------
+#: Options a signature node may carry: publish options plus the links it starts with.
+SIGNATURE_OPTIONS = frozenset(
+    {
+        "task_id",
+        "queue",
+        "routing_key",
+        "exchange",
+        "priority",
+        "countdown",
+        "eta",
+        "expires",
+        "headers",
+        "ignore_result",
+        "link",
+        "link_error",
+        "chord",
+        "group_id",
+    }
+)
+_NODE_FIELDS = {
+    "task": frozenset({"task", "args", "kwargs", "options", "immutable"}),
+    "chain": frozenset({"chain"}),
+    "group": frozenset({"group", "id"}),
+    "header": frozenset({"header", "body", "id"}),
+}
+
+
+def check_node(obj: Any, where: str) -> None:
+    """Refuse a workflow node that is not of the documented shape; the error names the path
+    (``chain[1].options.link[0].task``) and what was expected. Checks the whole tree."""
+    if not isinstance(obj, dict):
+        raise DecodeError(f"field {where!r}: a workflow node must be a JSON object")
+    kind = next((k for k in _NODE_FIELDS if k in obj), None)
+    if kind is None:
+        raise DecodeError(
+            f"field {where!r}: not a workflow node (needs 'task', 'chain', 'group' or 'header')"
+        )
+    unknown = obj.keys() - _NODE_FIELDS[kind]
+    if unknown:
+        raise DecodeError(f"field {where!r}: unknown field(s) {', '.join(sorted(unknown))}")
+    if kind == "task":
+        if not isinstance(obj["task"], str) or not obj["task"]:
+            raise DecodeError(f"field '{where}.task' must be a non-empty string")
+        if not isinstance(obj.get("args", []), list):
+            raise DecodeError(f"field '{where}.args' must be a JSON array")
+        if not isinstance(obj.get("kwargs", {}), dict):
+            raise DecodeError(f"field '{where}.kwargs' must be a JSON object")
+        if not isinstance(obj.get("immutable", False), bool):
+            raise DecodeError(f"field '{where}.immutable' must be true or false")
+        options = obj.get("options", {})
+        if not isinstance(options, dict):
+            raise DecodeError(f"field '{where}.options' must be a JSON object")
+        unknown = options.keys() - SIGNATURE_OPTIONS
+        if unknown:
+            raise DecodeError(
+                f"field '{where}.options': unknown option(s) {', '.join(sorted(unknown))}"
+            )
+        for key in ("task_id", "group_id", "queue", "routing_key", "exchange"):
+            if key in options and not isinstance(options[key], str):
+                raise DecodeError(f"field '{where}.options.{key}' must be a string")
+        for key in ("link", "link_error"):
+            if key in options:
+                if not isinstance(options[key], list):
+                    raise DecodeError(f"field '{where}.options.{key}' must be a JSON array")
+                for i, node in enumerate(options[key]):
+                    check_node(node, f"{where}.options.{key}[{i}]")
+        if "chord" in options:
+            check_membership(options["chord"], f"{where}.options.chord")
+        return
+    if kind == "chain" or kind == "group":
+        if not isinstance(obj[kind], list):
+            raise DecodeError(f"field '{where}.{kind}' must be a JSON array")
+        for i, node in enumerate(obj[kind]):
+            check_node(node, f"{where}.{kind}[{i}]")
+    else:
+        if not isinstance(obj["header"], list):
+            raise DecodeError(f"field '{where}.header' must be a JSON array")
+        for i, node in enumerate(obj["header"]):
+            check_node(node, f"{where}.header[{i}]")
+        if "body" not in obj:
+            raise DecodeError(f"field {where!r}: a chord node needs 'body'")
+        check_node(obj["body"], f"{where}.body")
+    if "id" in obj and (not isinstance(obj["id"], str) or not obj["id"]):
+        raise DecodeError(f"field '{where}.id' must be a non-empty string")
+
+
+def check_membership(obj: Any, where: str) -> None:
+    """A chord membership ``{"id", "index", "size", "body"}``."""
+    if not isinstance(obj, dict):
+        raise DecodeError(f"field {where!r} must be a JSON object")
+    unknown = obj.keys() - {"id", "index", "size", "body"}
+    if unknown:
+        raise DecodeError(f"field {where!r}: unknown field(s) {', '.join(sorted(unknown))}")
+    chord_id, index, size = obj.get("id"), obj.get("index"), obj.get("size")
+    if not isinstance(chord_id, str) or not chord_id:
+        raise DecodeError(f"field '{where}.id' must be a non-empty string")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise DecodeError(f"field '{where}.size' must be a positive integer")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < size:
+        raise DecodeError(f"field '{where}.index' must be an integer from 0 to size - 1")
+    if "body" not in obj:
+        raise DecodeError(f"field '{where}.body' is required")
+    check_node(obj["body"], f"{where}.body")
 
 
 def _rfc3339(when: datetime) -> str:
@@ -612,6 +729,21 @@ def decode_reply(body: bytes) -> Reply:
 
 # -- dead letters ----------------------------------------------------------------------------
 DL_PREFIX = "x-amqptasks-"
+#: Every ``x-amqptasks-reason`` a worker writes; docs/protocol.md section 8 explains each in
+#: one table (a test keeps the two equal) and the worker refuses to write any other.
+DEAD_LETTER_REASONS = frozenset(
+    {
+        "too-large",
+        "decode-error",
+        "content-type-refused",
+        "unknown-task",
+        "expired",
+        "task-failed",
+        "time-limit",
+        "worker-lost",
+        "workflow-error",
+    }
+)
 #: Header prefixes RabbitMQ adds when it dead-letters a message. A republished copy (a retry,
 #: a replay) must not carry them, or the broker's cycle detection drops the copy when it
 #: passes a delay level it passed before.

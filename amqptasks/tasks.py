@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .canvas import MAP_TASK, STARMAP_TASK, Signature, group
 from .config import TaskPolicy
 from .errors import Retry
 
@@ -96,6 +97,7 @@ class Task:
         default_retry_delay: float | None = None,
         soft_time_limit: float | None = None,
         time_limit: float | None = None,
+        track_started: bool | None = None,
     ) -> None:
         self.fn = fn
         self.sender = sender
@@ -116,6 +118,7 @@ class Task:
             time_limit=time_limit,
             acks_early=acks_early,
             ignore_result=ignore_result,
+            track_started=track_started,
         )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
@@ -155,10 +158,49 @@ class Task:
         options.setdefault("ignore_result", self.ignore_result)
         return self.sender.send_task(self.name, tuple(args), kwargs, **options)
 
-    def map(self, arguments: Iterable[Sequence[Any]], **options: Any) -> list[AsyncResult]:
-        """Publish one call per argument tuple with pipelined confirms (``App.send_many``)."""
+    def delay_many(self, arguments: Iterable[Sequence[Any]], **options: Any) -> list[AsyncResult]:
+        """Publish one message per argument tuple, with pipelined confirms (``App.send_many``):
+        the bulk form of ``delay`` (each call is its own task). Called ``map`` before 0.2;
+        ``map`` now means what it means in Celery (one task over a list)."""
         options.setdefault("ignore_result", self.ignore_result)
         return self.sender.send_many(((self.name, tuple(a), None) for a in arguments), **options)
+
+    # -- signatures (canvas) --------------------------------------------------------------------
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature of this task: partial arguments, applied later (``task.s(2) | ...``)."""
+        return Signature(self.name, args, kwargs, app=self.sender)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: a parent's result is not prepended to its arguments."""
+        return Signature(self.name, args, kwargs, immutable=True, app=self.sender)
+
+    def signature(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Signature:
+        """A signature with publish options (``queue=``, ``countdown=``, ...)."""
+        return Signature(self.name, args, kwargs, options, app=self.sender)
+
+    def map(self, items: Iterable[Any]) -> Signature:
+        """Celery's ``map``: ONE task that runs this one over ``items`` in a worker (one
+        argument each) and returns the list of results."""
+        return Signature(MAP_TASK, (self.name, list(items)), app=self.sender)
+
+    def starmap(self, items: Iterable[Sequence[Any]]) -> Signature:
+        """Celery's ``starmap``: one task that runs ``self(*item)`` for each item."""
+        return Signature(STARMAP_TASK, (self.name, [list(i) for i in items]), app=self.sender)
+
+    def chunks(self, items: Iterable[Sequence[Any]], n: int) -> group:
+        """Celery's ``chunks``: the argument tuples split into chunks of ``n``, a ``starmap``
+        task per chunk, as a group (its result: a list of lists)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"chunks needs a chunk size of at least 1, got {n!r}")
+        rows = [list(i) for i in items]
+        return group(
+            *(self.starmap(rows[i : i + n]) for i in range(0, len(rows), n)), app=self.sender
+        )
 
     async def delay_async(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """``delay`` for asyncio callers: the publish is awaited, never blocks the loop."""

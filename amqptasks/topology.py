@@ -10,6 +10,11 @@ land in one place.
 Delays (countdown, eta, retry backoff) are held by the broker in :data:`DELAY_LEVELS` fixed-TTL
 queues (see :func:`delay_route` and docs/delays.md): no message ever waits in a worker's memory.
 
+Events and control have an exchange each, derived too and declared with everything else:
+:data:`EVENTS_EXCHANGE` (topic: routing keys ``task.<state>`` / ``worker.<state>``, see
+docs/events.md) and :data:`CONTROL_EXCHANGE` (fanout: every worker's exclusive control queue
+hears every command, see docs/control.md).
+
 Everything is durable: RabbitMQ 4.x refuses transient non-exclusive queues, and persistent
 messages in a transient queue would not survive a restart anyway.
 """
@@ -24,11 +29,14 @@ from typing import Any
 from .errors import RoutingError
 
 __all__ = [
+    "CONTROL_EXCHANGE",
     "DELAY_DELIVER_EXCHANGE",
     "DELAY_LEVELS",
     "DLQ_SUFFIX",
     "DLX_EXCHANGE",
+    "EVENTS_EXCHANGE",
     "MAX_DELAY",
+    "RESERVED_EXCHANGES",
     "Binding",
     "Exchange",
     "ExchangeBinding",
@@ -43,6 +51,10 @@ __all__ = [
 ]
 
 DLX_EXCHANGE = "amqptasks.dlx"
+EVENTS_EXCHANGE = "amqptasks.events"
+CONTROL_EXCHANGE = "amqptasks.control"
+#: Exchanges every topology has (a worker declares them whatever it consumes).
+_FLEET_EXCHANGES = ((EVENTS_EXCHANGE, "topic"), (CONTROL_EXCHANGE, "fanout"))
 DLQ_SUFFIX = ".dlq"
 #: Binary delay levels: level n holds a message 2**n seconds. 22 levels reach 2**22 - 1 s
 #: (48.5 days), more than the 30 days we promise, in at most 22 hops.
@@ -50,6 +62,8 @@ DELAY_LEVELS = 22
 MAX_DELAY: int = 2**DELAY_LEVELS - 1
 DELAY_PREFIX = "amqptasks.delay"
 DELAY_DELIVER_EXCHANGE = "amqptasks.delay.deliver"
+#: Exchange names the config may not use: they are derived here.
+RESERVED_EXCHANGES = frozenset({DLX_EXCHANGE, EVENTS_EXCHANGE, CONTROL_EXCHANGE})
 
 Args = tuple[tuple[str, Any], ...]
 
@@ -129,8 +143,9 @@ class Topology:
         return tuple(b for b in self.bindings if b.queue == queue)
 
     def subset(self, queues: Iterable[str]) -> Topology:
-        """The part a worker consuming ``queues`` depends on: the queues, their DLQs and the
-        delay infrastructure its retries travel through."""
+        """The part a worker consuming ``queues`` depends on: the queues, their DLQs, the
+        delay infrastructure its retries travel through, and the events and control
+        exchanges."""
         wanted = set(queues)
         wanted |= {dlq_name(q) for q in wanted}
         wanted |= {q.name for q in self.queues if q.role == "delay"}
@@ -138,6 +153,7 @@ class Topology:
         exchange_names = {b.exchange for b in bindings}
         exchange_names |= {e.source for e in self.exchange_bindings}
         exchange_names |= {e.destination for e in self.exchange_bindings}
+        exchange_names |= {name for name, _kind in _FLEET_EXCHANGES}
         return Topology(
             exchanges=tuple(e for e in self.exchanges if e.name in exchange_names),
             queues=tuple(q for q in self.queues if q.name in wanted),
@@ -325,6 +341,7 @@ def build_topology(exchanges: Mapping[str, str], queues: Iterable[QueueSpec]) ->
     """Derive the full topology (work queues, dead-letter and delay infrastructure)."""
     ex = [Exchange(name, type_) for name, type_ in exchanges.items()]
     ex.append(Exchange(DLX_EXCHANGE, "direct"))
+    ex.extend(Exchange(name, kind) for name, kind in _FLEET_EXCHANGES)
     qs: list[Queue] = []
     bs: list[Binding] = []
     specs = list(queues)

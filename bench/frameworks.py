@@ -180,7 +180,14 @@ class AmqpTasks(Framework):
         return env
 
     def _spec(
-        self, processes: int, pool: str, c: int, mult: int, *, quick: bool = True
+        self,
+        processes: int,
+        pool: str,
+        c: int,
+        mult: int,
+        *,
+        quick: bool = True,
+        events: bool = False,
     ) -> WorkerSpec:
         argvs = [
             [
@@ -198,10 +205,11 @@ class AmqpTasks(Framework):
                 "WARNING",
                 "-n",
                 f"bench{i}@localhost",
+                "--events" if events else "--no-events",
             ]
             for i in range(processes)
         ]
-        label = f"{pool} pool, -c {c}, prefetch {c * mult}"
+        label = f"{pool} pool, -c {c}, prefetch {c * mult}" + (", events on" if events else "")
         if processes > 1:
             label = f"{processes} × ({label})"
         return WorkerSpec(
@@ -219,6 +227,10 @@ class AmqpTasks(Framework):
             self._spec(processes, "asyncio", 8, 32),
             self._spec(processes, "asyncio", 256, 1, quick=False),
             self._spec(processes, "threads", 8, 32),
+            # What publishing task and worker events costs (docs/events.md): the same
+            # configurations with --events (no listener bound: the worker's own cost).
+            self._spec(processes, "asyncio", 8, 32, events=True),
+            self._spec(processes, "threads", 8, 32, events=True),
         ]
 
     def latency_specs(self) -> list[WorkerSpec]:

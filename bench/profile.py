@@ -1,7 +1,7 @@
 """Profile amqptasks' hot paths with py-spy: ``python -m bench.profile worker|publish|countdown``.
 
-* ``worker``: pre-fill N no-op tasks, start ``amqptasks worker`` and record it with py-spy
-  while it drains the queue;
+* ``worker``: pre-fill N no-op tasks, start ``amqptasks worker`` (``--events``: with events)
+  and record it with py-spy while it drains the queue;
 * ``publish`` / ``countdown``: record the benchmark client publishing N tasks (``--style loop``
   or ``pipelined``; ``countdown`` publishes with a 600 s countdown).
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch-multiplier", type=int, default=32)
     p.add_argument("--style", default="pipelined", choices=["loop", "pipelined"])
     p.add_argument("--n", type=int, default=200_000)
+    p.add_argument("--events", action="store_true", help="worker: with --events")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args(argv)
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pre-filling {args.n:,} messages ...", flush=True)
             vh.prefill(QUEUE, template, args.n, timeout=60 + args.n / 2000)
             if isinstance(fw, AmqpTasks):
-                spec = fw._spec(1, args.pool, args.concurrency, args.prefetch_multiplier)
+                spec = fw._spec(
+                    1, args.pool, args.concurrency, args.prefetch_multiplier, events=args.events
+                )
             else:
                 spec = fw.consume_specs(1)[0]
             worker = procs.start("worker", spec.argvs[0], {**env, **spec.env})

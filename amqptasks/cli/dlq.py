@@ -216,7 +216,7 @@ async def _replay(
     "--force",
     is_flag=True,
     help="Also replay dead letters whose reason means they fail again unchanged "
-    "(decode-error, content-type-refused, too-large, expired, unsupported).",
+    "(decode-error, content-type-refused, too-large, expired).",
 )
 @click.option(
     "--ledger",
@@ -240,7 +240,7 @@ def dlq_replay(
     """Move dead letters back to their original exchange and routing key, attempts reset.
 
     Dead letters that would fail the same way again (reasons decode-error,
-    content-type-refused, too-large, expired, unsupported) are left in place and counted,
+    content-type-refused, too-large, expired) are left in place and counted,
     unless --force; a skipped id named on the command line makes the exit status 1.
 
     Each copy is confirmed by the broker before its dead letter is acked (never lost); a

@@ -89,6 +89,15 @@ def _queues(option: str | None, settings: Settings) -> tuple[str, ...]:
     "(default: wait for it, with the reconnection backoff).",
 )
 @click.option(
+    "-E",
+    "--events",
+    "events",
+    flag_value=True,
+    default=None,
+    help="Publish task and worker events (default: events.enabled in the config).",
+)
+@click.option("--no-events", "events", flag_value=False, help="Publish no events.")
+@click.option(
     "-B",
     "--beat",
     "embed_beat",
@@ -109,6 +118,7 @@ def worker(
     hostname: str | None,
     declare: bool,
     connect_timeout: float | None,
+    events: bool | None,
     embed_beat: bool,
     config_path: str | None,
 ) -> None:
@@ -131,6 +141,7 @@ def worker(
         max_tasks_per_child=max_tasks_per_child or 0,
         max_memory_per_child=max_memory_per_child or 0,
         connect_timeout=connect_timeout,
+        events=events,
     )
     tasks = load_tasks(settings.imports, source=settings.source)
     wk = Worker(settings, tasks, options)

@@ -195,8 +195,12 @@ class AsyncPublisher:
         props: Properties,
         *,
         timeout: float | None = None,
+        mandatory: bool = True,
     ) -> None:
-        """Publish and wait for the broker's confirm; raises a :class:`PublishError` if not."""
+        """Publish and wait for the broker's confirm; raises a :class:`PublishError` if not.
+
+        ``mandatory=False`` is for messages nobody has to receive (events: no listener bound
+        is normal), which the broker then confirms instead of returning."""
         limit = self.timeout if timeout is None else timeout
         try:
             channel = await asyncio.wait_for(self._ready(), limit)
@@ -212,7 +216,8 @@ class AsyncPublisher:
             # RabbitMQ 3.10 answers a mandatory publish to a direct reply-to address with
             # basic.return NO_ROUTE although it delivers it: such replies go out unmandatory
             # (a caller that is gone loses its reply either way; that is the rpc contract).
-            mandatory = not routing_key.startswith(DIRECT_REPLY_PREFIX)
+            if routing_key.startswith(DIRECT_REPLY_PREFIX):
+                mandatory = False
             await ex.publish(_message(body, props), routing_key, mandatory=mandatory, timeout=limit)
         except _UNENCODABLE as exc:
             problem = f"{type(exc).__name__}: {exc}"[:300]

@@ -159,7 +159,8 @@ class PikaConsumer:
         self.heartbeat = heartbeat
         self._conn: Any = None
         self._channel: Any = None
-        self._tags: list[str] = []
+        #: Consumer tag of each consumed work queue.
+        self._tags: dict[str, str] = {}
         self._window = AckWindow()
         self._flush_scheduled = False
         self._close_callbacks: list[Callable[[BaseException | None], None]] = []
@@ -231,6 +232,10 @@ class PikaConsumer:
         if self._conn is not None and self._conn.is_open:
             self._conn.close()
 
+    def _on_side_channel_closed(self, _channel: Any, exc: BaseException) -> None:
+        if self._conn is not None and self._conn.is_open:
+            log.error("a broadcast consumer's channel closed: %s", exc)
+
     def _notify(self, exc: BaseException | None) -> None:
         callbacks, self._close_callbacks = self._close_callbacks, []
         for cb in callbacks:
@@ -284,7 +289,59 @@ class PikaConsumer:
             handler(PikaDelivery(self, queue, method, props, body))
 
         tag = self._channel.basic_consume(queue, on_message, auto_ack=False)
-        self._tags.append(tag)
+        self._tags[queue] = tag
+
+    async def cancel_queue(self, queue: str) -> bool:
+        """Stop consuming ``queue`` (deliveries already here stay ours to settle); False when
+        it was not consumed."""
+        tag = self._tags.pop(queue, None)
+        channel = self._channel
+        if tag is None or channel is None or not channel.is_open:
+            return False
+        await self._rpc(partial(_cancel, channel, tag))
+        return True
+
+    async def declare_exchange(self, name: str, kind: str) -> None:
+        """Declare a durable exchange (idempotent): the worker's own event and control
+        exchanges, which must exist even when it does not declare the topology."""
+        assert self._channel is not None, "connect() first"
+        channel = self._channel
+        await self._rpc(lambda cb: channel.exchange_declare(name, kind, durable=True, callback=cb))
+
+    async def consume_broadcast(
+        self, exchange: str, queue: str, handler: Callable[[Properties, bytes], None]
+    ) -> None:
+        """Consume ``queue`` — declared exclusive and auto-delete, bound to the fanout
+        ``exchange`` — without acks, on a channel of its own: broadcast commands that belong
+        to this connection's life (RabbitMQ 4.x refuses transient non-exclusive queues).
+
+        ``handler(properties, body)`` is called on the loop for each message.
+        """
+        assert self._conn is not None and self._loop is not None, "connect() first"
+        opened: asyncio.Future[Any] = self._loop.create_future()
+        self._conn.channel(on_open_callback=lambda ch: _resolve(opened, ch))
+        channel = await asyncio.wait_for(opened, self.timeout)
+        channel.add_on_close_callback(self._on_side_channel_closed)
+        await self._rpc(
+            lambda cb: channel.queue_declare(
+                queue, exclusive=True, auto_delete=True, durable=False, callback=cb
+            )
+        )
+        await self._rpc(lambda cb: channel.queue_bind(queue, exchange, "", callback=cb))
+
+        def on_message(_ch: Any, _method: Any, props: Any, body: bytes) -> None:
+            handler(
+                Properties(
+                    content_type=props.content_type,
+                    message_id=props.message_id,
+                    correlation_id=props.correlation_id,
+                    reply_to=props.reply_to,
+                    headers=props.headers,
+                ),
+                body,
+            )
+
+        channel.basic_consume(queue, on_message, auto_ack=True, exclusive=True)
 
     # -- settling ------------------------------------------------------------------------------
     def settle(self, tag: int, acked: bool) -> None:
@@ -325,7 +382,7 @@ class PikaConsumer:
     # -- stopping ------------------------------------------------------------------------------
     async def cancel(self) -> None:
         """Stop new deliveries; already delivered ones stay ours to settle."""
-        tags, self._tags = self._tags, []
+        tags, self._tags = list(self._tags.values()), {}
         channel = self._channel
         for tag in tags:
             if channel is None or not channel.is_open:

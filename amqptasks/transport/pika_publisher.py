@@ -67,7 +67,7 @@ def to_pika(props: Properties) -> pika.BasicProperties:
 
 
 class _Pending:
-    __slots__ = ("exchange", "future", "message_id", "routing_key")
+    __slots__ = ("exchange", "future", "mandatory", "message_id", "routing_key")
 
     def __init__(
         self,
@@ -75,11 +75,13 @@ class _Pending:
         exchange: str,
         routing_key: str,
         message_id: str | None,
+        mandatory: bool = True,
     ) -> None:
         self.future = future
         self.exchange = exchange
         self.routing_key = routing_key
         self.message_id = message_id
+        self.mandatory = mandatory
 
 
 class _Link:
@@ -250,7 +252,9 @@ class _Link:
         # was matched to the wrong publish: each publish after one bad one timed out).
         sent_before = self.conn.frames_sent
         try:
-            self.channel.basic_publish(rec.exchange, rec.routing_key, body, props, mandatory=True)
+            self.channel.basic_publish(
+                rec.exchange, rec.routing_key, body, props, mandatory=rec.mandatory
+            )
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"[:300]
             where = f"exchange {rec.exchange!r} routing key {rec.routing_key!r}"
@@ -400,12 +404,16 @@ class SyncPublisher:
         props: Properties,
         *,
         timeout: float | None = None,
+        mandatory: bool = True,
     ) -> concurrent.futures.Future[None]:
-        """Start a publish; the future resolves on the broker's confirm (or its error)."""
+        """Start a publish; the future resolves on the broker's confirm (or its error).
+
+        ``mandatory=False`` is for messages nobody has to receive (events)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         link = self._connected(deadline)
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        link.submit(_Pending(future, exchange, routing_key, props.message_id), body, to_pika(props))
+        rec = _Pending(future, exchange, routing_key, props.message_id, mandatory)
+        link.submit(rec, body, to_pika(props))
         return future
 
     def publish(

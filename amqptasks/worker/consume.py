@@ -82,6 +82,8 @@ class ConsumeLoop:
         self.consumer: PikaConsumer | None = None
         #: Called each time every consumer is attached (the CLI prints "ready: consuming").
         self.on_ready: Callable[[], None] | None = None
+        #: Awaited after each (re)attach with the new connection (the control server's queue).
+        self.attach_hooks: list[Callable[[PikaConsumer], Awaitable[None]]] = []
         self._lost = asyncio.Event()
         self._last_error: BaseException | str = "connection lost"
         self._declared = False
@@ -167,6 +169,8 @@ class ConsumeLoop:
         consumer.add_close_callback(self._on_connection_lost)
         for q in self.queues:
             await consumer.consume(q, self.on_delivery)
+        for hook in self.attach_hooks:
+            await hook(consumer)
 
     async def _unless_stopped(self, work: Awaitable[T]) -> T:
         """Await ``work`` unless the worker is told to stop first (then raise _Stopped)."""
@@ -197,6 +201,20 @@ class ConsumeLoop:
             "connection to the broker lost (%s); unacked messages return to their queues", exc
         )
         self._lost.set()
+
+    async def add_queue(self, queue: str) -> None:
+        """Consume one more queue from now on (and after every reconnect)."""
+        if self.declare:
+            await declare_topology(self.settings.broker.url, self.settings.topology.subset([queue]))
+        if self.consumer is not None and not self.consumer.is_closed:
+            await self.consumer.consume(queue, self.on_delivery)
+        self.queues = (*self.queues, queue)
+
+    async def cancel_queue(self, queue: str) -> None:
+        """Stop consuming ``queue``; what was delivered from it still runs and settles."""
+        self.queues = tuple(q for q in self.queues if q != queue)
+        if self.consumer is not None and not self.consumer.is_closed:
+            await self.consumer.cancel_queue(queue)
 
     async def cancel(self) -> None:
         if self.consumer is not None:

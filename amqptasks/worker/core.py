@@ -8,6 +8,9 @@ A worker is a few parts, each in its own module of this package:
 * :mod:`.pipeline` — the one fixed pipeline for everything else;
 * :mod:`.settle` — the only code that acks, rejects, requeues, retries or dead-letters;
 * :mod:`.middleware` — the hooks features plug into (replies, dedupe, ...);
+* :mod:`.observer` — what both paths tell about each delivery: the :mod:`.tracker` (what
+  ``inspect`` reports) and, with events on, the :mod:`.events` emitter listen;
+* :mod:`.control` — the control queue and the inspect/control commands;
 * :mod:`.pool` / :mod:`.process_pool` — where task code runs and how limits are enforced.
 
 Concurrency: at most ``concurrency`` tasks run at once; ``prefetch = concurrency ×
@@ -23,21 +26,35 @@ import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from ..app import App
+from ..canvas import BUILTIN_TASKS
 from ..config import DEFAULT_POLICY, Settings, TaskPolicy, redact_url
 from ..errors import AmqpTasksError, BrokerError, TopologyError
+from ..events import EventSource
 from ..tasks import Task
+from ..topology import EVENTS_EXCHANGE
 from ..transport.aio import AsyncPublisher
+from ..transport.pika_consumer import PikaConsumer
+from .builtins import builtin_tasks
 from .consume import ConsumeLoop
+from .control import ControlServer
 from .dedupe import Dedupe
+from .events import EventEmitter, worker_snapshot_fields
 from .fastpath import FastPath
 from .middleware import Middleware
+from .observer import Observer, Observers
 from .pipeline import Pipeline
 from .pool import InlineRunner, ThreadRunner
 from .process_pool import ProcessRunner
 from .replies import ReplyMiddleware
+from .results import ResultsMiddleware, WorkflowMiddleware
 from .settle import Settler
 from .stats import Stats
+from .storecalls import StoreRunner
+from .tracker import Tracker
+from .workflow import Workflow
 
 __all__ = ["POOLS", "Worker", "WorkerOptions", "default_hostname"]
 
@@ -61,6 +78,8 @@ class WorkerOptions:
     max_memory_per_child: int = 0  # KiB
     #: Give up when no broker answered within this many seconds of start (None: wait forever).
     connect_timeout: float | None = None
+    #: Publish task and worker events (None: the config's ``events.enabled``).
+    events: bool | None = None
 
     @property
     def prefetch(self) -> int:
@@ -90,9 +109,14 @@ class Worker:
                 f"(declared: {declared})"
             )
         self.settings = settings
-        self.tasks = dict(tasks)
         self.options = options
         self.hostname = options.hostname or default_hostname()
+        #: Routes and encodes the messages a workflow step publishes (like a caller would).
+        self.app = App(settings)
+        self.tasks: dict[str, Task] = {}
+        self.tasks.update(builtin_tasks(self.tasks, self.app))
+        self.tasks.update(tasks)
+        self.app.tasks = self.tasks
         self.policies: dict[str, TaskPolicy] = {
             name: t.policy.merged(settings.task_policy(name)).merged(DEFAULT_POLICY)
             for name, t in self.tasks.items()
@@ -103,8 +127,29 @@ class Worker:
             name=f"{self.hostname} publisher",
             heartbeat=settings.broker.heartbeat,
         )
+        store = self.app.store
+        self.store = StoreRunner(store) if store is not None else None
+        replies = ReplyMiddleware(self.publisher.publish, settings.results.ignore_result)
+        workflow = Workflow(
+            self.app, self.publisher.publish, self.store, self.hostname, replies.reply_failure
+        )
+        stored: list[Middleware] = []
+        if self.store is not None:
+            stored.append(
+                ResultsMiddleware(
+                    self.store,
+                    self.policies,
+                    self.hostname,
+                    default_ignore=settings.results.ignore_result,
+                    default_track_started=settings.results.track_started,
+                )
+            )
+        # after_run hooks run in reverse: the result is stored, then the workflow continued,
+        # then the caller answered; the duplicate checks come first in should_run.
         self.middleware: list[Middleware] = [
-            ReplyMiddleware(self.publisher.publish, settings.results.ignore_result),
+            replies,
+            WorkflowMiddleware(workflow),
+            *stored,
             *middleware,
             # Last, so its should_run claims a message only once every other hook said yes
             # (a claim is released by after_run, which then always follows).
@@ -145,6 +190,27 @@ class Worker:
             declare=options.declare,
             connect_timeout=options.connect_timeout,
         )
+        self.tracker = Tracker(self.stats)
+        observers: list[Observer] = [self.tracker]
+        self.events: EventEmitter | None = None
+        if settings.events.enabled if options.events is None else options.events:
+            self.events = EventEmitter(
+                AsyncPublisher(
+                    settings.broker.url,
+                    timeout=settings.broker.publish_timeout,
+                    name=f"{self.hostname} events",
+                    heartbeat=settings.broker.heartbeat,
+                ),
+                EventSource(self.hostname),
+                self.stats,
+                self._snapshot,
+                heartbeat_interval=settings.events.heartbeat_interval,
+            )
+            observers.append(self.events)
+        self.pipeline.observer = self.settler.observer = Observers(observers)
+        self.control = ControlServer(self)
+        self.consuming.attach_hooks.append(self._attached)
+        self._stop_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Worker {self.hostname} broker={redact_url(self.settings.broker.url)}>"
@@ -157,6 +223,27 @@ class Worker:
     @on_ready.setter
     def on_ready(self, callback: Callable[[], None] | None) -> None:
         self.consuming.on_ready = callback
+
+    async def _attached(self, consumer: PikaConsumer) -> None:
+        """After each (re)connect: the control queue, the events exchange, worker-online."""
+        await self.control.attach(consumer)
+        if self.events is not None:
+            await consumer.declare_exchange(EVENTS_EXCHANGE, "topic")
+            self.events.online()
+
+    def _snapshot(self) -> dict[str, Any]:
+        from .. import __version__
+
+        return worker_snapshot_fields(
+            pool=self.options.pool,
+            concurrency=self.options.concurrency,
+            prefetch=self.options.prefetch,
+            queues=self.consuming.queues,
+            active=len(self.tracker.active),
+            reserved=len(self.tracker.reserved),
+            processed=self.stats.processed,
+            version=__version__,
+        )
 
     @property
     def processed(self) -> int:
@@ -209,8 +296,10 @@ class Worker:
             f"amqptasks worker {self.hostname}",
             f"  broker:      {redact_url(s.broker.url)}",
             f"  config:      {s.source}",
+            f"  results:     {redact_url(s.results.backend)}",
             f"  pool:        {self.options.pool}  concurrency={self.options.concurrency} "
             f"prefetch={self.options.prefetch} (per consumer){extra}",
+            f"  events:      {'on' if self.events is not None else 'off'}",
             "  queues:",
         ]
         for q in self.options.queues:
@@ -222,6 +311,7 @@ class Worker:
         lines.extend(
             f"    {name}{'  (async)' if t.is_async else ''}"
             for name, t in sorted(self.tasks.items())
+            if name not in BUILTIN_TASKS
         )
         return "\n".join(lines)
 
@@ -251,6 +341,10 @@ class Worker:
             if problems:
                 raise AmqpTasksError("refusing to start:\n  " + "\n  ".join(problems))
             await self._start_runner()
+            if self.store is not None:
+                self.store.start()
+            if self.events is not None:
+                self.events.start()
             await self.consuming.run()
         except (BrokerError, TopologyError, AmqpTasksError) as exc:
             log.error("%s", exc)
@@ -269,7 +363,7 @@ class Worker:
                 signal.Signals(sig).name,
                 self.stats.running,
             )
-            asyncio.get_running_loop().create_task(self.stop())
+            self.request_stop()
         else:
             log.warning(
                 "%s again: cold shutdown — unfinished tasks are not acked and return to the queue",
@@ -281,6 +375,11 @@ class Worker:
             for t in list(self.pipeline.inflight):
                 t.cancel()
             self._done.set()
+
+    def request_stop(self) -> None:
+        """Begin a warm shutdown from a callback on the loop (a signal, a control command)."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self.stop())
 
     async def stop(self) -> None:
         """Warm shutdown: stop consuming, let running tasks finish and settle, then exit."""
@@ -299,6 +398,10 @@ class Worker:
     async def _shutdown(self) -> None:
         self._stopping.set()
         await self.consuming.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.events is not None:
+            await self.events.close()
         await self.publisher.close()
         if self.pipeline.runner is not None:
             self.pipeline.runner.close()

@@ -80,6 +80,7 @@ class FastPath:
         ):
             return False
         task = self.tasks[env.task]
+        self.pipeline.observer.began(env, delivery.queue)
         args: tuple[Any, ...] = env.args
         if task.bind:
             request = Request(
@@ -125,6 +126,7 @@ class FastPath:
             self.pipeline.slots.release()
             try:
                 if future.cancelled():  # never started: back to the queue (warm shutdown)
+                    self.pipeline.observer.returned(env, delivery.queue)
                     self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
                     continue
                 exc = future.exception()
@@ -139,7 +141,9 @@ class FastPath:
 
     def _succeeded(self, delivery: Delivery, env: Envelope, start: float, result: Any) -> None:
         self.pipeline.stats.processed += 1
-        log_success(env, time.perf_counter() - start, result)
+        runtime = time.perf_counter() - start
+        log_success(env, runtime, result)
+        self.pipeline.observer.succeeded(env, delivery.queue, runtime, result)
         delivery.ack_now()
 
     def _failed(

@@ -51,6 +51,12 @@ class Outcome:
     runtime: float = 0.0
     #: Set by the retry decision: the task runs again after this many seconds.
     retry_countdown: float | None = None
+    #: The outcome was known before running (a duplicate settled with its stored outcome):
+    #: no retry decision, nothing to store again.
+    preset: bool = False
+    #: Set by an ``after_run`` hook whose part of settling failed (e.g. a workflow step that
+    #: could not be published): the delivery is dead-lettered with (reason, detail), not acked.
+    dead_letter: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -61,6 +67,11 @@ class Context:
     task: Task
     queue: str
     hostname: str
+    #: The broker delivered this message before (a worker died or lost its connection).
+    redelivered: bool = False
+    #: A ``should_run`` hook that returns False may set the outcome to settle with instead
+    #: of running (e.g. the stored outcome of a duplicate); None settles with a plain ack.
+    preset: Outcome | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,8 +101,11 @@ class Middleware:
         return True
 
     async def should_run(self, ctx: Context) -> bool:
-        """False settles the delivery (ack) without running it, e.g. a duplicate. Called after
-        decoding and lookup; a delivery that passed every ``should_run`` gets ``after_run``."""
+        """False settles the delivery without running it: with ``ctx.preset`` when set (then
+        ``after_run`` hooks see that outcome), else with an ack (e.g. a duplicate). Called after
+        decoding and lookup; a delivery that passed every ``should_run`` gets ``after_run``.
+        A hook saying no may put why in ``ctx.extra["skip"]``: the ``task-revoked`` event's
+        reason (``duplicate`` when unset)."""
         return True
 
     async def before_run(self, ctx: Context) -> None:

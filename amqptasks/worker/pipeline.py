@@ -3,6 +3,9 @@
     stopping? -> size -> decode -> lookup -> expiry -> not-yet-due? -> slot -> expiry again
       -> should_run -> (early ack) -> before_run -> run -> retry decision -> after_run -> settle
 
+(``should_run`` may answer with a known outcome instead — a duplicate whose result is stored —
+which then goes through the retry-less rest of the pipeline as if the task had just run.)
+
 Each step either passes the delivery on or settles it (through :class:`.settle.Settler`), so a
 delivery is settled exactly once. Expiry is checked again once a concurrency slot is free: a
 message can wait behind long tasks for longer than its ``expires`` allows, and a task must not
@@ -25,6 +28,7 @@ from ..tasks import Request, Task
 from ..topology import delay_seconds
 from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Context, Middleware, Outcome, run_after, run_before, run_should_run
+from .observer import Observer
 from .pool import AsyncRunner, Call, Runner
 from .retry import decide
 from .settle import Settler
@@ -88,6 +92,7 @@ class Pipeline:
         self.async_runner = AsyncRunner()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.slots = Slots(concurrency)
+        self.observer: Observer = Observer()  # events and inspect (set by the Worker)
 
     # -- tasks on the loop ----------------------------------------------------------------------
     def spawn(self, work: Any, delivery: Delivery) -> None:
@@ -154,15 +159,9 @@ class Pipeline:
             ):
                 await settler.ack(delivery)
             return
-        if env.links:
-            await settler.dead_letter(
-                delivery,
-                "unsupported",
-                f"workflow fields ({', '.join(sorted(env.links))}) are not supported yet",
-                env=env,
-            )
-            return
+        self.observer.received(env, delivery.queue)
         if not await self.slots.take(self.stopping):
+            self.observer.returned(env, delivery.queue)
             await settler.requeue(delivery)
             return
         if env.is_expired(datetime.now(timezone.utc)):
@@ -172,19 +171,25 @@ class Pipeline:
         policy = self.policies[env.task]
         self.stats.running += 1
         try:
-            ctx = Context(env, task, delivery.queue, self.hostname)
+            ctx = Context(env, task, delivery.queue, self.hostname, delivery.redelivered)
             if not await run_should_run(self.middleware, ctx):
-                await settler.ack(delivery)  # settled without running (e.g. a duplicate)
-                return
-            if policy.acks_early:
-                await settler.ack(delivery)
-            await run_before(self.middleware, ctx)
-            try:
-                outcome = await self._execute(task, env, delivery.queue, policy)
-            except Exception as exc:  # a bug around the task: its failure, settled as one,
-                # so every after_run hook (e.g. a Dedupe claim's release) still runs
-                log.exception("running %s[%s] failed inside the worker", env.task, env.id)
-                outcome = Outcome(False, exc=exc, traceback=traceback.format_exc())
+                if ctx.preset is None:
+                    skip = ctx.extra.get("skip", "duplicate")
+                    self.observer.skipped(env, delivery.queue, skip)
+                    await settler.ack(delivery)  # settled without running (e.g. a duplicate)
+                    return
+                outcome = ctx.preset  # its outcome is known: settled with it, not run
+            else:
+                if policy.acks_early:
+                    await settler.ack(delivery)
+                await run_before(self.middleware, ctx)
+                self.observer.started(env, delivery.queue)
+                try:
+                    outcome = await self._execute(task, env, delivery.queue, policy)
+                except Exception as exc:  # a bug around the task: its failure, settled as
+                    # one, so every after_run hook (e.g. a Dedupe claim's release) still runs
+                    log.exception("running %s[%s] failed inside the worker", env.task, env.id)
+                    outcome = Outcome(False, exc=exc, traceback=traceback.format_exc())
         finally:
             self.stats.running -= 1
             self.slots.release()
@@ -208,13 +213,19 @@ class Pipeline:
     ) -> None:
         """Retry decision, ``after_run`` hooks, then settle: the one place a ran task's
         delivery is settled."""
-        if not outcome.ok and not policy.acks_early and not isinstance(outcome.exc, TaskExpired):
+        if (
+            not outcome.ok
+            and not outcome.preset
+            and not policy.acks_early
+            and not isinstance(outcome.exc, TaskExpired)
+        ):
             assert outcome.exc is not None
             decision = decide(policy, outcome.exc, env.retries, task.autoretry_for)
             if decision.retry:
                 outcome.retry_countdown = decision.countdown
             else:
                 outcome.exc = decision.exc
+        self.observer.finished(env, delivery.queue, outcome)
         await run_after(self.middleware, ctx, outcome)
         self.stats.processed += 1
         await self.settler.settle(delivery, env, policy, outcome, now)

@@ -87,6 +87,16 @@ class ReplyMiddleware(Middleware):
         )
         await self._send(props.reply_to, props.correlation_id or rejection.id, reply)
 
+    async def reply_failure(
+        self, reply_to: str, task_id: str, error_type: str, message: str, reason: str
+    ) -> None:
+        """A FAILURE reply for a result that will never come (a workflow step abandoned
+        because an earlier one failed), so a caller waiting on it hears at once."""
+        reply = Reply(
+            task_id, FAILURE, "", error_type=error_type, error_message=message, reason=reason
+        )
+        await self._send(reply_to, task_id, reply)
+
     async def _send(self, reply_to: str, correlation_id: str, reply: Reply) -> None:
         props = Properties(
             content_type=CONTENT_TYPE_JSON, correlation_id=correlation_id, message_id=reply.id

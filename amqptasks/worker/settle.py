@@ -24,6 +24,7 @@ from ..config import TaskPolicy
 from ..errors import TaskExpired, TimeLimitExceeded, WorkerLost
 from ..protocol import (
     BROKER_DEATH_HEADERS,
+    DEAD_LETTER_REASONS,
     DL_PREFIX,
     Envelope,
     dead_letter_properties,
@@ -34,6 +35,7 @@ from ..protocol import (
 from ..topology import DLX_EXCHANGE, delay_route, delay_seconds
 from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Middleware, Outcome, Publish, Rejection, run_on_reject
+from .observer import Observer
 
 __all__ = ["Settler", "failure_reason"]
 
@@ -58,6 +60,7 @@ class Settler:
         self.publish = publish
         self.hostname = hostname
         self.middleware = middleware
+        self.observer: Observer = Observer()  # events and inspect (set by the Worker)
 
     async def ack(self, delivery: Delivery) -> None:
         try:
@@ -98,7 +101,10 @@ class Settler:
                     extra={"task_id": env.id, "task_name": env.task},
                 )
             return
-        if outcome.ok:
+        if outcome.dead_letter is not None:
+            reason, detail = outcome.dead_letter
+            await self.dead_letter(delivery, reason, detail, env=env, ran=True)
+        elif outcome.ok:
             await self.ack(delivery)
         elif outcome.retry_countdown is not None:
             log.warning(
@@ -169,6 +175,7 @@ class Settler:
         cannot be confirmed."""
         # One id in the log, the dead letter and `amqptasks dlq`: the decoder's rule, and a
         # generated id is written onto the copy so it stays the same everywhere.
+        assert reason in DEAD_LETTER_REASONS, f"undocumented dead-letter reason {reason!r}"
         ident = env.id if env else message_id_of(delivery.body, delivery.properties) or new_id()
         log.error(
             "message %s on %s dead-lettered: %s: %s",
@@ -210,6 +217,7 @@ class Settler:
             rejection = Rejection(
                 ident, reason, detail, delivery.queue, self.hostname, delivery.properties, env
             )
+            self.observer.rejected(rejection)
             await run_on_reject(self.middleware, rejection)
         if confirmed:
             await self.ack(delivery)

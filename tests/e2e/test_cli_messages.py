@@ -289,7 +289,7 @@ def test_topology_show_and_apply_summarise_the_delay_levels(tmp_path, broker):
     assert applied.returncode == 0, applied.stderr
     lines = applied.stdout.splitlines()
     assert delay_line in lines and not [x for x in lines if x.startswith("declared ")]
-    assert lines[-1].endswith(": 107 objects")
+    assert lines[-1].endswith(": 109 objects")  # incl. the events and control exchanges
     assert broker.depth("amqptasks.delay.21") == 0  # declared all the same
     verbose = run_cli(cfg, "topology", "apply", "-v").stdout.splitlines()
     assert len([x for x in verbose if x.startswith("declared ")]) == 107

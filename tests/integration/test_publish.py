@@ -160,7 +160,7 @@ def test_send_many_pipelines_confirms_and_reports_the_failing_call(tmp_path, bro
         def add(x: int, y: int) -> int:
             return x + y
 
-        mapped = add.map([(1, 2), (3, 4)], ignore_result=True)
+        mapped = add.delay_many([(1, 2), (3, 4)], ignore_result=True)
         assert len(mapped) == 2 and broker.depth("default") == 2002
 
         with pytest.raises(PublishNacked) as err:

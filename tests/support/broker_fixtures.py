@@ -154,6 +154,8 @@ def write_config(tmp_path: Path, broker: Broker, /, **overrides: Any) -> Path:
     data = json.loads(json.dumps(BASE_CONFIG))
     data["broker"] = {"url": broker.url, "publish_timeout": 10}
     data["imports"] = ["examples.tasks", "examples.web", "testtasks"]
+    # Each test its own result store, as it has its own vhost (ids like "a" recur in tests).
+    data["results"] = {**data.get("results", {}), "backend": f"sqlite:///{tmp_path}/results.db"}
     data.update(overrides)
     path = tmp_path / "amqptasks.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

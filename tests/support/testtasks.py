@@ -122,3 +122,41 @@ def when(tag: str) -> float:
 def headers(self) -> dict:
     """The AMQP headers the task saw (``self.request.headers``)."""
     return dict(self.request.headers)
+
+
+# -- canvas -------------------------------------------------------------------------------------
+@app.task(name="testtasks.add")
+def add(x: float, y: float) -> float:
+    _record(f"add {x} {y}")
+    return x + y
+
+
+@app.task(name="testtasks.mul")
+def mul(x: float, y: float) -> float:
+    _record(f"mul {x} {y}")
+    return x * y
+
+
+@app.task(name="testtasks.tsum")
+def tsum(numbers: list[float]) -> float:
+    _record(f"tsum {len(numbers)}")
+    return sum(numbers)
+
+
+@app.task(name="testtasks.collect")
+def collect(items: list[object]) -> list[object]:
+    """A chord body that records what it got, so a test can count its runs."""
+    _record(f"collect {len(items)}")
+    return items
+
+
+@app.task(name="testtasks.boom")
+def boom(*args: object) -> None:
+    _record(f"boom {args}")
+    raise ValueError(f"boom {args}")
+
+
+@app.task(name="testtasks.on_error")
+def on_error(task_id: str) -> str:
+    _record(f"errback {task_id}")
+    return task_id

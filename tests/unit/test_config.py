@@ -207,6 +207,31 @@ BAD = [
     ),
     ("reserved-exchange-name", "exchanges: {amq.tasks: {}}\n", "exchanges.amq.tasks", "reserved"),
     (
+        "reserved-events-exchange",
+        "exchanges: {amqptasks.events: {}}\n",
+        "exchanges.amqptasks.events",
+        "the name 'amqptasks.events' is reserved",
+    ),
+    (
+        "reserved-control-exchange",
+        "exchanges: {amqptasks.control: {type: fanout}}\n",
+        "exchanges.amqptasks.control",
+        "is reserved",
+    ),
+    (
+        "events-enabled-string",
+        BASE + "events: {enabled: 'yes'}\n",
+        "events.enabled",
+        "expected true or false, got a string 'yes'",
+    ),
+    (
+        "events-heartbeat-zero",
+        BASE + "events: {heartbeat_interval: 0}\n",
+        "events.heartbeat_interval",
+        "expected a positive number, got a number 0.0",
+    ),
+    ("events-unknown-key", BASE + "events: {enable: true}\n", "events.enable", "unknown key"),
+    (
         "bad-queue-name",
         "queues: {'web tasks': {}}\n",
         "queues.web tasks",
@@ -641,3 +666,11 @@ def test_default_route_to_a_dead_letter_queue_is_refused(tmp_path: Path) -> None
 def test_route_to_a_work_queue_is_accepted(tmp_path: Path, route: str) -> None:
     path = write(tmp_path, BASE + f"routes: {{send: {route}}}\n")
     assert load_config(path, env={}).routes["send"].routing_key == "web_tasks"
+
+
+def test_events_section_defaults_and_values(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, BASE), env={}).events
+    assert (default.enabled, default.send_sent, default.heartbeat_interval) == (False, False, 2.0)
+    text = BASE + "events: {enabled: true, send_sent: true, heartbeat_interval: 0.5}\n"
+    events = load_config(write(tmp_path, text), env={}).events
+    assert (events.enabled, events.send_sent, events.heartbeat_interval) == (True, True, 0.5)

@@ -14,6 +14,7 @@ from amqptasks.errors import ContentTypeRefused, DecodeError, EncodeError, Proto
 from amqptasks.protocol import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_PICKLE,
+    DEAD_LETTER_REASONS,
     DL_PREFIX,
     FAILURE,
     SUCCESS,
@@ -131,6 +132,7 @@ def test_optional_fields_are_read() -> None:
         "errbacks",
         "chain",
         "chord",
+        "group_id",
     ],
 )
 def test_null_optional_field_counts_as_absent(key: str) -> None:
@@ -148,8 +150,9 @@ def test_eta_and_null_countdown_together_are_fine() -> None:
     assert env.eta == datetime(2030, 1, 2, 3, 5, tzinfo=timezone.utc)
 
 
-def test_workflow_links_are_kept_for_the_worker_to_refuse() -> None:
-    links = {"callbacks": [{"task": "a"}], "errbacks": [], "chain": [{"task": "b"}], "chord": {}}
+def test_workflow_links_are_kept_for_the_worker() -> None:
+    chord = {"id": "c", "index": 0, "size": 1, "body": {"task": "z"}}
+    links = {"callbacks": [{"task": "a"}], "errbacks": [], "chain": [{"task": "b"}], "chord": chord}
     env = decode(body(**links), NO_PROPS)
     assert env.links == links
 
@@ -288,6 +291,13 @@ BAD_BODIES = [
     (body(errbacks="a"), "'errbacks'"),
     (body(chain=1), "'chain'"),
     (body(chord=[]), "'chord'"),
+    (body(chain=[{"task": "a"}, {"tsk": "b"}]), "'chain[1]'"),
+    (
+        body(callbacks=[{"task": "a", "options": {"link": [{"task": 3}]}}]),
+        "'callbacks[0].options.link[0].task'",
+    ),
+    (body(chord={"id": "c", "index": 5, "size": 2, "body": {"task": "b"}}), "'chord.index'"),
+    (body(group_id=""), "'group_id'"),
 ]
 
 
@@ -501,7 +511,10 @@ def test_encode_decode_round_trip_keeps_every_field() -> None:
         expires=datetime(2030, 1, 2, 5, 0, tzinfo=timezone(timedelta(hours=1))),
         root_id="root",
         parent_id="parent",
-        links={"callbacks": [{"task": "cb"}], "chord": {"id": "c"}},
+        links={
+            "callbacks": [{"task": "cb"}],
+            "chord": {"id": "c", "index": 0, "size": 1, "body": {"task": "b"}},
+        },
         correlation_id="corr",
         reply_to="amq.rabbitmq.reply-to",
         priority=5,
@@ -781,21 +794,10 @@ def _doc_reasons() -> dict[str, str]:
 
 
 def _worker_reasons() -> set[str]:
-    """Every reason token the worker can write (its source, so a new one cannot go
-    undocumented): literals passed to ``_dead_letter``, the outcome reasons, and the decoder's
-    error reasons."""
-    source = (Path(__file__).resolve().parents[2] / "amqptasks" / "worker.py").read_text()
-    literal = set(re.findall(r'_dead_letter\(\s*delivery,\s*"([a-z-]+)"', source))
-    outcome = source[source.index("reason = (") :]
-    outcome = outcome[: outcome.index("await ")]
-    return (
-        literal
-        | set(re.findall(r'"([a-z-]+)"', outcome))
-        | {
-            DecodeError.reason,
-            ContentTypeRefused.reason,
-        }
-    )
+    """Every reason token the worker may write: the worker's settlement refuses any reason
+    outside ``DEAD_LETTER_REASONS``, and the decoder's error reasons are in it."""
+    assert {DecodeError.reason, ContentTypeRefused.reason} <= DEAD_LETTER_REASONS
+    return set(DEAD_LETTER_REASONS)
 
 
 def test_doc_lists_every_reason_the_worker_writes_in_one_table() -> None:

@@ -119,7 +119,7 @@ def test_get_times_out() -> None:
 
 
 def test_get_without_results_raises_results_disabled() -> None:
-    result = AsyncResult("id-1", "examples.tasks.add", None)
+    result = AsyncResult("id-1", "examples.tasks.add", None, ignored=True)
     with pytest.raises(ResultsDisabled, match="ignores results"):
         result.get(timeout=0)
     assert result.status == PENDING
@@ -243,3 +243,12 @@ def test_other_names_are_carried_never_imported(error_type: str | None, class_na
     assert type(err).__bases__ == (TaskError,)
     assert err.exc_type == (error_type or "TaskError")
     assert str(err) == "boom"
+
+
+def test_a_handle_without_reply_or_store_says_why_it_cannot_wait() -> None:
+    from amqptasks.errors import ResultsUnavailable
+    from amqptasks.results import ResultBackend
+
+    result = AsyncResult("id-1", backend=ResultBackend(ResultCollector(), None, "rpc://"))
+    with pytest.raises(ResultsUnavailable, match="rpc://"):
+        result.get(timeout=0)

@@ -81,7 +81,19 @@ ENCODED_SHAPES = [
     # An offset with seconds (e.g. Amsterdam before 1937) has no RFC 3339 form: sent in UTC.
     Envelope(task="t", eta=NOW.astimezone(timezone(timedelta(minutes=19, seconds=32)))),
     Envelope(task="t", links={"callbacks": [{"task": "a"}], "errbacks": [], "chain": []}),
-    Envelope(task="t", links={"chord": {"body": {"task": "b"}}}),
+    Envelope(task="t", links={"chord": {"id": "c", "index": 0, "size": 2, "body": {"task": "b"}}}),
+    Envelope(
+        task="t",
+        links={
+            "chain": [
+                {"task": "a", "args": [1], "options": {"task_id": "i-a", "queue": "q"}},
+                {"group": [{"task": "b"}, {"chain": [{"task": "c"}]}], "id": "g"},
+                {"header": [{"task": "d", "immutable": True}], "body": {"task": "e"}, "id": "c"},
+            ],
+            "group_id": "g-1",
+            "errbacks": [{"task": "eb", "options": {"link": [{"task": "x"}]}}],
+        },
+    ),
     Envelope(task="t", correlation_id="c", reply_to="r", priority=9, headers={"x": "y"}),
 ]
 
@@ -118,7 +130,9 @@ GOOD_BODIES: list[dict[str, Any]] = [
     {"task": "t", "expires": 60},
     {"task": "t", "expires": None, "eta": None, "countdown": None},
     {"task": "t", "callbacks": None, "errbacks": None, "chain": None, "chord": None},
-    {"task": "t", "callbacks": [1], "errbacks": ["x"], "chain": [{}], "chord": {"a": 1}},
+    {"task": "t", "callbacks": [{"task": "a"}], "errbacks": [], "chain": [{"chain": []}]},
+    {"task": "t", "chord": {"id": "c", "index": 1, "size": 2, "body": {"group": []}}},
+    {"task": "t", "group_id": "g"},
 ]
 
 
@@ -182,6 +196,15 @@ BAD_BODIES: list[Any] = [
     {"task": "t", "chain": 1},
     {"task": "t", "chord": []},
     {"task": "t", "chord": "c"},
+    {"task": "t", "callbacks": [1]},
+    {"task": "t", "errbacks": ["x"]},
+    {"task": "t", "chain": [{}]},
+    {"task": "t", "chain": [{"task": "a", "options": {"qeue": "q"}}]},
+    {"task": "t", "chain": [{"task": "a", "extra": 1}]},
+    {"task": "t", "chain": [{"header": [{"task": "a"}]}]},
+    {"task": "t", "chord": {"a": 1}},
+    {"task": "t", "chord": {"id": "c", "index": 0, "size": 1}},
+    {"task": "t", "group_id": 5},
     {"task": "t", "v": True},  # True == 1 in Python, not in JSON
     {"task": "t", "retries": -1.0},
     # ISO 8601 forms that Python 3.11's datetime.fromisoformat accepts but RFC 3339 does not:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from amqptasks.topology import (
+    CONTROL_EXCHANGE,
     DLX_EXCHANGE,
+    EVENTS_EXCHANGE,
     Binding,
     Exchange,
     Queue,
@@ -48,6 +50,20 @@ def test_exchanges_include_the_declared_ones_and_the_dead_letter_exchange(
         Exchange(DLX_EXCHANGE, "direct"),
     )
     assert all(e.durable for e in topology.exchanges)
+
+
+def test_events_and_control_exchanges_are_derived_and_in_every_subset(
+    topology: Topology,
+) -> None:
+    kinds = {e.name: e.type for e in topology.exchanges}
+    assert kinds[EVENTS_EXCHANGE] == "topic"  # routing keys task.<state> / worker.<state>
+    assert kinds[CONTROL_EXCHANGE] == "fanout"  # every worker hears every command
+    for queues in (["web_tasks"], ["lonely"], []):
+        sub = {e.name: e.type for e in topology.subset(queues).exchanges}
+        assert sub[EVENTS_EXCHANGE] == "topic" and sub[CONTROL_EXCHANGE] == "fanout"
+    shown = "\n".join(topology.describe())
+    assert f"{EVENTS_EXCHANGE}  type=topic durable=true" in shown
+    assert f"{CONTROL_EXCHANGE}  type=fanout durable=true" in shown
 
 
 def test_every_work_queue_gets_a_dead_letter_queue(topology: Topology) -> None:
@@ -279,6 +295,8 @@ def test_describe_summarises_the_delay_levels_in_one_line() -> None:
         "exchanges:",
         "  tasks  type=topic durable=true",
         f"  {DLX_EXCHANGE}  type=direct durable=true",
+        "  amqptasks.events  type=topic durable=true",
+        "  amqptasks.control  type=fanout durable=true",
         "queues:",
         "  a  role=work durable=true  x-dead-letter-exchange=amqptasks.dlx "
         "x-dead-letter-routing-key=a",

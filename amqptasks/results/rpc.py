@@ -16,14 +16,27 @@ from __future__ import annotations
 import builtins
 import threading
 import weakref
-from typing import Any
+from typing import Protocol
 
-from .errors import ResultsDisabled, ResultTimeout, TaskError
-from .protocol import FAILURE, SUCCESS, Reply, decode_reply
+from ..errors import TaskError
+from ..protocol import FAILURE, Reply, decode_reply
 
-__all__ = ["PENDING", "AsyncResult", "ResultCollector", "remote_error"]
+__all__ = ["RemoteFailure", "ResultCollector", "remote_error"]
 
-PENDING = "PENDING"
+
+class RemoteFailure(Protocol):
+    """What :func:`remote_error` reads: a :class:`~amqptasks.protocol.Reply` (rpc) and a
+    stored :class:`~amqptasks.results.meta.ResultMeta` both have these fields, so a failure
+    read from a store raises exactly the error a failure replied over AMQP does."""
+
+    @property
+    def error_type(self) -> str | None: ...
+
+    @property
+    def error_message(self) -> str | None: ...
+
+    @property
+    def traceback(self) -> str | None: ...
 
 
 class _State:
@@ -48,6 +61,11 @@ class ResultCollector:
         with self._lock:
             self._waiting[correlation_id] = state
         return state
+
+    def state_of(self, correlation_id: str) -> _State | None:
+        """The state a reply for ``correlation_id`` will be handed to, if one is expected."""
+        with self._lock:
+            return self._waiting.get(correlation_id)
 
     def deliver(self, correlation_id: str | None, body: bytes) -> bool:
         """Hand a reply to its handle; False when nobody waits for it (handle dropped)."""
@@ -74,7 +92,7 @@ class ResultCollector:
             return len(self._waiting)
 
 
-def remote_error(reply: Reply) -> TaskError:
+def remote_error(reply: RemoteFailure) -> TaskError:
     """A :class:`TaskError` whose class name is the remote type name (never imported)."""
     name = reply.error_type or "TaskError"
     bases: tuple[type, ...] = (TaskError,)
@@ -90,47 +108,3 @@ def remote_error(reply: Reply) -> TaskError:
         # arguments (UnicodeDecodeError, ExceptionGroup): carry the name on a plain TaskError.
         err = type(safe, (TaskError,), {"__module__": "amqptasks.remote"})(*args)
     return err
-
-
-class AsyncResult:
-    """The handle ``delay()`` returns: ``.id``, ``.ready()``, ``.status``, ``.get(timeout=)``."""
-
-    def __init__(self, task_id: str, task: str, state: _State | None) -> None:
-        self.id = task_id
-        self.task = task
-        self._state = state
-
-    def __repr__(self) -> str:
-        return f"<AsyncResult {self.task}[{self.id}] {self.status}>"
-
-    @property
-    def status(self) -> str:
-        if self._state is None or self._state.reply is None:
-            return PENDING
-        return self._state.reply.status
-
-    def ready(self) -> bool:
-        return self._state is not None and self._state.event.is_set()
-
-    def successful(self) -> bool:
-        return self.status == SUCCESS
-
-    def get(self, timeout: float | None = 30.0, *, propagate: bool = True) -> Any:
-        """Wait for the reply; return the result or raise the task's error.
-
-        ``timeout=None`` waits forever (not recommended: a worker may never run the task).
-        """
-        if self._state is None:
-            raise ResultsDisabled(
-                f"task {self.task!r} ignores results (ignore_result): no reply will be sent"
-            )
-        if not self._state.event.wait(timeout):
-            raise ResultTimeout(f"no result for task {self.task!r} id {self.id} within {timeout}s")
-        reply = self._state.reply
-        assert reply is not None
-        if reply.status == FAILURE:
-            err = remote_error(reply)
-            if propagate:
-                raise err
-            return err
-        return reply.result

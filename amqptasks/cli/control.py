@@ -1,0 +1,18 @@
+"""``amqptasks control CMD``: act on running workers (shutdown, add-consumer, cancel-consumer).
+
+Built like ``amqptasks inspect`` (:func:`.inspect.command_group`): one subcommand per
+``control`` command of :data:`amqptasks.control.COMMANDS`, the same options and exit codes.
+"""
+
+from __future__ import annotations
+
+from . import main
+from .inspect import command_group
+
+
+@main.group()
+def control() -> None:
+    """Act on running workers: shutdown (warm), add-consumer QUEUE, cancel-consumer QUEUE."""
+
+
+command_group(control, "control")

@@ -1,0 +1,192 @@
+"""Continuing workflows: what a worker publishes after a task with links finished.
+
+After a success (before the ack): the next step of the chain and the callbacks, and — for a
+chord member — the chord's accounting in the store; the member whose result completes the
+chord claims the body (``chord_mark_body_sent`` with its own message id as the token, so the
+same message redelivered after a crash may claim it again, and no other can), then publishes
+it, confirmed, under the body's id fixed when the workflow was applied. After a failure for
+good: the errbacks, FAILURE records (and rpc replies) for every result of the chain that will
+now never come, and for a chord member the chord's failure: the body never runs, its results
+are failures naming the member, and its errbacks run once.
+
+What to publish is decided by the pure functions of :mod:`amqptasks.canvas`; this module does
+the I/O: routing each planned message like ``App.prepare`` (the worker holds an ``App`` for
+that), publishing it confirmed, and talking to the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .. import canvas
+from ..app import App
+from ..protocol import Envelope
+from ..results import FAILURE, ResultMeta, utcnow
+from .middleware import Publish
+from .storecalls import StoreRunner
+
+__all__ = ["Workflow"]
+
+log = logging.getLogger("amqptasks.worker")
+
+#: Send a FAILURE reply for ``task_id`` to ``reply_to`` (the rpc backend's side of abandoning).
+ReplyFailure = Callable[[str, str, str, str, str], Awaitable[None]]
+
+
+class Workflow:
+    """Publishes the continuation of workflows for one worker."""
+
+    def __init__(
+        self,
+        app: App,
+        publish: Publish,
+        store: StoreRunner | None,
+        hostname: str,
+        reply_failure: ReplyFailure | None = None,
+    ) -> None:
+        self.app = app
+        self.publish_raw = publish
+        self.store = store
+        self.hostname = hostname
+        self.reply_failure = reply_failure
+
+    # -- after a task -----------------------------------------------------------------------------
+    async def succeeded(self, env: Envelope, result: Any, message_token: str) -> None:
+        """Publish what follows a success; raises if a publish is not confirmed (then the
+        delivery is not acked and the broker gives it back: the continuation is republished
+        under the same ids)."""
+        links = env.links
+        if not links:
+            return
+        await self.publish_plan(canvas.after_success(links, result), env)
+        membership = links.get("chord")
+        if membership is not None:
+            await self._chord_member(env, membership, result, message_token)
+
+    async def failed(
+        self, env: Envelope, error_type: str, error_message: str, message_token: str
+    ) -> None:
+        """Publish what follows a failure for good (or a dead-lettering before the run)."""
+        links = env.links
+        if not links:
+            return
+        await self.publish_plan(canvas.after_failure(links, env.id), env)
+        lost = canvas.abandoned(links)
+        if lost:
+            detail = f"an earlier step {env.task}[{env.id}] failed: {error_type}: {error_message}"
+            await self._abandon(env, lost, error_type, detail, "chain-failed")
+        membership = links.get("chord")
+        if membership is not None:
+            meta = ResultMeta(
+                id=env.id,
+                status=FAILURE,
+                task=env.task,
+                error_type=error_type,
+                error_message=error_message,
+                date_done=utcnow(),
+                worker=self.hostname,
+            )
+            await self._chord_failed(env, membership, meta, message_token)
+
+    # -- chords -----------------------------------------------------------------------------------
+    def _require_store(self, env: Envelope) -> StoreRunner:
+        if self.store is None:
+            raise RuntimeError(
+                f"task {env.task}[{env.id}] is a chord member but this worker has no result "
+                "store (results.backend is rpc://): chords need sqlite:// or redis://"
+            )
+        return self.store
+
+    async def _chord_member(
+        self, env: Envelope, membership: dict[str, Any], result: Any, token: str
+    ) -> None:
+        store = self._require_store(env)
+        meta = ResultMeta(
+            id=env.id, status="SUCCESS", task=env.task, result=result, date_done=utcnow()
+        )
+        progress = await store.call(
+            store.store.chord_add, membership["id"], membership["size"], membership["index"], meta
+        )
+        if progress.failed is not None or not progress.complete or progress.results is None:
+            return
+        # Claim the body with this message's id: a duplicate of another member cannot, while
+        # this same message redelivered after a crash (claimed, body not yet published) can.
+        if not await store.call(store.store.chord_mark_body_sent, membership["id"], token):
+            return
+        await self.publish_plan(canvas.chord_body(membership, progress.results), env)
+
+    async def _chord_failed(
+        self, env: Envelope, membership: dict[str, Any], meta: ResultMeta, token: str
+    ) -> None:
+        store = self._require_store(env)
+        progress = await store.call(
+            store.store.chord_add, membership["id"], membership["size"], membership["index"], meta
+        )
+        failed = progress.failed
+        if failed is None or failed.id != env.id:
+            return  # an earlier member failed first and already failed the chord
+        if not await store.call(store.store.chord_mark_body_sent, membership["id"], token):
+            return
+        lost, errbacks = canvas.chord_failed(membership)
+        detail = (
+            f"chord member {env.task}[{env.id}] (index {membership['index']}) failed: "
+            f"{meta.error_type}: {meta.error_message}"
+        )
+        await self._abandon(env, lost, "ChordError", detail, "chord-failed")
+        await self.publish_plan(errbacks, env)
+
+    # -- I/O --------------------------------------------------------------------------------------
+    async def _abandon(
+        self, env: Envelope, ids: list[str], error_type: str, detail: str, reason: str
+    ) -> None:
+        """FAILURE records (and rpc replies) for results that will never come."""
+        if self.store is not None:
+            now = utcnow()
+            await asyncio.gather(
+                *(
+                    self.store.save(
+                        ResultMeta(
+                            id=i,
+                            status=FAILURE,
+                            error_type=error_type,
+                            error_message=detail,
+                            reason=reason,
+                            date_done=now,
+                            parent_id=env.id,
+                            root_id=env.root_id or env.id,
+                        )
+                    )
+                    for i in ids
+                )
+            )
+        if env.reply_to and self.reply_failure is not None:
+            for i in ids:
+                await self.reply_failure(env.reply_to, i, error_type, detail, reason)
+
+    async def publish_plan(self, plan: canvas.Plan, parent: Envelope) -> None:
+        """Register the plan's groups, then publish its messages (all confirmed)."""
+        if not plan.messages:
+            return
+        if plan.groups and self.store is not None:
+            for group_id, ids in plan.groups:
+                await self.store.call(self.store.store.save_group, group_id, ids)
+        publishes: list[Awaitable[None]] = []
+        for m in plan.messages:
+            prepared = self.app.prepare(
+                m.task,
+                m.args,
+                m.kwargs,
+                reply_to=parent.reply_to,
+                links=m.links,
+                parent_id=parent.id,
+                root_id=parent.root_id or parent.id,
+                **m.options,
+            )
+            publishes.extend(
+                self.publish_raw(ex, key, prepared.body, prepared.props)
+                for ex, key in prepared.destinations
+            )
+        await asyncio.gather(*publishes)
