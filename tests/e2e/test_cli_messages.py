@@ -292,5 +292,5 @@ def test_topology_show_and_apply_summarise_the_delay_levels(tmp_path, broker):
     assert lines[-1].endswith(": 109 objects")  # incl. the events and control exchanges
     assert broker.depth("amqptasks.delay.21") == 0  # declared all the same
     verbose = run_cli(cfg, "topology", "apply", "-v").stdout.splitlines()
-    assert len([x for x in verbose if x.startswith("declared ")]) == 107
+    assert len([x for x in verbose if x.startswith("declared ")]) == 109
     assert "declared queue amqptasks.delay.0" in verbose
