@@ -163,8 +163,8 @@ class SqliteStore:
             raise self._fail("cannot open the database", exc) from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
+            mode = self._set_wal(conn)
+            if mode.lower() != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL could not be set")
             conn.execute("PRAGMA synchronous = FULL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -188,6 +188,25 @@ class SqliteStore:
             conn.close()
             raise self._fail("cannot prepare the database", exc) from exc
         return conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> str:
+        """``PRAGMA journal_mode = WAL``, retried while another connection holds the file.
+
+        Switching a file to WAL needs it to ourselves; when another process is writing (two
+        processes starting on a fresh file), SQLite answers "database is locked" at once
+        instead of calling the busy handler, so this waits (5 ms doubling to 100 ms) up to
+        ``busy_timeout`` itself.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.005
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     @contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:

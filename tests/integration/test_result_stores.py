@@ -662,3 +662,29 @@ def test_a_directory_that_cannot_be_created_is_a_clear_error(tmp_path: Any) -> N
     (tmp_path / "file").write_text("")
     with pytest.raises(ResultStoreError, match="cannot create directory"):
         store_from_url(f"sqlite:///{tmp_path}/file/results.sqlite3")
+
+
+@pytest.mark.parametrize("lock", ["IMMEDIATE", "EXCLUSIVE"])
+def test_opening_waits_for_a_writer_that_holds_the_file(tmp_path: Any, lock: str) -> None:
+    # Another process in the middle of a write while a store opens the file (two processes
+    # starting on a fresh file do this): switching to WAL gets "database is locked" at once,
+    # without SQLite's busy handler, so the store must wait and retry by itself.
+    path = tmp_path / "results.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("CREATE TABLE unrelated (x)")
+        other.execute(f"BEGIN {lock}")
+        other.execute("INSERT INTO unrelated VALUES (1)")
+        release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+        release.start()
+        start = time.monotonic()
+        store = SqliteStore(path, busy_timeout=10)
+        release.join()
+    finally:
+        other.close()
+    try:
+        assert 0.3 <= time.monotonic() - start < 5
+        store.save([success("x")])
+        assert store.get("x") == success("x")
+    finally:
+        store.close()
