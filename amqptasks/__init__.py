@@ -5,6 +5,7 @@ and whatever cannot run lands in a dead-letter queue with its reason.
 """
 
 from .app import App
+from .canvas import Signature, chain, chord, group, signature
 from .config import Settings, load_config
 from .errors import (
     AmqpTasksError,
@@ -15,11 +16,12 @@ from .errors import (
     PublishNacked,
     PublishTimeout,
     ResultsDisabled,
+    ResultsUnavailable,
     ResultTimeout,
     TaskError,
     UnroutableError,
 )
-from .results import AsyncResult
+from .results import AsyncResult, GroupResult
 from .tasks import Task
 
 __all__ = [
@@ -29,15 +31,22 @@ __all__ = [
     "BrokerError",
     "BrokerRefused",
     "ConfigError",
+    "GroupResult",
     "PublishError",
     "PublishNacked",
     "PublishTimeout",
     "ResultTimeout",
     "ResultsDisabled",
+    "ResultsUnavailable",
     "Settings",
+    "Signature",
     "Task",
     "TaskError",
     "UnroutableError",
+    "chain",
+    "chord",
+    "group",
     "load_config",
+    "signature",
 ]
 __version__ = "0.1.0"

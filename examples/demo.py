@@ -19,8 +19,9 @@ from typing import IO
 
 import pika
 
+from amqptasks import chain, chord
 from examples.app import app
-from examples.tasks import add
+from examples.tasks import add, reduce
 from examples.web import sendmail
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,12 @@ def main() -> int:
         print(f"  result: {r2.get(timeout=20)!r}")
         reply = raw_pika_publish(app.settings.broker.url)
         print(f"  reply: {json.dumps(reply)}")
+        flow = chain(add.s(2, 2), add.s(4), add.s(8))()
+        print(f"chain(add.s(2, 2), add.s(4), add.s(8))() -> {flow.get(timeout=20)}")
+        total = chord(add.s(i, i) for i in range(10))(reduce.s())
+        print(f"chord(add.s(i, i) for i in range(10))(reduce.s()) -> {total.get(timeout=20)}")
+        stored = app.AsyncResult(r1.id)  # any process could do this: the store has it
+        print(f"app.AsyncResult({r1.id[:8]}…) -> {stored.state} {stored.get(timeout=20)}")
     except Exception as exc:
         print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         ok = False

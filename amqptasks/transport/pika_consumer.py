@@ -121,6 +121,12 @@ class PikaDelivery:
             timestamp=datetime.fromtimestamp(ts, timezone.utc) if ts else None,
         )
 
+    @property
+    def stale(self) -> bool:
+        """The channel it came on is gone: it cannot be settled any more, and the broker has
+        already given it back to the queue (running it now would run it twice)."""
+        return self._consumer.is_closed
+
     def ack_now(self) -> None:
         """Settle as done: acked with the next flush (batched, in tag order)."""
         self._consumer.settle(self.tag, acked=True)

@@ -200,6 +200,7 @@ class ConsumeLoop:
         log.error(
             "connection to the broker lost (%s); unacked messages return to their queues", exc
         )
+        self.fast.cancel_stale()
         self._lost.set()
 
     async def add_queue(self, queue: str) -> None:

@@ -113,6 +113,13 @@ class FastPath:
         for future in list(self.pending):
             future.cancel()
 
+    def cancel_stale(self) -> None:
+        """The connection died: calls not started yet from it are dropped (the broker gives
+        their messages out again; starting them now would run them twice)."""
+        for future, (delivery, _env, _task, _start) in list(self.pending.items()):
+            if delivery.stale:
+                future.cancel()
+
     def _thread_finished(self, future: concurrent.futures.Future[Any]) -> None:
         """Done callback: runs in the pool thread (or on the loop when the call was
         cancelled). Queues the future and wakes the loop only if no wake is pending."""

@@ -68,7 +68,8 @@ class Observer:
         """Settled without running because a ``should_run`` hook said no."""
 
     def returned(self, env: Envelope, queue: str) -> None:
-        """Given back to its queue without running (a warm shutdown began)."""
+        """Given back to its queue without running (a warm shutdown began, or its connection
+        died before it started)."""
 
 
 class Observers(Observer):

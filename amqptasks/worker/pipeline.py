@@ -164,6 +164,10 @@ class Pipeline:
             self.observer.returned(env, delivery.queue)
             await settler.requeue(delivery)
             return
+        if delivery.stale:  # its connection died while it waited: the broker has it again
+            self.slots.release()
+            self.observer.returned(env, delivery.queue)
+            return
         if env.is_expired(datetime.now(timezone.utc)):
             self.slots.release()
             await self._expired(delivery, env, "while it waited for a free slot")

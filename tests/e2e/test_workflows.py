@@ -181,3 +181,72 @@ def test_rpc_backend_runs_groups_and_chains_but_refuses_chords(tmp_path, broker,
             app.AsyncResult(str(uuid.uuid4())).get(timeout=1)
     finally:
         app.close()
+
+
+def test_waiting_on_an_unfinished_chord_does_not_poll_redis(tmp_path, broker, worker_factory):
+    """A caller in another process waits on a chord whose member runs for a while: the Redis
+    command counts do not grow with the waiting time (subscribe, read once, listen)."""
+    import threading
+
+    import redis
+
+    cfg = write_config(tmp_path, broker, results={"backend": "redis://127.0.0.1:6379/1"})
+    worker_factory(cfg, "-Q", "default")
+    app = App(load_config(cfg, env={}))
+    reader = App(load_config(cfg, env={}))  # no reply channel: it can only wait on the store
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/1")
+    try:
+        body = chord([app.signature("testtasks.record", ("slow", 20))])(
+            app.signature("testtasks.collect")
+        )
+        got: list[object] = []
+        waiter = threading.Thread(
+            target=lambda: got.append(reader.AsyncResult(body.id).get(timeout=60))
+        )
+        waiter.start()
+
+        def reads() -> int:
+            stats = client.info("commandstats")
+            return sum(
+                int(v["calls"])
+                for k, v in stats.items()
+                if k.removeprefix("cmdstat_") in ("get", "mget", "exists", "evalsha", "eval")
+            )
+
+        time.sleep(3)  # the waiter has subscribed and read once by now
+        early = reads()
+        time.sleep(12)  # 12 more seconds of waiting, the member still running
+        late = reads()
+        waiter.join(60)
+        assert got == [["slow"]]
+        assert late - early == 0, f"the store was read {late - early} times while waiting"
+    finally:
+        client.close()
+        reader.close()
+        app.close()
+
+
+def test_results_expire_from_every_store(tmp_path, broker, worker_factory):
+    for kind in ("sqlite", "redis"):
+        sub = tmp_path / kind
+        sub.mkdir()
+        cfg = write_config(sub, broker, results={"backend": _backend(sub, kind), "expires": 1})
+        w = worker_factory(cfg, "-Q", "default")
+        app = App(load_config(cfg, env={}))
+        try:
+            r = _sig(app, "add", 1, 2).delay()
+            assert r.get(timeout=30) == 3
+            assert app.AsyncResult(r.id).state == "SUCCESS"
+            wait_for(
+                lambda r=r, app=app: app.AsyncResult(r.id).state == "PENDING",
+                timeout=10,
+                message=f"the {kind} record to expire",
+            )
+            if kind == "sqlite":
+                store = app.store
+                assert store is not None
+                store.purge_expired()
+                assert store.stats().get("results", 0) == 0, store.stats()
+        finally:
+            app.close()
+            w.stop()

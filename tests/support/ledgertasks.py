@@ -36,3 +36,30 @@ def hit(key: str, work_ms: float = 0.0, due: float = 0.0) -> None:
     if work_ms:
         time.sleep(work_ms / 1000)
     _db().execute("INSERT INTO runs VALUES (?, ?, ?, ?)", (key, os.getpid(), time.time(), due))
+
+
+@app.task(name="ledger.member")
+def member(index: int, work_ms: float = 0.0) -> int:
+    """A chord member: records its run, returns its index (so the body can check the order)."""
+    if work_ms:
+        time.sleep(work_ms / 1000)
+    _db().execute(
+        "INSERT INTO runs VALUES (?, ?, ?, ?)", (f"m{index}", os.getpid(), time.time(), 0)
+    )
+    return index
+
+
+@app.task(name="ledger.body")
+def body(results: list[int]) -> int:
+    """A chord body: records each run with what it got (count, and whether in order)."""
+    in_order = results == list(range(len(results)))
+    _db().execute(
+        "INSERT INTO runs VALUES (?, ?, ?, ?)",
+        (
+            f"body {len(results)} {'ordered' if in_order else 'UNORDERED'}",
+            os.getpid(),
+            time.time(),
+            0,
+        ),
+    )
+    return len(results)
