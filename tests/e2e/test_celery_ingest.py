@@ -51,6 +51,18 @@ def test_a_celery_chain_runs_on_our_worker(tmp_path, broker, worker_factory, cel
     assert [x.split()[:3] for x in ledger_lines(ledger)] == [["add", "2", "2"], ["add", "4", "4"]]
 
 
+def test_celery_links_and_groups_run_on_our_worker(tmp_path, broker, worker_factory, celery_call):
+    _, ledger = _start(tmp_path, broker, worker_factory)
+    out = celery_call({"call": "group", "wait": 30})
+    assert out.get("result") == [2, 4], out
+    out = celery_call({"call": "links", "wait": 30})
+    assert out.get("error", {}).get("type") == "ValueError", out
+    # link: add.s(10) gets add(2, 2)'s result prepended; link_error: add.si(0, 0) is immutable.
+    wait_for(lambda: len(ledger_lines(ledger)) == 6, message="the callback and the errback")
+    runs = sorted(" ".join(x.split()[:3]) for x in ledger_lines(ledger))
+    assert runs == ["add 0 0", "add 1 1", "add 2 2", "add 2 2", "add 4 10", "fail x"]
+
+
 def test_countdown_waits_in_our_delay_levels(tmp_path, broker, worker_factory, celery_call):
     _, ledger = _start(tmp_path, broker, worker_factory)
     out = celery_call({"call": "tasks.add", "args": [1, 2], "options": {"countdown": 3}})

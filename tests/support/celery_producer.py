@@ -47,12 +47,19 @@ def main() -> None:
         result = add.delay(*spec["args"])
     elif call == "chain":  # add.s(2, 2) | add.s(4)
         result = (add.s(*spec["first"]) | add.s(*spec["then"])).apply_async()
+    elif call == "links":  # add(2, 2) linked to add.s(10); fail("x") linked to add.si(0, 0)
+        add.apply_async((2, 2), link=add.s(10))
+        result = fail.apply_async(("x",), link_error=add.si(0, 0))
+    elif call == "group":  # group(add.s(1, 1), add.s(2, 2)), results in order
+        from celery import group
+
+        result = group(add.s(1, 1), add.s(2, 2)).apply_async()
     else:
         task = app.tasks[call]
         result = task.apply_async(
             spec.get("args", ()), spec.get("kwargs"), **spec.get("options", {})
         )
-    out = {"id": result.id, "sent": started}
+    out = {"id": result.id, "sent": started}  # a group's id for a group
     if spec.get("wait"):
         try:
             out["result"] = result.get(timeout=spec["wait"])
