@@ -193,6 +193,12 @@ class ResultSettings:
     #: Default for tasks that do not set ``track_started``.
     track_started: bool = False
 
+    @property
+    def has_store(self) -> bool:
+        """Whether results live in a store (sqlite, redis), which a chord needs to be counted
+        in; ``rpc://`` is direct reply-to only."""
+        return self.backend.split(":", 1)[0].lower() != "rpc"
+
     def __repr__(self) -> str:
         return (
             f"ResultSettings(backend={redact_url(self.backend)!r}, expires={self.expires!r}, "
@@ -232,6 +238,9 @@ class Settings:
     accept: frozenset[str] = frozenset({CONTENT_TYPE_JSON})
     #: Bodies larger than this are dead-lettered unread (reason ``too-large``).
     max_body_size: int = 10 * 1024 * 1024
+    #: Run Celery protocol v2 messages (``serialization.celery_ingest``, docs/migration.md);
+    #: when off, a Celery message is dead-lettered (reason ``celery-unsupported``).
+    celery_ingest: bool = True
     task_policies: Mapping[str, TaskPolicy] = field(default_factory=dict)
     #: Default zone of cron schedules (``timezone:``), an IANA name.
     timezone: str = "UTC"
@@ -448,7 +457,7 @@ class _Parser:
             if top.get("default_route") is not None
             else None
         )
-        accept, max_body_size = self.serialization(top.get("serialization", {}))
+        accept, max_body_size, celery_ingest = self.serialization(top.get("serialization", {}))
         return Settings(
             source=self.source,
             broker=broker,
@@ -461,6 +470,7 @@ class _Parser:
             events=self.events(top.get("events", {})),
             accept=accept,
             max_body_size=max_body_size,
+            celery_ingest=celery_ingest,
             task_policies=self.tasks(top.get("tasks", {})),
             timezone=self.timezone(top.get("timezone", "UTC")),
             schedules=self.schedules(
@@ -711,8 +721,8 @@ class _Parser:
             heartbeat_interval=self.positive(section, "events", "heartbeat_interval", 2.0, float),
         )
 
-    def serialization(self, value: Any) -> tuple[frozenset[str], int]:
-        section = self.mapping(value, "serialization", ("accept", "max_body_size"))
+    def serialization(self, value: Any) -> tuple[frozenset[str], int, bool]:
+        section = self.mapping(value, "serialization", ("accept", "max_body_size", "celery_ingest"))
         accept = self.seq(section.get("accept", [CONTENT_TYPE_JSON]), "serialization.accept")
         if not accept:
             raise self.fail("serialization.accept", "must list at least one content type")
@@ -720,7 +730,13 @@ class _Parser:
             self.choice(v, f"serialization.accept[{i}]", ACCEPTABLE) for i, v in enumerate(accept)
         )
         size = self.positive(section, "serialization", "max_body_size", 10 * 1024 * 1024, int)
-        return types, size
+        celery = self.typed(
+            section.get("celery_ingest", True),
+            "serialization.celery_ingest",
+            bool,
+            "true or false",
+        )
+        return types, size, celery
 
     def timezone(self, value: Any) -> str:
         name = self.typed(value, "timezone", str, "an IANA time zone name such as 'UTC'")

@@ -3,7 +3,8 @@
 A dead letter is the original body with the original properties plus ``x-amqptasks-*``
 headers written by the worker (see docs/protocol.md). Messages that the broker dead-lettered
 itself (quorum ``delivery_limit``, a rejection after a failed dead-letter publish) carry only
-RabbitMQ's ``x-death``; :func:`describe` reads those too.
+RabbitMQ's ``x-death``; :func:`describe` reads those too. A Celery protocol v2 dead letter is
+named by its ``task`` and ``id`` headers (its body is ``[args, kwargs, embed]``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .protocol import BROKER_DEATH_HEADERS, DL_PREFIX, Properties, dumps, loads, message_id_of
+from .celery_compat import celery_task_of, message_id_of
+from .protocol import BROKER_DEATH_HEADERS, DL_PREFIX, Properties, dumps, loads
 
 __all__ = [
     "REPLAY_HEADER",
@@ -38,6 +40,7 @@ REPLAY_SKIPPED: Mapping[str, str] = {
     "content-type-refused": "its content type is still refused",
     "too-large": "the body is as large as before",
     "expired": "its expiry time has passed for good",
+    "celery-unsupported": "it is refused the same way again (unless the config changed)",
 }
 
 
@@ -67,12 +70,16 @@ def describe(
 ) -> DeadLetter:
     headers = dict(props.headers or {})
     task = ""
-    try:
-        obj = loads(body)
-        if isinstance(obj, dict):
-            task = str(obj.get("task", ""))
-    except Exception:  # undecodable bodies are exactly what a DLQ holds
-        task = "<undecodable>"
+    celery = celery_task_of(props)
+    if celery is not None:
+        task = celery[0]
+    else:
+        try:
+            obj = loads(body)
+            if isinstance(obj, dict):
+                task = str(obj.get("task", ""))
+        except Exception:  # undecodable bodies are exactly what a DLQ holds
+            task = "<undecodable>"
     deaths = headers.get("x-death") or []
     death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
     reason = _h(headers, "reason") or (f"broker:{death.get('reason')}" if death else "unknown")
@@ -106,11 +113,13 @@ def replay_skip_reason(letter: DeadLetter) -> str | None:
 def replay_message(
     body: bytes, props: Properties, marker: str | None = None
 ) -> tuple[bytes, Properties]:
-    """The message to republish: attempts reset (``retries`` removed from a JSON body), the
-    dead-letter and broker death headers dropped (an earlier replay's marker too), everything
-    else as the producer sent it, plus ``marker`` as :data:`REPLAY_HEADER` when given."""
+    """The message to republish: attempts reset (``retries`` removed from a JSON body, or set
+    to 0 in a Celery message's header), the dead-letter and broker death headers dropped (an
+    earlier replay's marker too), everything else as the producer sent it, plus ``marker`` as
+    :data:`REPLAY_HEADER` when given."""
+    celery = celery_task_of(props) is not None
     try:
-        obj = loads(body)
+        obj = None if celery else loads(body)
     except Exception:
         obj = None
     if isinstance(obj, dict) and "retries" in obj:
@@ -121,6 +130,8 @@ def replay_message(
         for k, v in (props.headers or {}).items()
         if not k.startswith((DL_PREFIX, *BROKER_DEATH_HEADERS))
     }
+    if celery and headers.get("retries"):
+        headers["retries"] = 0
     if marker is not None:
         headers[REPLAY_HEADER] = marker
     # reply_to dropped: the original caller's reply channel is long gone.

@@ -13,7 +13,8 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
     │   ├── DecodeError             not UTF-8 JSON object / missing or mistyped field
     │   ├── EncodeError             arguments that cannot be serialised
     │   ├── ContentTypeRefused      content type not in the accepted list (pickle by default)
-    │   └── MessageTooLarge         body over serialization.max_body_size
+    │   ├── MessageTooLarge         body over serialization.max_body_size
+    │   └── CeleryUnsupported       a Celery message amqptasks cannot run as sent (or ingest off)
     ├── RoutingError                no route for a task name
     ├── TopologyError               broker objects differ from the config (which, what, values)
     ├── BrokerError                 the broker could not be reached or talked to
@@ -43,6 +44,7 @@ __all__ = [
     "AmqpTasksError",
     "BrokerError",
     "BrokerRefused",
+    "CeleryUnsupported",
     "ConfigError",
     "ContentTypeRefused",
     "DecodeError",
@@ -151,6 +153,15 @@ class MessageTooLarge(ProtocolError):
     """The body is larger than ``serialization.max_body_size``; it is dead-lettered unread."""
 
     reason = "too-large"
+
+
+class CeleryUnsupported(ProtocolError):
+    """A Celery protocol v2 message that cannot be mapped as sent (a chord whose size only
+    Celery's result backend knows, an option amqptasks cannot honour, a compressed body), or
+    any Celery message while ``serialization.celery_ingest`` is off. Dead-lettered, never
+    dropped; the detail names what (docs/migration.md)."""
+
+    reason = "celery-unsupported"
 
 
 class RoutingError(AmqpTasksError):

@@ -33,12 +33,15 @@ __all__ = [
     "DL_PREFIX",
     "FAILURE",
     "PROTOCOL_VERSION",
+    "REPLY_FORMATS",
+    "REPLY_FORMAT_HEADER",
     "SIGNATURE_OPTIONS",
     "SUCCESS",
     "Envelope",
     "Properties",
     "Reply",
     "check_headers",
+    "check_links",
     "check_membership",
     "check_node",
     "check_priority",
@@ -53,6 +56,7 @@ __all__ = [
     "message_id_of",
     "new_id",
     "parse_time",
+    "reply_format_of",
 ]
 
 PROTOCOL_VERSION = 1
@@ -71,6 +75,13 @@ _DATETIME = re.compile(
     r"([01][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9])(?:\.([0-9]+))?"
     r"(Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?"
 )
+
+#: AMQP header asking for the reply in another format than schema/reply-v1.json: ``celery``
+#: (the format Celery's ``rpc://`` result backend reads; docs/migration.md). A worker writes it
+#: on the workflow steps it publishes for a Celery caller, so their replies reach the caller in
+#: the format its ``AsyncResult.get()`` reads.
+REPLY_FORMAT_HEADER = "x-amqptasks-reply-format"
+REPLY_FORMATS = frozenset({"amqptasks", "celery"})
 
 # Fields a later feature fills; accepted and type-checked now so producers can rely on them.
 _LINK_FIELDS = ("callbacks", "errbacks", "chain", "chord", "group_id")
@@ -177,6 +188,17 @@ class Envelope:
     reply_to: str | None = None
     priority: int | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+    #: Per-message time limits in seconds (None: the task's policy decides; a message's limit
+    #: wins, as in Celery). Only Celery's ``timelimit`` header sets them (celery_compat).
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    #: The format of the reply to ``reply_to``: ``amqptasks`` (schema/reply-v1.json) or
+    #: ``celery`` (what Celery's rpc result backend reads; docs/migration.md).
+    reply_format: str = "amqptasks"
+    #: A message decoded from Celery protocol v2: its protocol headers and ``embed`` as they
+    #: arrived, so a retry or delay copy is written back in Celery's format (celery_compat).
+    #: None for amqptasks messages.
+    celery: dict[str, Any] | None = None
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires is not None and now >= self.expires
@@ -313,18 +335,7 @@ def decode(
     for key in _LINK_FIELDS:
         if obj.get(key) is not None:
             links[key] = obj[key]
-    for key in ("callbacks", "errbacks", "chain"):
-        if key in links:
-            if not isinstance(links[key], list):
-                raise DecodeError(f"field {key!r} must be a JSON array")
-            for i, node in enumerate(links[key]):
-                check_node(node, f"{key}[{i}]")
-    if "chord" in links:
-        if not isinstance(links["chord"], dict):
-            raise DecodeError("field 'chord' must be a JSON object")
-        check_membership(links["chord"], "chord")
-    if "group_id" in links and (not isinstance(links["group_id"], str) or not links["group_id"]):
-        raise DecodeError("field 'group_id' must be a non-empty string")
+    check_links(links)
 
     priority = props.priority
     return Envelope(
@@ -342,7 +353,39 @@ def decode(
         reply_to=props.reply_to,
         priority=priority,
         headers=dict(props.headers) if props.headers else {},
+        reply_format=reply_format_of(props),
     )
+
+
+def reply_format_of(props: Properties) -> str:
+    """The reply format a message asks for (:data:`REPLY_FORMAT_HEADER`); an unknown value
+    is a :class:`DecodeError` (a reply nobody can read is worse than a refusal)."""
+    value = (props.headers or {}).get(REPLY_FORMAT_HEADER, "amqptasks")
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if value not in REPLY_FORMATS:
+        raise DecodeError(
+            f"header {REPLY_FORMAT_HEADER!r} must be one of {', '.join(sorted(REPLY_FORMATS))}, "
+            f"got {value!r}"
+        )
+    return str(value)
+
+
+def check_links(links: Mapping[str, Any]) -> None:
+    """The workflow fields of a body (``callbacks``, ``errbacks``, ``chain``, ``chord``,
+    ``group_id``), checked in full; a :class:`DecodeError` names the path of what is wrong."""
+    for key in ("callbacks", "errbacks", "chain"):
+        if key in links:
+            if not isinstance(links[key], list):
+                raise DecodeError(f"field {key!r} must be a JSON array")
+            for i, node in enumerate(links[key]):
+                check_node(node, f"{key}[{i}]")
+    if "chord" in links:
+        if not isinstance(links["chord"], dict):
+            raise DecodeError("field 'chord' must be a JSON object")
+        check_membership(links["chord"], "chord")
+    if "group_id" in links and (not isinstance(links["group_id"], str) or not links["group_id"]):
+        raise DecodeError("field 'group_id' must be a non-empty string")
 
 
 # -- workflow nodes (docs/protocol.md, "Workflows"; schema $defs/node) -------------------------
@@ -742,6 +785,7 @@ DEAD_LETTER_REASONS = frozenset(
         "time-limit",
         "worker-lost",
         "workflow-error",
+        "celery-unsupported",
     }
 )
 #: Header prefixes RabbitMQ adds when it dead-letters a message. A republished copy (a retry,

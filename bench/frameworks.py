@@ -486,11 +486,20 @@ def venv_python(name: str) -> Path:
     return STATE / f"venv-{name}" / "bin" / "python"
 
 
-def ensure_venv(name: str, requirement: str, module: str, log: Any, refresh: bool = False) -> str:
+def ensure_venv(
+    name: str,
+    requirement: str,
+    module: str,
+    log: Any,
+    refresh: bool = False,
+    *,
+    venv: Path | None = None,
+) -> str:
     """The peer's virtualenv under .amqptasks/bench/ (created with ``python3 -m venv`` and
     ``pip install REQUIREMENT`` — the latest release — unless it already imports ``module``
-    and ``refresh`` is false)."""
-    python = venv_python(name)
+    and ``refresh`` is false). ``venv`` puts it elsewhere (the Celery ingest tests keep theirs
+    in .amqptasks/venvs/)."""
+    python = venv / "bin" / "python" if venv is not None else venv_python(name)
     if python.exists() and not refresh:
         ok = subprocess.run(
             [str(python), "-c", f"import {module}"], capture_output=True, timeout=60
@@ -498,7 +507,7 @@ def ensure_venv(name: str, requirement: str, module: str, log: Any, refresh: boo
         if ok.returncode == 0:
             return str(python)
     venv = python.parents[1]
-    log(f"creating {venv.relative_to(ROOT)} and installing {requirement} (latest) ...")
+    log(f"creating {venv} and installing {requirement} (latest) ...")
     STATE.mkdir(parents=True, exist_ok=True)
     base = shutil.which("python3") or sys.executable
     steps = [

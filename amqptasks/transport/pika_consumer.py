@@ -28,6 +28,7 @@ import pika.exceptions
 from ..config import redact_url
 from ..errors import BrokerError, BrokerRefused, TopologyError
 from ..protocol import Properties
+from . import pika_fields  # noqa: F401  (float header values decoded as floats, not ints)
 from .refusal import refusal, refused
 
 __all__ = ["AckWindow", "PikaConsumer", "PikaDelivery"]

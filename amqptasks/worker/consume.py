@@ -22,9 +22,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from ..celery_compat import decode_any
 from ..config import Settings, redact_url
 from ..errors import BrokerError, BrokerRefused, TopologyError
-from ..protocol import Envelope, decode
+from ..protocol import Envelope
 from ..transport.aio import declare_topology
 from ..transport.pika_consumer import PikaConsumer
 from ..transport.pika_consumer import PikaDelivery as Delivery
@@ -232,7 +233,13 @@ class ConsumeLoop:
         env: Envelope | None = None
         if not self.stopping.is_set() and len(delivery.body) <= self.settings.max_body_size:
             try:
-                env = decode(delivery.body, delivery.properties, self.settings.accept)
+                env = decode_any(
+                    delivery.body,
+                    delivery.properties,
+                    self.settings.accept,
+                    celery_ingest=self.settings.celery_ingest,
+                    chords=self.settings.results.has_store,
+                )
             except Exception:
                 env = None  # the full pipeline decodes again and dead-letters with the reason
         if env is None or not self.fast.run(delivery, env):

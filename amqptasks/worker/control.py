@@ -262,7 +262,11 @@ async def conf(worker: Worker, arguments: Mapping[str, Any]) -> Any:
             "heartbeat_interval": s.events.heartbeat_interval,
         },
         "results": {"ignore_result": s.results.ignore_result},
-        "serialization": {"accept": sorted(s.accept), "max_body_size": s.max_body_size},
+        "serialization": {
+            "accept": sorted(s.accept),
+            "max_body_size": s.max_body_size,
+            "celery_ingest": s.celery_ingest,
+        },
         "timezone": s.timezone,
         "schedules": [sch.name for sch in s.schedules],
     }

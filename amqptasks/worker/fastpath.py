@@ -75,6 +75,8 @@ class FastPath:
             env.task not in self.tasks
             or env.expires is not None
             or (env.eta is not None or env.links)
+            or env.time_limit
+            or env.soft_time_limit
             or any(m.wants(env) for m in self.middleware)
             or not self.pipeline.slots.try_take()
         ):

@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from ..celery_compat import decode_any
 from ..config import Settings, TaskPolicy
 from ..errors import ProtocolError, TaskExpired
-from ..protocol import Envelope, decode
+from ..protocol import Envelope
 from ..tasks import Request, Task
 from ..topology import delay_seconds
 from ..transport.pika_consumer import PikaDelivery as Delivery
@@ -132,7 +133,14 @@ class Pipeline:
         now = datetime.now(timezone.utc)
         try:
             if env is None:
-                env = decode(delivery.body, delivery.properties, self.settings.accept, now=now)
+                env = decode_any(
+                    delivery.body,
+                    delivery.properties,
+                    self.settings.accept,
+                    now=now,
+                    celery_ingest=self.settings.celery_ingest,
+                    chords=self.settings.results.has_store,
+                )
         except ProtocolError as exc:
             await settler.dead_letter(delivery, exc.reason, str(exc))
             return
@@ -248,8 +256,10 @@ class Pipeline:
             env.args,
             env.kwargs,
             request,
-            soft=policy.soft_time_limit or 0.0,
-            hard=policy.time_limit or 0.0,
+            # A message's own limits (Celery's timelimit header) win over the task's, as in
+            # Celery.
+            soft=env.soft_time_limit or policy.soft_time_limit or 0.0,
+            hard=env.time_limit or policy.time_limit or 0.0,
             expires=env.expires,
         )
         runner = self.async_runner if task.is_async else self.runner

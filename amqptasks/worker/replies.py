@@ -9,12 +9,17 @@ for its timeout (the message itself is in the dead-letter queue).
 
 Tasks with ``ignore_result`` (or the config default) never reply. A reply whose caller is gone
 is unroutable: logged at debug level; the task's outcome stands.
+
+The body is the documented reply (schema/reply-v1.json), or, for a Celery caller (a Celery
+protocol v2 message, or a workflow step published for one), what Celery's ``rpc://`` backend
+reads (:func:`amqptasks.celery_compat.encode_celery_reply`; docs/migration.md).
 """
 
 from __future__ import annotations
 
 import logging
 
+from ..celery_compat import encode_celery_reply, is_celery
 from ..protocol import (
     CONTENT_TYPE_JSON,
     FAILURE,
@@ -23,6 +28,7 @@ from ..protocol import (
     Properties,
     Reply,
     encode_reply,
+    reply_format_of,
 )
 from .middleware import Context, Middleware, Outcome, Publish, Rejection
 
@@ -38,7 +44,21 @@ REJECTION_ERRORS = {
     "content-type-refused": "ContentTypeRefused",
     "decode-error": "DecodeError",
     "too-large": "MessageTooLarge",
+    "celery-unsupported": "CeleryUnsupported",
 }
+
+
+def _reply_format(rejection: Rejection) -> str:
+    """The reply format of a message that may not have decoded: its envelope's, else what its
+    properties say (a Celery message is recognised by its headers alone)."""
+    if rejection.envelope is not None:
+        return rejection.envelope.reply_format
+    if is_celery(rejection.properties):
+        return "celery"
+    try:
+        return reply_format_of(rejection.properties)
+    except Exception:  # the header itself is what failed to decode
+        return "amqptasks"
 
 
 class ReplyMiddleware(Middleware):
@@ -70,7 +90,9 @@ class ReplyMiddleware(Middleware):
                 error_message=str(exc),
                 traceback=outcome.traceback,
             )
-        await self._send(env.reply_to, env.correlation_id or env.id, reply)
+        await self._send(
+            env.reply_to, env.correlation_id or env.id, reply, env.reply_format, outcome.exc
+        )
 
     async def on_reject(self, rejection: Rejection) -> None:
         props = rejection.properties
@@ -85,23 +107,50 @@ class ReplyMiddleware(Middleware):
             error_message=f"{rejection.detail} (dead-lettered to {rejection.queue}.dlq)",
             reason=rejection.reason,
         )
-        await self._send(props.reply_to, props.correlation_id or rejection.id, reply)
+        await self._send(
+            props.reply_to, props.correlation_id or rejection.id, reply, _reply_format(rejection)
+        )
 
     async def reply_failure(
-        self, reply_to: str, task_id: str, error_type: str, message: str, reason: str
+        self,
+        reply_to: str,
+        task_id: str,
+        error_type: str,
+        message: str,
+        reason: str,
+        reply_format: str = "amqptasks",
     ) -> None:
         """A FAILURE reply for a result that will never come (a workflow step abandoned
         because an earlier one failed), so a caller waiting on it hears at once."""
         reply = Reply(
             task_id, FAILURE, "", error_type=error_type, error_message=message, reason=reason
         )
-        await self._send(reply_to, task_id, reply)
+        await self._send(reply_to, task_id, reply, reply_format)
 
-    async def _send(self, reply_to: str, correlation_id: str, reply: Reply) -> None:
+    async def _send(
+        self,
+        reply_to: str,
+        correlation_id: str,
+        reply: Reply,
+        reply_format: str = "amqptasks",
+        exc: BaseException | None = None,
+    ) -> None:
         props = Properties(
             content_type=CONTENT_TYPE_JSON, correlation_id=correlation_id, message_id=reply.id
         )
+        if reply_format == "celery":
+            # The exception as Celery sends it: its module (so a caller that has it loaded
+            # gets the same class) and its args; a failure reported by a child process or read
+            # from the store is known by name only.
+            local = exc is not None and getattr(exc, "exc_type", None) is None
+            body = encode_celery_reply(
+                reply,
+                exc_module=type(exc).__module__ if local else None,
+                exc_args=list(exc.args) if local and exc is not None else None,
+            )
+        else:
+            body = encode_reply(reply)
         try:
-            await self.publish("", reply_to, encode_reply(reply), props)
+            await self.publish("", reply_to, body, props)
         except Exception as exc:  # the caller may be gone; the task's outcome stands
             log.debug("reply for %s[%s] not delivered: %s", reply.task, reply.id, exc)

@@ -20,6 +20,7 @@ import logging
 from dataclasses import replace
 from datetime import datetime, timezone
 
+from ..celery_compat import encode_any, message_id_of
 from ..config import TaskPolicy
 from ..errors import TaskExpired, TimeLimitExceeded, WorkerLost
 from ..protocol import (
@@ -28,8 +29,6 @@ from ..protocol import (
     DL_PREFIX,
     Envelope,
     dead_letter_properties,
-    encode,
-    message_id_of,
     new_id,
 )
 from ..topology import DLX_EXCHANGE, delay_route, delay_seconds
@@ -143,7 +142,9 @@ class Settler:
             headers.setdefault(DL_PREFIX + "first-failed-at", failed_at.isoformat())
         headers.setdefault(DL_PREFIX + "original-exchange", delivery.exchange)
         headers.setdefault(DL_PREFIX + "original-routing-key", delivery.routing_key)
-        body, props = encode(replace(env, headers=headers))
+        # In the format it came in: a Celery message stays Celery's (its time limits and
+        # workflow travel with it; docs/migration.md).
+        body, props = encode_any(replace(env, headers=headers))
         exchange, key = delay_route(delivery.queue, delay) if delay >= 1 else ("", delivery.queue)
         try:
             await self.publish(exchange, key, body, props)

@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import canvas
 from ..app import App
-from ..protocol import Envelope
+from ..protocol import REPLY_FORMAT_HEADER, Envelope
 from ..results import FAILURE, ResultMeta, utcnow
 from .middleware import Publish
 from .storecalls import StoreRunner
@@ -32,8 +32,9 @@ __all__ = ["Workflow"]
 
 log = logging.getLogger("amqptasks.worker")
 
-#: Send a FAILURE reply for ``task_id`` to ``reply_to`` (the rpc backend's side of abandoning).
-ReplyFailure = Callable[[str, str, str, str, str], Awaitable[None]]
+#: Send a FAILURE reply for ``task_id`` to ``reply_to`` (the rpc backend's side of abandoning):
+#: (reply_to, task_id, error_type, message, reason, reply_format).
+ReplyFailure = Callable[[str, str, str, str, str, str], Awaitable[None]]
 
 
 class Workflow:
@@ -164,7 +165,9 @@ class Workflow:
             )
         if env.reply_to and self.reply_failure is not None:
             for i in ids:
-                await self.reply_failure(env.reply_to, i, error_type, detail, reason)
+                await self.reply_failure(
+                    env.reply_to, i, error_type, detail, reason, env.reply_format
+                )
 
     async def publish_plan(self, plan: canvas.Plan, parent: Envelope) -> None:
         """Register the plan's groups, then publish its messages (all confirmed)."""
@@ -175,6 +178,13 @@ class Workflow:
                 await self.store.call(self.store.store.save_group, group_id, ids)
         publishes: list[Awaitable[None]] = []
         for m in plan.messages:
+            options = m.options
+            if parent.reply_format != "amqptasks":  # a Celery caller: its steps reply alike
+                headers = {
+                    **(options.get("headers") or {}),
+                    REPLY_FORMAT_HEADER: parent.reply_format,
+                }
+                options = {**options, "headers": headers}
             prepared = self.app.prepare(
                 m.task,
                 m.args,
@@ -183,7 +193,7 @@ class Workflow:
                 links=m.links,
                 parent_id=parent.id,
                 root_id=parent.root_id or parent.id,
-                **m.options,
+                **options,
             )
             publishes.extend(
                 self.publish_raw(ex, key, prepared.body, prepared.props)

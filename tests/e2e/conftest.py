@@ -4,3 +4,4 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 
 from broker_fixtures import broker, broker_up, worker_factory  # noqa: F401
+from celery_fixtures import celery_call, celery_python  # noqa: F401
