@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .protocol import SIGNATURE_OPTIONS, check_membership, check_node, new_id
 
 if TYPE_CHECKING:
-    from .results import AsyncResult, GroupResult
+    from .results import AsyncResult, GroupResult  # noqa: F401 - used in quoted bases
 
 __all__ = [
     "BUILTIN_TASKS",
@@ -59,7 +59,30 @@ BUILTIN_TASKS = frozenset({MAP_TASK, STARMAP_TASK})
 _LINK_OPTIONS = ("link", "link_error", "chord", "group_id")
 
 
-class Signature:
+R = TypeVar("R")
+
+
+class _Applicable(Generic[R]):
+    """``delay()``/``apply_async()`` (and calling, for chains and groups) of a node: its app's
+    ``apply_workflow``, which returns the node's result handle."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        return self.apply_async(args, kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> R:
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> R:
+        node: Any = self
+        result: R = _app_of(node).apply_workflow(node, args, kwargs, **options)
+        return result
+
+
+class Signature(_Applicable["AsyncResult"]):
     """One task call, not yet made: task name, arguments, options, immutability.
 
     ``app`` (anything with ``apply_workflow``, i.e. an :class:`~amqptasks.App`) is needed only
@@ -146,15 +169,6 @@ class Signature:
         merged = self.clone(args, kwargs)
         return task(*merged.args, **merged.kwargs)
 
-    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
-        return self.apply_async(args, kwargs)
-
-    def apply_async(
-        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
-    ) -> AsyncResult:
-        result: AsyncResult = _app_of(self).apply_workflow(self, args, kwargs, **options)
-        return result
-
     # -- wire form --------------------------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
         """The JSON-safe node of docs/protocol.md ("Workflows")."""
@@ -190,7 +204,7 @@ class Signature:
     __hash__ = None  # type: ignore[assignment]  # mutable (options), like a dict
 
 
-class chain:
+class chain(_Applicable["AsyncResult"]):
     """Tasks run one after another, each getting the previous result prepended."""
 
     __slots__ = ("app", "tasks")
@@ -209,18 +223,6 @@ class chain:
     def __or__(self, other: Node) -> chain:
         return chain(*self.tasks, other, app=self.app)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> AsyncResult:
-        return self.apply_async(args, kwargs)
-
-    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
-        return self.apply_async(args, kwargs)
-
-    def apply_async(
-        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
-    ) -> AsyncResult:
-        result: AsyncResult = _app_of(self).apply_workflow(self, args, kwargs, **options)
-        return result
-
     def link_error(self, errback: Node) -> Node:
         """Run ``errback`` when any task of the chain fails for good (once: the chain stops)."""
         for t in self.tasks:
@@ -234,7 +236,7 @@ class chain:
         return " | ".join(map(repr, self.tasks))
 
 
-class group:
+class group(_Applicable["GroupResult"]):
     """Tasks run in parallel; the result is the list of their results, in order."""
 
     __slots__ = ("app", "id", "tasks")
@@ -247,18 +249,6 @@ class group:
 
     def __or__(self, other: Node) -> chain:
         return chain(self, other)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> GroupResult:
-        return self.apply_async(args, kwargs)
-
-    def delay(self, *args: Any, **kwargs: Any) -> GroupResult:
-        return self.apply_async(args, kwargs)
-
-    def apply_async(
-        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
-    ) -> GroupResult:
-        result: GroupResult = _app_of(self).apply_workflow(self, args, kwargs, **options)
-        return result
 
     def link_error(self, errback: Node) -> Node:
         for t in self.tasks:

@@ -388,7 +388,7 @@ class Worker:
         self._stopping.set()
         await self.consuming.cancel()
         self.fast.cancel_pending()
-        while self.pipeline.inflight or self.fast.pending:
+        while self.pipeline.inflight or self.fast.pending or self.fast.finishing:
             if self.pipeline.inflight:
                 await asyncio.wait(set(self.pipeline.inflight), timeout=0.1)
             else:

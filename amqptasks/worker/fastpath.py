@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 from ..config import TaskPolicy
@@ -64,6 +65,12 @@ class FastPath:
             and not policies[name].time_limit
             and not policies[name].soft_time_limit
         }
+        #: Middleware with a fast_success hook (e.g. the result store), asked after a success.
+        self.finishers = [
+            m for m in middleware if type(m).fast_success is not Middleware.fast_success
+        ]
+        #: Successes whose finishers (a store write) are still running: acked when they end.
+        self.finishing: set[asyncio.Future[Any]] = set()
         #: Calls in the thread pool -> what settling them needs (loop thread only).
         self.pending: dict[concurrent.futures.Future[Any], _FastCall] = {}
         self._finished: Handoff[concurrent.futures.Future[Any]] = Handoff()
@@ -73,6 +80,7 @@ class FastPath:
         """Run ``env`` here if it qualifies; False sends it down the full pipeline."""
         if (
             env.task not in self.tasks
+            or delivery.redelivered  # may have run before: the pipeline asks the store first
             or env.expires is not None
             or (env.eta is not None or env.links)
             or env.time_limit
@@ -153,7 +161,29 @@ class FastPath:
         runtime = time.perf_counter() - start
         log_success(env, runtime, result)
         self.pipeline.observer.succeeded(env, delivery.queue, runtime, result)
-        delivery.ack_now()
+        waits = [w for m in self.finishers if (w := m.fast_success(env, result)) is not None]
+        if not waits:
+            delivery.ack_now()
+            return
+        done = asyncio.ensure_future(waits[0]) if len(waits) == 1 else asyncio.gather(*waits)
+        self.finishing.add(done)
+        done.add_done_callback(partial(self._finished_after, delivery, env))
+
+    def _finished_after(self, delivery: Delivery, env: Envelope, done: asyncio.Future[Any]) -> None:
+        """A success whose finishers ended: ack it, or — a result that could not be kept —
+        give it back to its queue (it runs again; at-least-once, nothing lost)."""
+        self.finishing.discard(done)
+        exc = None if done.cancelled() else done.exception()
+        if not done.cancelled() and exc is None:
+            delivery.ack_now()
+            return
+        log.error(
+            "the result of %s[%s] could not be stored (%s); it goes back to its queue",
+            env.task,
+            env.id,
+            exc or "cancelled",
+        )
+        self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
 
     def _failed(
         self,

@@ -117,6 +117,13 @@ class Middleware:
     async def on_reject(self, rejection: Rejection) -> None:
         """Called when a message was dead-lettered without running, before its ack."""
 
+    def fast_success(self, envelope: Envelope, result: Any) -> Awaitable[None] | None:
+        """The fast path's ``after_run`` for a success (a message no middleware ``wants``):
+        called on the loop, synchronously; an awaitable returned must complete before the
+        delivery is acked (e.g. the result being stored). Failures always go through the full
+        ``after_run`` hooks."""
+        return None
+
 
 async def run_should_run(middleware: list[Middleware], ctx: Context) -> bool:
     """False as soon as one middleware says so; a hook that raises counts as True (a broken

@@ -19,7 +19,7 @@ run again when its SUCCESS is stored).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from ..config import TaskPolicy
@@ -73,7 +73,24 @@ class ResultsMiddleware(Middleware):
         return not (self.default_ignore if ignore is None else ignore)
 
     def wants(self, envelope: Envelope) -> bool:
-        return self._keeps(envelope.task)
+        """The full pipeline only where the store must be asked first (a workflow step, a
+        replayed copy; the fast path leaves redeliveries to the pipeline anyway) or a STARTED
+        state is to be written; a plain success is stored by :meth:`fast_success`."""
+        return (
+            envelope.parent_id is not None
+            or REPLAY_HEADER in envelope.headers
+            or self._tracks_started(envelope.task)
+        )
+
+    def fast_success(self, envelope: Envelope, result: Any) -> Awaitable[None] | None:
+        if not self._keeps(envelope.task):
+            return None
+        return self.store.save(self._success(envelope, result))
+
+    def _tracks_started(self, task: str) -> bool:
+        policy = self.policies.get(task)
+        track = policy.track_started if policy is not None else None
+        return self.default_track_started if track is None else bool(track)
 
     async def should_run(self, ctx: Context) -> bool:
         env = ctx.envelope
@@ -103,11 +120,7 @@ class ResultsMiddleware(Middleware):
         return False  # REVOKED (no preset): acked, nothing more
 
     async def before_run(self, ctx: Context) -> None:
-        policy = self.policies.get(ctx.envelope.task)
-        track = policy.track_started if policy is not None else None
-        if (self.default_track_started if track is None else track) and self._keeps(
-            ctx.envelope.task
-        ):
+        if self._tracks_started(ctx.envelope.task) and self._keeps(ctx.envelope.task):
             # Not awaited: the run need not wait for it; the store thread writes in order and
             # a READY record is never replaced by this one anyway.
             self.store.save(self._meta(ctx.envelope, STARTED))
