@@ -41,7 +41,8 @@ def app_for(config: Path) -> App:
 
 
 def test_worker_time_limits_apply_to_tasks_without_their_own(tmp_path, broker, worker_factory):
-    cfg = write_config(tmp_path, broker, tasks={"testtasks.record": {"time_limit": 30}})
+    own = {"time_limit": 30, "soft_time_limit": 20}
+    cfg = write_config(tmp_path, broker, tasks={"testtasks.record": own})
     ledger = tmp_path / "ledger"
     worker_factory(
         cfg, "-Q", "default", "--soft-time-limit", "0.5", "--time-limit", "2", ledger=ledger
@@ -50,7 +51,7 @@ def test_worker_time_limits_apply_to_tasks_without_their_own(tmp_path, broker, w
     try:
         # testtasks.busy sets no limit: the worker's soft limit interrupts it.
         assert app.send_task("testtasks.busy", ("s", 10)).get(timeout=20) == "cleaned up"
-        # testtasks.record has its own time_limit (30 s, config): the worker's 2 s is not its.
+        # testtasks.record has its own limits (config): the worker's are not its.
         assert app.send_task("testtasks.record", ("own", 3.0)).get(timeout=20) == "own"
         # testtasks.gated has none: the worker's hard limit ends the wait for it.
         gated = app.send_task("testtasks.gated", ("h", str(tmp_path / "never"), 8.0))
@@ -115,6 +116,14 @@ def test_purge_asks_says_how_many_and_removes_only_ready_messages(tmp_path, brok
 
 def test_purge_confirmed_on_stdin_then_the_worker_runs(tmp_path, broker):
     cfg = write_config(tmp_path, broker)
+    apply = subprocess.run(
+        [amqptasks_exe(), "topology", "apply", "--config", str(cfg)],
+        cwd=ROOT,
+        env=cli_env(cfg),
+        capture_output=True,
+        timeout=60,
+    )
+    assert apply.returncode == 0
     app = app_for(cfg)
     try:
         app.send_task("testtasks.record", ("old",), queue="default", ignore_result=True)
