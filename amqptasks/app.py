@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, overload
 
-from . import canvas
+from . import canvas, tracing
 from .canvas import Signature
 from .config import Settings, load_config, redact_url
 from .control import Control
@@ -455,6 +455,8 @@ class App(Sender):
             parent_id=parent_id,
             root_id=root_id,
         )
+        if self.settings.tracing.enabled:  # the caller's trace travels with the message
+            tracing.inject(envelope.headers, self.settings.source)
         delay = delay_seconds((eta - now).total_seconds()) if eta is not None else 0
         destinations = self.settings.topology.destinations(route.exchange, route.routing_key, delay)
         for _exchange, key in destinations:  # a delayed route's key carries the queue name

@@ -34,6 +34,7 @@ __all__ = [
     "ResultSettings",
     "Settings",
     "TaskPolicy",
+    "TracingSettings",
     "WorkerSettings",
     "load_config",
     "redact_url",
@@ -222,6 +223,15 @@ class EventSettings:
     heartbeat_interval: float = 2.0
 
 
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """OpenTelemetry trace propagation (``amqptasks[otel]``; amqptasks/tracing.py)."""
+
+    #: Callers put the current trace context in each message's headers (``traceparent``);
+    #: workers continue it with a span around each task.
+    enabled: bool = False
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole validated configuration. Build with :func:`load_config` or :meth:`from_mapping`."""
@@ -235,6 +245,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     results: ResultSettings = field(default_factory=ResultSettings)
     events: EventSettings = field(default_factory=EventSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     accept: frozenset[str] = frozenset({CONTENT_TYPE_JSON})
     #: Bodies larger than this are dead-lettered unread (reason ``too-large``).
     max_body_size: int = 10 * 1024 * 1024
@@ -435,6 +446,7 @@ class _Parser:
                 "worker",
                 "results",
                 "events",
+                "tracing",
                 "tasks",
                 "timezone",
                 "schedules",
@@ -468,6 +480,7 @@ class _Parser:
             worker=self.worker(top.get("worker", {})),
             results=self.results(top.get("results", {}), env),
             events=self.events(top.get("events", {})),
+            tracing=self.tracing(top.get("tracing", {})),
             accept=accept,
             max_body_size=max_body_size,
             celery_ingest=celery_ingest,
@@ -719,6 +732,14 @@ class _Parser:
                 section.get("send_sent", False), "events.send_sent", bool, "true or false"
             ),
             heartbeat_interval=self.positive(section, "events", "heartbeat_interval", 2.0, float),
+        )
+
+    def tracing(self, value: Any) -> TracingSettings:
+        section = self.mapping(value, "tracing", ("enabled",))
+        return TracingSettings(
+            enabled=self.typed(
+                section.get("enabled", False), "tracing.enabled", bool, "true or false"
+            )
         )
 
     def serialization(self, value: Any) -> tuple[frozenset[str], int, bool]:

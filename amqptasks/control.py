@@ -54,13 +54,15 @@ _PREFIX = "control."
 @dataclass(frozen=True, slots=True)
 class CommandSpec:
     """One command: its name, its group (``inspect`` reads, ``control`` acts) and its
-    positional parameters (the last one takes one or more values when ``variadic``)."""
+    positional parameters (the last one takes one or more values when ``variadic``; those
+    named in ``integers`` are whole numbers of at least 1, strings otherwise)."""
 
     name: str
     group: str
     summary: str
     params: tuple[str, ...] = ()
     variadic: bool = False
+    integers: tuple[str, ...] = ()
 
 
 COMMANDS: dict[str, CommandSpec] = {
@@ -78,6 +80,21 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("shutdown", "control", "warm shutdown (running tasks finish, the rest return)"),
         CommandSpec("add-consumer", "control", "start consuming a declared queue", ("queue",)),
         CommandSpec("cancel-consumer", "control", "stop consuming a queue", ("queue",)),
+        CommandSpec("pool-grow", "control", "run N more tasks at once", ("n",), integers=("n",)),
+        CommandSpec(
+            "pool-shrink",
+            "control",
+            "run N fewer tasks at once (running tasks finish first)",
+            ("n",),
+            integers=("n",),
+        ),
+        CommandSpec(
+            "autoscale",
+            "control",
+            "grow the pool with the backlog up to MAX, shrink it when idle down to MIN",
+            ("max", "min"),
+            integers=("max", "min"),
+        ),
     )
 }
 
@@ -106,10 +123,25 @@ def check_arguments(
                 wanted = " ".join(p.upper() for p in spec.params) or "no arguments"
                 raise ValueError(f"{name}: expected {wanted}, got {len(values)} value(s)")
             arguments = dict(zip(spec.params, values, strict=True))
+        for key in spec.integers:  # the CLI's strings: whole numbers, or said to be wrong
+            text = arguments[key]
+            try:
+                arguments[key] = int(text)
+            except ValueError:
+                raise ValueError(
+                    f"{name}: {key.upper()} must be a whole number, got {text!r}"
+                ) from None
     out: dict[str, Any] = {}
     for key, value in arguments.items():
         if key not in spec.params:
             raise ValueError(f"{name}: unknown argument {key!r}")
+        if key in spec.integers:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"{name}: argument {key!r} must be a whole number of at least 1, got {value!r}"
+                )
+            out[key] = value
+            continue
         last = spec.variadic and key == spec.params[-1]
         ok = (
             isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
@@ -376,4 +408,33 @@ class Control:
     ) -> dict[str, ControlReply]:
         return self.broadcast(
             "cancel-consumer", {"queue": queue}, timeout=timeout, destination=destination
+        )
+
+    def pool_grow(
+        self, n: int = 1, *, timeout: float = 1.0, destination: Sequence[str] | None = None
+    ) -> dict[str, ControlReply]:
+        """Each chosen worker runs ``n`` more tasks at once (prefetch follows)."""
+        return self.broadcast("pool-grow", {"n": n}, timeout=timeout, destination=destination)
+
+    def pool_shrink(
+        self, n: int = 1, *, timeout: float = 1.0, destination: Sequence[str] | None = None
+    ) -> dict[str, ControlReply]:
+        """Each chosen worker runs ``n`` fewer tasks at once; running tasks finish."""
+        return self.broadcast("pool-shrink", {"n": n}, timeout=timeout, destination=destination)
+
+    def autoscale(
+        self,
+        maximum: int,
+        minimum: int,
+        *,
+        timeout: float = 1.0,
+        destination: Sequence[str] | None = None,
+    ) -> dict[str, ControlReply]:
+        """Each chosen worker keeps its pool between ``minimum`` and ``maximum``, growing
+        with the backlog and shrinking when idle."""
+        return self.broadcast(
+            "autoscale",
+            {"max": maximum, "min": minimum},
+            timeout=timeout,
+            destination=destination,
         )

@@ -188,6 +188,7 @@ class AmqpTasks(Framework):
         *,
         quick: bool = True,
         events: bool = False,
+        metrics: bool = False,
     ) -> WorkerSpec:
         argvs = [
             [
@@ -206,10 +207,15 @@ class AmqpTasks(Framework):
                 "-n",
                 f"bench{i}@localhost",
                 "--events" if events else "--no-events",
+                *(["--metrics-port", "0"] if metrics else []),
             ]
             for i in range(processes)
         ]
-        label = f"{pool} pool, -c {c}, prefetch {c * mult}" + (", events on" if events else "")
+        label = (
+            f"{pool} pool, -c {c}, prefetch {c * mult}"
+            + (", events on" if events else "")
+            + (", metrics on" if metrics else "")
+        )
         if processes > 1:
             label = f"{processes} × ({label})"
         return WorkerSpec(
@@ -231,6 +237,10 @@ class AmqpTasks(Framework):
             # configurations with --events (no listener bound: the worker's own cost).
             self._spec(processes, "asyncio", 8, 32, events=True),
             self._spec(processes, "threads", 8, 32, events=True),
+            # What --metrics-port costs (docs/metrics.md): the runtime histogram and the
+            # dead-letter counts on the delivery path; the rest is read at scrape time.
+            self._spec(processes, "asyncio", 8, 32, metrics=True),
+            self._spec(processes, "threads", 8, 32, metrics=True),
         ]
 
     def latency_specs(self) -> list[WorkerSpec]:

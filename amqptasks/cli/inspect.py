@@ -68,7 +68,8 @@ def _show_stats(replies: dict[str, ControlReply]) -> None:
         s = r.result
         click.echo(
             f"{name}: pid {s['pid']}, up {s['uptime']:.0f}s, pool {s['pool']} "
-            f"concurrency {s['concurrency']} prefetch {s['prefetch']}, queues "
+            f"concurrency {s['concurrency']} prefetch {s['prefetch']}"
+            f"{_autoscale_text(s.get('autoscale'))}, queues "
             f"{', '.join(s['queues']) or '-'}, processed {s['processed']}, running "
             f"{s['running']}, reserved {s['reserved']}, reconnects {s['reconnects']}, "
             f"events {'on' if s['events']['enabled'] else 'off'} (published "
@@ -82,6 +83,10 @@ def _show_stats(replies: dict[str, ControlReply]) -> None:
         ]
         if rows:
             print_table(("  task", *_OUTCOMES), rows)
+
+
+def _autoscale_text(scale: dict[str, int] | None) -> str:
+    return f" (autoscale {scale['min']}..{scale['max']})" if scale else ""
 
 
 _OUTCOMES = ("succeeded", "failed", "retried", "rejected", "expired", "revoked")
@@ -115,11 +120,20 @@ def _show_query(replies: dict[str, ControlReply]) -> None:
     print_table(("worker", "id", "state"), rows)
 
 
+def _pool_text(result: dict[str, Any]) -> str:
+    """``pool 6, prefetch 24 per consumer, autoscale 1..6`` (pool-grow/-shrink, autoscale)."""
+    scale = result.get("autoscale")
+    bounds = f", autoscale {scale['min']}..{scale['max']}" if scale else ""
+    return f"pool {result['concurrency']}, prefetch {result['prefetch']} per consumer{bounds}"
+
+
 def _show_plain(replies: dict[str, ControlReply]) -> None:
     for name, r in replies.items():
         result = r.result
         if isinstance(result, dict) and "queues" in result:
             click.echo(f"{name}: consuming {', '.join(result['queues']) or 'nothing'}")
+        elif isinstance(result, dict) and "concurrency" in result:
+            click.echo(f"{name}: {_pool_text(result)}")
         elif isinstance(result, dict) and result.get("shutdown"):
             click.echo(f"{name}: warm shutdown started ({result['running']} task(s) running)")
         else:

@@ -6,6 +6,12 @@ option wins. What a person reads as a console line (the worker's banner, ``ready
 ``error: ...``) goes through :func:`echo`, so with ``--log-format json`` every line on stderr
 is one JSON object.
 
+``amqptasks worker -f/--logfile PATH`` (:func:`log_to_file`) sends all of it — banner too — to
+a file instead, in the same format; ``error:`` lines are also shown on stderr, so a worker
+that cannot start says why where it was started. The file is opened for appending and
+never rotated here: use logrotate's ``copytruncate`` (appends continue at the new end), or
+run under systemd and let its journal keep stderr.
+
 Client libraries (pika, aiormq, aio-pika, asyncio) log at WARNING unless ``-l debug``, and then
 one line per event (:class:`ClientNoise`): their tracebacks for a lost connection used to fill
 the screen, and what they say is either reported by amqptasks itself in its own words or
@@ -34,6 +40,7 @@ __all__ = [
     "JsonFormatter",
     "echo",
     "log_options",
+    "log_to_file",
     "setup",
 ]
 
@@ -145,21 +152,30 @@ class JsonFormatter(logging.Formatter):
 
 class _State:
     format = "text"
+    level = "INFO"
     handler: logging.Handler | None = None
+    #: The log file's handler (``-f/--logfile``), when logs go to a file.
+    logfile: logging.FileHandler | None = None
 
 
 _state = _State()
 
 
-def setup(level: str = "INFO", fmt: str = "text") -> None:
-    """(Re)configure logging for this process: one stderr handler in ``fmt``, the root logger
-    at ``level``, client libraries at WARNING (one line per event) unless ``level`` is DEBUG.
-    Called again by a command with its own options, it replaces the previous setup."""
+def setup(level: str = "INFO", fmt: str = "text", logfile: str | None = None) -> None:
+    """(Re)configure logging for this process: one stderr handler (or ``logfile``'s) in
+    ``fmt``, the root logger at ``level``, client libraries at WARNING (one line per event)
+    unless ``level`` is DEBUG. Called again by a command with its own options, it replaces
+    the previous setup. Raises ``OSError`` when ``logfile`` cannot be opened."""
     level = level.upper()
     root = logging.getLogger()
     if _state.handler is not None:
         root.removeHandler(_state.handler)
-    handler = logging.StreamHandler(sys.stderr)
+    if _state.logfile is not None:
+        _state.logfile.close()
+        _state.logfile = None
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if logfile is not None:
+        handler = _state.logfile = logging.FileHandler(logfile, mode="a", encoding="utf-8")
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     debug = level == "DEBUG"
     if not debug:
@@ -169,7 +185,13 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     for name in CLIENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     logging.captureWarnings(True)
-    _state.format, _state.handler = fmt, handler
+    _state.format, _state.level, _state.handler = fmt, level, handler
+
+
+def log_to_file(path: str) -> None:
+    """From now on write every log line and console line to ``path`` (appending), with the
+    current level and format. Raises ``OSError`` when it cannot be opened."""
+    setup(_state.level, _state.format, logfile=path)
 
 
 def echo(text: str, *, level: int = logging.INFO) -> None:
@@ -179,8 +201,19 @@ def echo(text: str, *, level: int = logging.INFO) -> None:
     if _state.format == "json" and _state.handler is not None:
         record = logging.LogRecord("amqptasks.cli", level, __file__, 0, text, None, None)
         _state.handler.handle(record)
+    elif _state.logfile is not None:
+        _state.logfile.acquire()
+        try:
+            stream = _state.logfile.stream
+            if stream is not None:
+                stream.write(text + "\n")
+                stream.flush()
+        finally:
+            _state.logfile.release()
     else:
         click.echo(text, err=True)
+    if _state.logfile is not None and level >= logging.ERROR:
+        click.echo(text, err=True)  # also where the worker was started: why it stopped
 
 
 def debug_traceback(exc: BaseException) -> None:

@@ -3,6 +3,7 @@
 * :class:`AsyncPublisher` — awaitable confirmed, mandatory publishes (and a direct reply-to
   consumer on the same channel when results are wanted).
 * :class:`DeadLetterSession` — browse and move dead letters (``amqptasks dlq``).
+* :func:`purge_queues` — ``amqptasks worker --purge``: count, then purge, work queues.
 
 The worker's consuming connection lives in :mod:`.pika_consumer` (profiles showed aio-pika's
 per-delivery tasks were the cost on the hot path).
@@ -47,6 +48,7 @@ __all__ = [
     "DeadLetterSession",
     "Delivery",
     "declare_topology",
+    "purge_queues",
 ]
 
 log = logging.getLogger("amqptasks.transport")
@@ -442,3 +444,31 @@ class DeadLetterSession:
         if self._conn is not None and not self._conn.is_closed:
             await self._conn.close()  # whatever was fetched but not acked goes back
         self._conn = self._channel = self._queue = None
+
+
+async def purge_queues(
+    url: str, names: list[str], *, count_only: bool = False, timeout: float = 10.0
+) -> dict[str, int]:
+    """Ready messages of each queue in ``names``, removed unless ``count_only``:
+    ``{queue: how many}`` (messages delivered to a consumer and not acked yet are not ready,
+    so a purge leaves them). A missing queue raises :class:`BrokerError` naming it."""
+    conn = await _connect(url, "amqptasks purge", timeout)
+    try:
+        out: dict[str, int] = {}
+        for name in names:
+            channel = await conn.channel()
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise BrokerError(f"queue {name!r} does not exist") from exc
+            except aiormq.exceptions.AMQPError as exc:
+                _refused_channel(url, exc, f"access to queue {name!r}")
+                raise BrokerError(f"queue {name!r}: {exc}") from exc
+            if count_only:
+                out[name] = int(queue.declaration_result.message_count or 0)
+            else:
+                out[name] = int((await queue.purge()).message_count or 0)
+            await channel.close()
+        return out
+    finally:
+        await conn.close()

@@ -9,6 +9,13 @@ Acks after the outcome, batched safely (:class:`AckWindow`): a ``basic.ack multi
 to tag T is sent only when every delivery with a tag ≤ T is settled — so a delivery still
 running (or waiting for its dead-letter copy to be confirmed) is never acked by a neighbour.
 The window is flushed once per event-loop turn, after all frames read in that turn.
+
+A new prefetch (:meth:`PikaConsumer.set_prefetch`: the pool grew or shrank) needs new
+consumers: RabbitMQ applies a per-consumer ``basic.qos`` (``global=false``) only to consumers
+created after it, and a channel-wide (``global=true``) limit is refused by quorum queues. So
+each queue's consumer is cancelled and started again under the new limit — at once when the
+limit grows; when it shrinks, once the old consumer's deliveries still waiting for a slot are
+gone, so a shrunk worker never holds more than its new prefetch waiting.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from ..protocol import Properties
 from . import pika_fields  # noqa: F401  (float header values decoded as floats, not ints)
 from .refusal import refusal, refused
 
-__all__ = ["AckWindow", "PikaConsumer", "PikaDelivery"]
+__all__ = ["AckWindow", "Feed", "PikaConsumer", "PikaDelivery"]
 
 log = logging.getLogger("amqptasks.transport")
 
@@ -85,11 +92,30 @@ class AckWindow:
         return target if target > self.last_acked else 0
 
 
+class Feed:
+    """One consumer of one queue, and how many of its deliveries are not settled yet."""
+
+    __slots__ = ("held", "on_settled", "queue", "tag")
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.tag = ""
+        self.held = 0
+        #: Called after each settle while a replacement consumer waits for this one to drain.
+        self.on_settled: Callable[[], None] | None = None
+
+    def settled(self) -> None:
+        self.held -= 1
+        if self.on_settled is not None:
+            self.on_settled()
+
+
 class PikaDelivery:
     """A received message with its tag: the worker's client-independent view."""
 
     __slots__ = (
         "_consumer",
+        "_feed",
         "body",
         "exchange",
         "properties",
@@ -100,10 +126,11 @@ class PikaDelivery:
     )
 
     def __init__(
-        self, consumer: PikaConsumer, queue: str, method: Any, props: Any, body: bytes
+        self, consumer: PikaConsumer, feed: Feed, method: Any, props: Any, body: bytes
     ) -> None:
         self._consumer = consumer
-        self.queue = queue
+        self._feed = feed
+        self.queue = feed.queue
         self.body = body
         self.tag: int = method.delivery_tag
         self.exchange: str = method.exchange or ""
@@ -131,6 +158,7 @@ class PikaDelivery:
     def ack_now(self) -> None:
         """Settle as done: acked with the next flush (batched, in tag order)."""
         self._consumer.settle(self.tag, acked=True)
+        self._feed.settled()
 
     async def ack(self) -> None:
         self.ack_now()
@@ -138,10 +166,12 @@ class PikaDelivery:
     async def reject(self) -> None:
         """Reject without requeue: the queue's dead-letter exchange takes it."""
         self._consumer.reject(self.tag, requeue=False)
+        self._feed.settled()
 
     async def requeue(self) -> None:
         """Give the message back to the queue (prefetched work not started at shutdown)."""
         self._consumer.reject(self.tag, requeue=True)
+        self._feed.settled()
 
 
 DeliveryCallback = Callable[[PikaDelivery], None]
@@ -166,8 +196,12 @@ class PikaConsumer:
         self.heartbeat = heartbeat
         self._conn: Any = None
         self._channel: Any = None
-        #: Consumer tag of each consumed work queue.
-        self._tags: dict[str, str] = {}
+        #: The consumer of each consumed work queue (absent while a replacement waits).
+        self._feeds: dict[str, Feed] = {}
+        #: What each consumed work queue's deliveries are handed to.
+        self._handlers: dict[str, DeliveryCallback] = {}
+        #: Cancelled consumers whose deliveries are not all settled yet, per queue.
+        self._draining: dict[str, list[Feed]] = {}
         self._window = AckWindow()
         self._flush_scheduled = False
         self._close_callbacks: list[Callable[[BaseException | None], None]] = []
@@ -289,24 +323,82 @@ class PikaConsumer:
                     f"the broker refused to let us consume {queue!r}: {denied}", denied
                 ) from None
             raise
+        self._handlers[queue] = handler
+        self._start(queue)
+
+    def _start(self, queue: str) -> None:
+        """A consumer of ``queue`` under the channel's current per-consumer prefetch."""
         window = self._window
+        handler = self._handlers[queue]
+        feed = Feed(queue)
 
         def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
             window.delivered(method.delivery_tag)
-            handler(PikaDelivery(self, queue, method, props, body))
+            feed.held += 1
+            handler(PikaDelivery(self, feed, method, props, body))
 
-        tag = self._channel.basic_consume(queue, on_message, auto_ack=False)
-        self._tags[queue] = tag
+        feed.tag = self._channel.basic_consume(queue, on_message, auto_ack=False)
+        self._feeds[queue] = feed
 
     async def cancel_queue(self, queue: str) -> bool:
         """Stop consuming ``queue`` (deliveries already here stay ours to settle); False when
         it was not consumed."""
-        tag = self._tags.pop(queue, None)
+        self._handlers.pop(queue, None)
+        feed = self._feeds.pop(queue, None)
         channel = self._channel
-        if tag is None or channel is None or not channel.is_open:
+        if feed is None or channel is None or not channel.is_open:
             return False
-        await self._rpc(partial(_cancel, channel, tag))
+        await self._rpc(partial(_cancel, channel, feed.tag))
         return True
+
+    async def set_prefetch(self, prefetch: int, *, running: int) -> None:
+        """Apply a new per-consumer prefetch to every consumed queue (see the module
+        docstring). ``running``: how many deliveries may run at once now; a shrink starts a
+        queue's new consumer once its old ones hold no more than that."""
+        if prefetch == self.prefetch:
+            return
+        growing = prefetch > self.prefetch
+        self.prefetch = prefetch
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return  # the next connection starts with the new prefetch
+        await self._rpc(
+            lambda cb: channel.basic_qos(prefetch_count=prefetch, global_qos=False, callback=cb)
+        )
+        for queue in list(self._handlers):
+            feed = self._feeds.pop(queue, None)
+            if feed is not None:
+                self._draining.setdefault(queue, []).append(feed)
+                await self._rpc(partial(_cancel, channel, feed.tag))
+            self._restart_when_drained(queue, None if growing else running)
+
+    def _restart_when_drained(self, queue: str, running: int | None) -> None:
+        """Start ``queue``'s consumer again now (``running`` None: the limit grew), or after
+        the settle that leaves its old consumers holding at most ``running`` deliveries."""
+        old = self._draining.get(queue, [])
+
+        def check() -> None:
+            live = [f for f in old if f.held > 0]
+            old[:] = live
+            if queue not in self._handlers or queue in self._feeds or self.is_closed:
+                pass  # no longer consumed, already restarted, or the connection is gone
+            elif running is not None and sum(f.held for f in live) > running:
+                return
+            elif self._channel is not None and self._channel.is_open:
+                self._start(queue)
+            for f in old:
+                f.on_settled = None
+            if not old:
+                self._draining.pop(queue, None)
+
+        for f in old:
+            f.on_settled = check
+        check()
+
+    @property
+    def held(self) -> int:
+        """Deliveries received and not settled yet (every queue): prefetch in use."""
+        return len(self._window.pending)
 
     async def declare_exchange(self, name: str, kind: str) -> None:
         """Declare a durable exchange (idempotent): the worker's own event and control
@@ -389,7 +481,8 @@ class PikaConsumer:
     # -- stopping ------------------------------------------------------------------------------
     async def cancel(self) -> None:
         """Stop new deliveries; already delivered ones stay ours to settle."""
-        tags, self._tags = list(self._tags.values()), {}
+        tags = [f.tag for f in self._feeds.values()]
+        self._feeds, self._handlers = {}, {}
         channel = self._channel
         for tag in tags:
             if channel is None or not channel.is_open:

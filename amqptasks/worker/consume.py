@@ -218,6 +218,19 @@ class ConsumeLoop:
         if self.consumer is not None and not self.consumer.is_closed:
             await self.consumer.cancel_queue(queue)
 
+    @property
+    def held(self) -> int:
+        """Deliveries received on the current connection and not settled yet."""
+        consumer = self.consumer
+        return 0 if consumer is None or consumer.is_closed else consumer.held
+
+    async def set_prefetch(self, prefetch: int, *, running: int) -> None:
+        """Use a new per-consumer prefetch from now on (and after every reconnect); see
+        :meth:`PikaConsumer.set_prefetch` for how the live consumers follow."""
+        self.prefetch = prefetch
+        if self.consumer is not None and not self.consumer.is_closed:
+            await self.consumer.set_prefetch(prefetch, running=running)
+
     async def cancel(self) -> None:
         if self.consumer is not None:
             await self.consumer.cancel()

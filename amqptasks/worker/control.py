@@ -189,8 +189,10 @@ async def stats(worker: Worker, arguments: Mapping[str, Any]) -> Any:
         "uptime": round(time.time() - s.started, 3),
         "started": rfc3339(s.started),
         "pool": worker.options.pool,
-        "concurrency": worker.options.concurrency,
-        "prefetch": worker.options.prefetch,
+        "concurrency": worker.pool.size,
+        "prefetch": worker.pool.prefetch,
+        "prefetch_in_use": worker.consuming.held,
+        "autoscale": _autoscale(worker),
         "queues": list(worker.consuming.queues),
         "processed": s.processed,
         "running": len(worker.tracker.active),
@@ -318,3 +320,44 @@ async def cancel_consumer(worker: Worker, arguments: Mapping[str, Any]) -> Any:
         raise CommandError("NotConsuming", f"{worker.hostname} does not consume {queue!r}")
     await worker.consuming.cancel_queue(queue)
     return {"queues": list(worker.consuming.queues)}
+
+
+# -- the pool's size ---------------------------------------------------------------------------
+def _autoscale(worker: Worker) -> dict[str, int] | None:
+    scaler = worker.pool.autoscaler
+    return None if scaler is None else {"max": scaler.maximum, "min": scaler.minimum}
+
+
+def _pool(worker: Worker) -> dict[str, Any]:
+    return {
+        "concurrency": worker.pool.size,
+        "prefetch": worker.pool.prefetch,
+        "autoscale": _autoscale(worker),
+    }
+
+
+@handler("pool-grow")
+async def pool_grow(worker: Worker, arguments: Mapping[str, Any]) -> Any:
+    try:
+        await worker.pool.grow(arguments["n"])
+    except ValueError as exc:
+        raise CommandError("BadArguments", str(exc)) from None
+    return _pool(worker)
+
+
+@handler("pool-shrink")
+async def pool_shrink(worker: Worker, arguments: Mapping[str, Any]) -> Any:
+    try:
+        await worker.pool.shrink(arguments["n"])
+    except ValueError as exc:
+        raise CommandError("BadArguments", str(exc)) from None
+    return _pool(worker)
+
+
+@handler("autoscale")
+async def autoscale(worker: Worker, arguments: Mapping[str, Any]) -> Any:
+    try:
+        await worker.pool.autoscale(arguments["max"], arguments["min"])
+    except ValueError as exc:
+        raise CommandError("BadArguments", str(exc)) from None
+    return _pool(worker)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import tracing
 from ..app import App
 from ..canvas import BUILTIN_TASKS
 from ..config import DEFAULT_POLICY, Settings, TaskPolicy, redact_url
@@ -37,6 +38,7 @@ from ..tasks import Task
 from ..topology import EVENTS_EXCHANGE
 from ..transport.aio import AsyncPublisher
 from ..transport.pika_consumer import PikaConsumer
+from .autoscale import Pool
 from .builtins import builtin_tasks
 from .consume import ConsumeLoop
 from .control import ControlServer
@@ -53,6 +55,7 @@ from .results import ResultsMiddleware, WorkflowMiddleware
 from .settle import Settler
 from .stats import Stats
 from .storecalls import StoreRunner
+from .tracing import TracingMiddleware
 from .tracker import Tracker
 from .workflow import Workflow
 
@@ -80,6 +83,15 @@ class WorkerOptions:
     connect_timeout: float | None = None
     #: Publish task and worker events (None: the config's ``events.enabled``).
     events: bool | None = None
+    #: Seconds between worker-heartbeat events (None: the config's ``events.heartbeat_interval``).
+    heartbeat_interval: float | None = None
+    #: Time limits of every task that sets none itself (decorator, then config ``tasks``).
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    #: (MAX, MIN): grow with the backlog, shrink when idle (:mod:`.autoscale`); None: fixed.
+    autoscale: tuple[int, int] | None = None
+    #: Seconds of unused slots before the autoscaler shrinks the pool (None: its default).
+    autoscale_idle: float | None = None
 
     @property
     def prefetch(self) -> int:
@@ -95,6 +107,7 @@ class Worker:
         tasks: Mapping[str, Task],
         options: WorkerOptions,
         middleware: Sequence[Middleware] = (),
+        observers: Sequence[Observer] = (),
     ) -> None:
         if options.pool not in POOLS:
             raise AmqpTasksError(
@@ -117,8 +130,10 @@ class Worker:
         self.tasks.update(builtin_tasks(self.tasks, self.app))
         self.tasks.update(tasks)
         self.app.tasks = self.tasks
+        # The worker's --time-limit/--soft-time-limit sit below the task's own limits.
+        limits = TaskPolicy(time_limit=options.time_limit, soft_time_limit=options.soft_time_limit)
         self.policies: dict[str, TaskPolicy] = {
-            name: t.policy.merged(settings.task_policy(name)).merged(DEFAULT_POLICY)
+            name: t.policy.merged(settings.task_policy(name)).merged(limits).merged(DEFAULT_POLICY)
             for name, t in self.tasks.items()
         }
         self.publisher = AsyncPublisher(
@@ -146,7 +161,11 @@ class Worker:
             )
         # after_run hooks run in reverse: the result is stored, then the workflow continued,
         # then the caller answered; the duplicate checks come first in should_run.
+        if settings.tracing.enabled:
+            tracing.require(settings.source)  # a config error at start, not at the first task
         self.middleware: list[Middleware] = [
+            # First: its span wraps every other hook (after_run runs in reverse).
+            *([TracingMiddleware()] if settings.tracing.enabled else []),
             replies,
             WorkflowMiddleware(workflow),
             *stored,
@@ -190,8 +209,10 @@ class Worker:
             declare=options.declare,
             connect_timeout=options.connect_timeout,
         )
+        #: The pool's size at run time: ``control pool-grow|pool-shrink|autoscale``.
+        self.pool = Pool(self.pipeline, self.consuming, options.prefetch_multiplier)
         self.tracker = Tracker(self.stats)
-        observers: list[Observer] = [self.tracker]
+        watching: list[Observer] = [self.tracker, *observers]
         self.events: EventEmitter | None = None
         if settings.events.enabled if options.events is None else options.events:
             self.events = EventEmitter(
@@ -204,13 +225,14 @@ class Worker:
                 EventSource(self.hostname),
                 self.stats,
                 self._snapshot,
-                heartbeat_interval=settings.events.heartbeat_interval,
+                heartbeat_interval=options.heartbeat_interval or settings.events.heartbeat_interval,
             )
-            observers.append(self.events)
-        self.pipeline.observer = self.settler.observer = Observers(observers)
+            watching.append(self.events)
+        self.pipeline.observer = self.settler.observer = Observers(watching)
         self.control = ControlServer(self)
         self.consuming.attach_hooks.append(self._attached)
         self._stop_task: asyncio.Task[None] | None = None
+        self._limit_problems: list[str] | None = None
 
     def __repr__(self) -> str:
         return f"<Worker {self.hostname} broker={redact_url(self.settings.broker.url)}>"
@@ -236,8 +258,8 @@ class Worker:
 
         return worker_snapshot_fields(
             pool=self.options.pool,
-            concurrency=self.options.concurrency,
-            prefetch=self.options.prefetch,
+            concurrency=self.pool.size,
+            prefetch=self.pool.prefetch,
             queues=self.consuming.queues,
             active=len(self.tracker.active),
             reserved=len(self.tracker.reserved),
@@ -261,7 +283,10 @@ class Worker:
         close the channel (and redeliver) before the limit fires. Limits the chosen pool cannot
         enforce are warned about.
         """
-        errors = []
+        if self._limit_problems is not None:
+            return self._limit_problems  # checked already (the CLI checks before run())
+        errors: list[str] = []
+        self._limit_problems = errors
         timeout = self.settings.broker.consumer_timeout
         for name, policy in sorted(self.policies.items()):
             hard = policy.time_limit or 0
@@ -299,6 +324,11 @@ class Worker:
             f"  results:     {redact_url(s.results.backend)}",
             f"  pool:        {self.options.pool}  concurrency={self.options.concurrency} "
             f"prefetch={self.options.prefetch} (per consumer){extra}",
+            *(
+                [f"  autoscale:   max={self.options.autoscale[0]} min={self.options.autoscale[1]}"]
+                if self.options.autoscale
+                else []
+            ),
             f"  events:      {'on' if self.events is not None else 'off'}",
             "  queues:",
         ]
@@ -341,6 +371,12 @@ class Worker:
             if problems:
                 raise AmqpTasksError("refusing to start:\n  " + "\n  ".join(problems))
             await self._start_runner()
+            if self.options.autoscale is not None:
+                maximum, minimum = self.options.autoscale
+                try:
+                    await self.pool.autoscale(maximum, minimum, idle=self.options.autoscale_idle)
+                except ValueError as exc:
+                    raise AmqpTasksError(f"autoscale: {exc}") from None
             if self.store is not None:
                 self.store.start()
             if self.events is not None:
@@ -397,6 +433,7 @@ class Worker:
 
     async def _shutdown(self) -> None:
         self._stopping.set()
+        await self.pool.close()
         await self.consuming.close()
         if self.store is not None:
             await self.store.close()

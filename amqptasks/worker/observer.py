@@ -14,6 +14,9 @@ A delivery's story, as the observer hears it::
     received -> returned (back to its queue unstarted: warm shutdown)
     rejected             (dead-lettered before it was taken: undecodable, unknown task, ...)
 
+and, from the one place that dead-letters (:mod:`.settle`), ``dead_lettered`` for every
+delivery that went to its dead-letter queue, whether it ran or not.
+
 The fast path says ``began`` (received and started at once: it only takes a delivery with a
 free slot). Every call is made on the worker's event loop; observers must be quick and must
 not raise (:class:`Observers` logs and swallows what one raises: a broken observer must
@@ -70,6 +73,10 @@ class Observer:
     def returned(self, env: Envelope, queue: str) -> None:
         """Given back to its queue without running (a warm shutdown began, or its connection
         died before it started)."""
+
+    def dead_lettered(self, queue: str, reason: str, env: Envelope | None) -> None:
+        """Now in ``<queue>.dlq`` with ``reason`` (its copy confirmed, or rejected to the
+        broker's own dead-lettering); ``env`` is None for an undecodable body."""
 
 
 class Observers(Observer):
@@ -140,6 +147,13 @@ class Observers(Observer):
                 o.returned(env, queue)
             except Exception:
                 _failed(o, "returned")
+
+    def dead_lettered(self, queue: str, reason: str, env: Envelope | None) -> None:
+        for o in self.observers:
+            try:
+                o.dead_lettered(queue, reason, env)
+            except Exception:
+                _failed(o, "dead_lettered")
 
 
 def _failed(observer: Observer, step: str) -> None:

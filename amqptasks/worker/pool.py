@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import ctypes
 import threading
 import time
@@ -61,6 +62,10 @@ class Call:
 
 class Runner(Protocol):
     async def run(self, call: Call) -> Outcome: ...
+
+    def resize(self, size: int) -> None:
+        """Follow the pool's new size (``control pool-grow``, ``--autoscale``); the slots
+        decide how many calls run, the runner only needs room for them."""
 
     def close(self) -> None: ...
 
@@ -128,6 +133,9 @@ class InlineRunner:
             return _failure(exc, start)
         return Outcome(True, result=result, runtime=time.perf_counter() - start)
 
+    def resize(self, size: int) -> None:
+        pass  # calls run on the loop itself: nothing to size
+
     def close(self) -> None:
         pass
 
@@ -152,9 +160,22 @@ class ThreadRunner:
     """Sync tasks in a thread pool of ``size`` threads (the default pool)."""
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self.executor = concurrent.futures.ThreadPoolExecutor(
             size, thread_name_prefix="amqptasks-task"
         )
+
+    def resize(self, size: int) -> None:
+        """Follow the pool's new size. Python's executor cannot change its thread count, so
+        new calls go to a new executor of ``size`` threads; the old one finishes the calls it
+        runs (never interrupted) and its threads exit. The slots keep the total at ``size``."""
+        if size == self.size:
+            return
+        old, self.size = self.executor, size
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            size, thread_name_prefix="amqptasks-task"
+        )
+        old.shutdown(wait=False)
 
     @staticmethod
     def _call(
@@ -174,8 +195,12 @@ class ThreadRunner:
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         running = _Running()
+        # The task sees the context of its delivery (e.g. its trace span) as an async task
+        # would; run_in_executor alone would give it the thread's own.
+        context = contextvars.copy_context()
         future = loop.run_in_executor(
-            self.executor, partial(self._call, call.task.fn, call.arguments(), call.kwargs, running)
+            self.executor,
+            partial(context.run, self._call, call.task.fn, call.arguments(), call.kwargs, running),
         )
         try:
             if not call.soft and not call.hard:

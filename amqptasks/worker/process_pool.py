@@ -8,7 +8,9 @@ through a broker-side delay, then the dead-letter queue). A dead or retired chil
 * soft limit: ``SIGALRM`` in the child raises :class:`SoftTimeLimitExceeded` inside the task;
 * hard limit: the parent SIGKILLs the child and reports :class:`TimeLimitExceeded`;
 * ``max_tasks_per_child``: a child retires after that many calls;
-* ``max_memory_per_child`` (KiB): a child whose peak RSS passed it retires after its call.
+* ``max_memory_per_child`` (KiB): a child whose peak RSS passed it retires after its call;
+* :meth:`ProcessRunner.resize`: growing starts children at once; shrinking retires idle
+  children at once and busy ones when their call returns (a running task is never killed).
 
 The pipe carries pickles between our own processes only (never message bodies from the
 broker as such: the parent has already decoded and validated them).
@@ -17,6 +19,7 @@ broker as such: the parent has already decoded and validated them).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
@@ -162,6 +165,16 @@ class ProcessRunner:
         self._idle: asyncio.Queue[_Child] | None = None
         self._all: set[_Child] = set()
         self.replaced = 0
+        #: Children to retire instead of reusing (a shrink waiting for busy children).
+        self._surplus = 0
+        #: Threads that wait for the children's replies, one per running call: the loop's
+        #: default executor has min(32, CPUs + 4) threads, so a larger pool's replies would
+        #: wait there for a free thread (and a task would seem to run longer than it did).
+        self._readers = self._reader_pool(size)
+
+    @staticmethod
+    def _reader_pool(size: int) -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="amqptasks-reply")
 
     def _spawn(self) -> _Child:
         parent, child = self._ctx.Pipe()
@@ -194,13 +207,67 @@ class ProcessRunner:
         self._retire(child, kill)
         self.replaced += 1
         assert self._idle is not None
-        self._idle.put_nowait(self._spawn())
+        if self._surplus:
+            self._surplus -= 1  # the pool shrinks: this one is not replaced
+        else:
+            self._idle.put_nowait(self._spawn())
+
+    def _give_back(self, child: _Child) -> None:
+        """A child whose call is over: idle again, or retired when the pool shrinks."""
+        assert self._idle is not None
+        if self._surplus:
+            self._surplus -= 1
+            self._let_go(child)
+        else:
+            self._idle.put_nowait(child)
+
+    def _let_go(self, child: _Child) -> None:
+        """Retire an idle child without blocking the loop: it exits on ``None``, and is
+        joined (killed after 5 s) in a thread."""
+        self._all.discard(child)
+        with contextlib.suppress(Exception):
+            child.conn.send(None)
+        asyncio.get_running_loop().run_in_executor(None, self._reap, child)
+
+    @staticmethod
+    def _reap(child: _Child) -> None:
+        child.process.join(5)
+        if child.process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.process.pid or 0, signal.SIGKILL)
+            child.process.join(5)
+        child.conn.close()
+
+    def resize(self, size: int) -> None:
+        """Run ``size`` children: start the missing ones now; retire idle ones now and busy
+        ones as their calls return (never killing a running task)."""
+        assert self._idle is not None, "start() first"
+        if size < 1:
+            raise ValueError(f"a pool needs at least one child, got {size}")
+        if size > self.size:
+            undo = min(self._surplus, size - self.size)
+            self._surplus -= undo  # busy children still due to retire stay instead
+            for _ in range(size - self.size - undo):
+                self._idle.put_nowait(self._spawn())
+            old, self._readers = self._readers, self._reader_pool(size + self._surplus)
+            old.shutdown(wait=False)  # its threads finish the replies they wait for
+        else:
+            self._surplus += self.size - size
+            while self._surplus and not self._idle.empty():
+                self._surplus -= 1
+                self._let_go(self._idle.get_nowait())
+        self.size = size
+
+    @property
+    def children(self) -> int:
+        """Children alive now (busy ones waiting to retire included)."""
+        return len(self._all)
 
     async def run(self, call: Call) -> Outcome:
         assert self._idle is not None, "start() first"
         child = await self._idle.get()
         if call.expires is not None and datetime.now(timezone.utc) >= call.expires:
-            self._idle.put_nowait(child)  # never handed a call that is already too late
+            self._give_back(child)  # never handed a call that is already too late
             return Outcome(
                 False,
                 exc=TaskExpired(
@@ -221,7 +288,7 @@ class ProcessRunner:
                 traceback="",
                 runtime=0.0,
             )
-        receive = loop.run_in_executor(None, child.conn.recv)
+        receive = loop.run_in_executor(self._readers, child.conn.recv)
         try:
             reply = await asyncio.wait_for(
                 asyncio.shield(receive), call.hard if call.hard else None
@@ -259,7 +326,7 @@ class ProcessRunner:
         if retire:
             self._replace(child, kill=False)
         else:
-            self._idle.put_nowait(child)
+            self._give_back(child)
         runtime = time.perf_counter() - start
         if kind == "ok":
             return Outcome(True, result=reply[2], runtime=runtime)
@@ -282,3 +349,4 @@ class ProcessRunner:
         for child in list(self._all):
             child.process.join(2)
             self._retire(child, kill=True)
+        self._readers.shutdown(wait=False)

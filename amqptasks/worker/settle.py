@@ -214,6 +214,7 @@ class Settler:
             )
             await self.reject(delivery, ident)
             confirmed = False
+        self.observer.dead_lettered(delivery.queue, reason, env)
         if not ran:  # either way it is in the dead-letter queue now, or about to be
             rejection = Rejection(
                 ident, reason, detail, delivery.queue, self.hostname, delivery.properties, env

@@ -1,39 +1,51 @@
-"""Concurrency slots: at most ``concurrency`` tasks run at once, whichever path runs them.
+"""Concurrency slots: at most ``size`` tasks run at once, whichever path runs them.
 
 The fast path takes a slot synchronously (:meth:`Slots.try_take`) or leaves the delivery to
 the full pipeline, which waits for one (:meth:`Slots.take`) in arrival order. So the thread
 pool never queues calls behind busy threads — a queued call would start late without the
 pipeline seeing it wait (an ``expires`` deadline would pass unnoticed) — and prefetched
-deliveries wait in one visible place.
+deliveries wait in one visible place (:attr:`Slots.waiting`: the backlog the autoscaler
+grows on).
+
+The size can change while tasks run (``control pool-grow|pool-shrink``, ``--autoscale``):
+growing hands the new slots to waiters at once; shrinking never interrupts a running task,
+it takes slots back as they are released (``busy`` may exceed ``size`` until then).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["Slots"]
 
 
 class Slots:
-    """A counting semaphore with a synchronous fast acquire; loop thread only."""
+    """A resizable counting semaphore with a synchronous fast acquire; loop thread only."""
 
-    __slots__ = ("_free", "_waiters", "size")
+    __slots__ = ("_waiters", "busy", "on_wait", "size")
 
     def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a pool needs at least one slot, got {size}")
         self.size = size
-        self._free = size
+        #: Slots held right now (by running tasks, or granted and about to run).
+        self.busy = 0
         self._waiters: deque[asyncio.Future[Any]] = deque()
+        #: Called when a delivery starts waiting for a slot (the autoscaler's wake-up).
+        self.on_wait: Callable[[], None] | None = None
 
     @property
-    def busy(self) -> int:
-        return self.size - self._free
+    def waiting(self) -> int:
+        """Deliveries waiting for a slot now (the backlog)."""
+        return sum(1 for w in self._waiters if not w.done())
 
     def try_take(self) -> bool:
         """Take a slot if one is free right now (never when others wait: arrival order)."""
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
+        if self.busy < self.size and not self._waiters:
+            self.busy += 1
             return True
         return False
 
@@ -43,6 +55,8 @@ class Slots:
             return True
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        if self.on_wait is not None:
+            self.on_wait()
         stop: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
         granted = False
         try:
@@ -64,10 +78,21 @@ class Slots:
         return True
 
     def release(self) -> None:
-        """Give a slot back: to the first waiter if there is one, else to the pool."""
-        while self._waiters:
+        """Give a slot back: to the first waiter while the size allows, else to the pool."""
+        self.busy -= 1
+        self._grant()
+
+    def resize(self, size: int) -> None:
+        """Change how many tasks may run at once. Growing serves waiters now; shrinking
+        lets running tasks finish and keeps their slots when they are released."""
+        if size < 1:
+            raise ValueError(f"a pool needs at least one slot, got {size}")
+        self.size = size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.busy < self.size:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self.busy += 1
                 waiter.set_result(None)
-                return
-        self._free += 1

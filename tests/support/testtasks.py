@@ -160,3 +160,15 @@ def boom(*args: object) -> None:
 def on_error(task_id: str) -> str:
     _record(f"errback {task_id}")
     return task_id
+
+
+@app.task(name="testtasks.gated")
+def gated(tag: str, gate: str, limit: float = 60.0) -> str:
+    """Runs until the file ``gate`` exists (at most ``limit`` s): a test holds tasks running
+    for as long as it looks at them, then lets them all finish by creating one file."""
+    _record(f"start {tag} {os.getpid()}")
+    deadline = time.monotonic() + limit
+    while not Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _record(f"done {tag}")
+    return tag

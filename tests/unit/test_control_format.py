@@ -56,6 +56,9 @@ def test_arguments_from_positionals_or_a_mapping() -> None:
     assert check_arguments("query-task", ["a", "b"]) == {"ids": ["a", "b"]}
     assert check_arguments("add-consumer", ["web_tasks"]) == {"queue": "web_tasks"}
     assert check_arguments("add-consumer", {"queue": "q"}) == {"queue": "q"}
+    assert check_arguments("pool-grow", ["4"]) == {"n": 4}
+    assert check_arguments("autoscale", ["6", "1"]) == {"max": 6, "min": 1}
+    assert check_arguments("autoscale", {"max": 6, "min": 1}) == {"max": 6, "min": 1}
     for name, given, problem in [
         ("nope", [], "unknown command 'nope'"),
         ("query-task", [], "give at least one id"),
@@ -65,6 +68,11 @@ def test_arguments_from_positionals_or_a_mapping() -> None:
         ("add-consumer", {"queue": "q", "extra": 1}, "unknown argument 'extra'"),
         ("query-task", {"ids": "a"}, "must be a non-empty list of strings"),
         ("cancel-consumer", {}, "missing argument(s) queue"),
+        ("pool-grow", ["two"], "N must be a whole number, got 'two'"),
+        ("pool-grow", {"n": 0}, "'n' must be a whole number of at least 1, got 0"),
+        ("pool-shrink", {"n": "2"}, "'n' must be a whole number of at least 1, got '2'"),
+        ("autoscale", {"max": 6, "min": True}, "'min' must be a whole number"),
+        ("autoscale", ["6"], "expected MAX MIN, got 1 value"),
     ]:
         with pytest.raises(ValueError) as err:
             check_arguments(name, given)
@@ -74,7 +82,7 @@ def test_arguments_from_positionals_or_a_mapping() -> None:
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_encoded_commands_validate_and_decode_back(name: str) -> None:
     spec = COMMANDS[name]
-    values = ["x"] * len(spec.params)
+    values = ["3" if p in spec.integers else "x" for p in spec.params]
     cmd = Command(name, check_arguments(name, values), ("w1@host",))
     body = encode_command(cmd)
     assert errors(json.loads(body)) == []

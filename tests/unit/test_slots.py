@@ -69,3 +69,67 @@ def test_a_cancelled_waiter_does_not_swallow_a_slot():
         return s.busy
 
     assert asyncio.run(main()) == 0
+
+
+def test_grow_hands_the_new_slots_to_waiters_at_once():
+    async def main() -> tuple[int, int, list[bool]]:
+        s = Slots(1)
+        stop = asyncio.Event()
+        assert s.try_take()
+        waiting = [asyncio.ensure_future(s.take(stop)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert s.waiting == 3
+        s.resize(3)  # two more slots: the first two waiters run now, the third still waits
+        busy, left = s.busy, s.waiting
+        granted = list(await asyncio.gather(*waiting[:2]))
+        stop.set()
+        return busy, left, [*granted, await waiting[2]]
+
+    assert asyncio.run(main()) == (3, 1, [True, True, False])
+
+
+def test_shrink_interrupts_nothing_and_takes_slots_back_as_they_are_released():
+    async def main() -> list[tuple[int, int, bool]]:
+        s = Slots(4)
+        stop = asyncio.Event()
+        for _ in range(4):
+            assert s.try_take()
+        s.resize(2)  # four still run: none is interrupted
+        seen = [(s.busy, s.size, s.try_take())]
+        waiter = asyncio.ensure_future(s.take(stop))
+        await asyncio.sleep(0)
+        s.release()  # 3 busy > 2: the waiter does not get it
+        await asyncio.sleep(0)
+        seen.append((s.busy, s.waiting, waiter.done()))
+        s.release()  # 2 busy: still at the size
+        await asyncio.sleep(0)
+        seen.append((s.busy, s.waiting, waiter.done()))
+        s.release()  # 1 busy: now the waiter runs
+        seen.append((s.busy, s.waiting, await waiter))
+        return seen
+
+    assert asyncio.run(main()) == [(4, 2, False), (3, 1, False), (2, 1, False), (2, 0, True)]
+
+
+def test_a_pool_keeps_at_least_one_slot():
+    import pytest
+
+    with pytest.raises(ValueError, match="at least one slot"):
+        Slots(2).resize(0)
+
+
+def test_a_waiter_calls_on_wait_the_fast_path_never_does():
+    async def main() -> int:
+        calls: list[int] = []
+        s = Slots(1)
+        s.on_wait = lambda: calls.append(1)
+        stop = asyncio.Event()
+        assert s.try_take()
+        assert not s.try_take()
+        waiting = asyncio.ensure_future(s.take(stop))
+        await asyncio.sleep(0)
+        stop.set()
+        await waiting
+        return len(calls)
+
+    assert asyncio.run(main()) == 1
