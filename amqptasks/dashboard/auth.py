@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 _SCRYPT = (2**14, 8, 1)
+#: Sessions kept at most (clients that never send their cookie back create one per page).
+MAX_SESSIONS = 10_000
 _DUMMY = "scrypt$16384$8$1$dummysalt$" + base64.b64encode(b"\0" * 64).decode()
 
 
@@ -129,9 +131,17 @@ class Credentials:
         """Whether anything is configured: without it only loopback is allowed (cli)."""
         return bool(self._users or self._tokens)
 
+    def _mark(self, user: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+
+    def remembered(self, user: str, password: str) -> bool:
+        """Whether this pair was verified before (no hash to compute: safe on an event loop)."""
+        return self._mark(user, password) in self._verified
+
     def check_password(self, user: str, password: str) -> bool:
-        """Constant-time check; an unknown user costs a hash like a known one."""
-        mark = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        """Constant-time check; an unknown user costs a hash like a known one. Slow on
+        purpose (scrypt): call it off the event loop unless :meth:`remembered`."""
+        mark = self._mark(user, password)
         if mark in self._verified:
             return True
         stored = self._users.get(user)
@@ -181,6 +191,8 @@ class SessionStore:
         now = self._now()
         for sid in [k for k, s in self._sessions.items() if s.expires <= now]:
             del self._sessions[sid]
+        while len(self._sessions) >= MAX_SESSIONS:  # the oldest go first
+            del self._sessions[next(iter(self._sessions))]
         sid = secrets.token_urlsafe(32)
         session = self._sessions[sid] = Session(user, now + self.ttl)
         return sid, session

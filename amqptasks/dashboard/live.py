@@ -54,10 +54,12 @@ class LiveHub:
         self._task = asyncio.get_running_loop().create_task(self._ticker())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """End the ticker and every stream (twice is harmless)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         for q in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(None)

@@ -11,6 +11,7 @@ names one of those files or gets 404, so no path ever reaches the file system.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import mimetypes
 import secrets
@@ -99,7 +100,10 @@ async def login(request: web.Request) -> web.StreamResponse:
     if not expected or not secrets.compare_digest(expected.encode(), presented.encode()):
         return login_page(request, status=403, error="The form expired: please sign in again.")
     user, password = str(form.get("username", "")), str(form.get("password", ""))
-    if not dash.auth_required or not dash.credentials.check_password(user, password):
+    ok = dash.auth_required and await asyncio.to_thread(
+        dash.credentials.check_password, user, password
+    )
+    if not ok:
         return login_page(request, status=401, error="Wrong user or password.")
     sid, _session = dash.sessions.create(user)
     response = web.HTTPSeeOther("/")

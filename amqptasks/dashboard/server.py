@@ -199,8 +199,9 @@ def _cross_site(request: web.Request) -> bool:
     return origin.split("://", 1)[-1] != request.host
 
 
-def authenticate(dash: Dashboard, request: web.Request) -> Principal | None:
-    """The request's principal, or None (401)."""
+async def authenticate(dash: Dashboard, request: web.Request) -> Principal | None:
+    """The request's principal, or None (401). A password not seen before is hashed on a
+    thread: scrypt takes tens of milliseconds, which would stall every page stream."""
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
         name = dash.credentials.check_token(header[7:].strip())
@@ -208,7 +209,11 @@ def authenticate(dash: Dashboard, request: web.Request) -> Principal | None:
     basic = parse_basic(header) if header else None
     if basic is not None:
         user, password = basic
-        return Principal(user, "basic") if dash.credentials.check_password(user, password) else None
+        creds = dash.credentials
+        ok = creds.remembered(user, password) or await asyncio.to_thread(
+            creds.check_password, user, password
+        )
+        return Principal(user, "basic") if ok else None
     if header:
         return None
     sid = request.cookies.get(SESSION_COOKIE)
@@ -266,7 +271,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": "cross-site request refused"}, status=403)
     if path == "/login":
         return await handler(request)
-    principal = authenticate(dash, request)
+    principal = await authenticate(dash, request)
     if principal is None:
         return unauthorized(request)
     if changing and principal.via == "session":
@@ -284,6 +289,10 @@ async def _startup(app: web.Application) -> None:
     await app[DASHBOARD].start()
 
 
+async def _shutdown(app: web.Application) -> None:
+    await app[DASHBOARD].live.stop()  # open event streams end now, not at a timeout
+
+
 async def _cleanup(app: web.Application) -> None:
     await app[DASHBOARD].stop()
 
@@ -297,6 +306,7 @@ def build_app(dash: Dashboard) -> web.Application:
     api.add_routes(app)
     pages.add_routes(app)
     app.on_startup.append(_startup)
+    app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_cleanup)
     return app
 
