@@ -174,19 +174,19 @@ async def task_result(request: web.Request) -> web.Response:
             with contextlib.suppress(ResultError, TaskError):
                 handle.get(timeout=timeout, propagate=False)
         try:
-            record = handle._record()
+            state = handle.state
         except ResultError:
-            record = None
-        if record is None:
             return None
-        out: dict[str, Any] = {"task-id": task_id, "state": record.status}
-        if record.status == "SUCCESS":
-            out["result"] = record.result
-        elif record.status in READY_STATES:
-            out["result"] = f"{record.error_type}: {record.error_message}"
-            out["traceback"] = record.traceback
-        else:
-            out["result"] = None
+        if state == "PENDING":
+            return None
+        out: dict[str, Any] = {"task-id": task_id, "state": state, "result": None}
+        if state == "SUCCESS":
+            out["result"] = handle.result
+        elif state in READY_STATES:
+            err = handle.result
+            kind = getattr(err, "exc_type", None) or type(err).__name__
+            out["result"] = f"{kind}: {err}"
+            out["traceback"] = handle.traceback
         return out
 
     try:
