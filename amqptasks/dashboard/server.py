@@ -231,10 +231,16 @@ def _is_api(path: str) -> bool:
 
 def unauthorized(request: web.Request, message: str = "authentication required") -> web.Response:
     if _is_api(request.path):
+        # The Basic challenge is for scripts. A browser (it sends Sec-Fetch-* headers) would
+        # answer it with a password dialog that blocks the page's fetch and then caches the
+        # password; pages sign in with the form instead.
+        browser = "Sec-Fetch-Dest" in request.headers or "Sec-Fetch-Mode" in request.headers
         return web.json_response(
             {"error": message},
             status=401,
-            headers={"WWW-Authenticate": 'Basic realm="amqptasks dashboard", charset="UTF-8"'},
+            headers={}
+            if browser
+            else {"WWW-Authenticate": 'Basic realm="amqptasks dashboard", charset="UTF-8"'},
         )
     from .pages import login_page
 

@@ -120,6 +120,10 @@ def test_every_path_but_healthcheck_answers_401_without_or_with_wrong_credential
     assert refusals == []
     assert http(d.base, "GET", "/healthcheck").text == "OK"
     assert d.get("/api/stats").status == 200
+    # Scripts get the Basic challenge; a browser's fetch does not (no password dialog).
+    assert http(d.base, "GET", "/api/stats").headers["WWW-Authenticate"].startswith("Basic ")
+    browser = http(d.base, "GET", "/api/stats", headers={"Sec-Fetch-Mode": "cors"})
+    assert browser.status == 401 and "WWW-Authenticate" not in browser.headers
 
 
 def test_no_password_is_in_any_page_answer_or_log_line(

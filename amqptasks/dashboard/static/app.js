@@ -32,6 +32,7 @@ async function api(path, options) {
     opts.headers["Content-Type"] = "application/json";
   }
   const resp = await fetch(path, opts);
+  if (resp.status === 401) { window.location.assign("/login"); throw new Error("signed out"); }
   let body = null;
   try { body = await resp.json(); } catch (e) { body = null; }
   if (!resp.ok) throw new Error((body && body.error) || `${resp.status} ${resp.statusText}`);
