@@ -132,7 +132,7 @@ def test_in_chromium_login_workers_submit_watch_detail_replay_and_no_xss(
             [tag],
         )
     page.wait_for_function(
-        "document.querySelectorAll('tr[data-state=SUCCESS]').length >= 3", timeout=20_000
+        "() => document.querySelectorAll('tr[data-state=SUCCESS]').length >= 3", timeout=20_000
     )
     shoot(page, tmp_path, "tasks")
     text = page.inner_text("#list")
@@ -155,7 +155,7 @@ def test_in_chromium_login_workers_submit_watch_detail_replay_and_no_xss(
     page.goto(d.base + "/tasks")
     page.fill('#filters input[name="search"]', "window.__xss")
     page.click("#filters button")
-    page.wait_for_function("document.querySelectorAll('#list tr[data-id]').length == 2")
+    page.wait_for_function("() => document.querySelectorAll('#list tr[data-id]').length == 2")
     xss_id = page.get_attribute("#list tr[data-id]", "data-id")
     page.goto(f"{d.base}/task/{xss_id}")
     page.wait_for_selector("#result")
@@ -169,7 +169,7 @@ def test_in_chromium_login_workers_submit_watch_detail_replay_and_no_xss(
              body: JSON.stringify({args: ['replay me'], queue: 'default'})})
            .then(r => r.json()).then(j => { window.__failed = j['task-id']; })"""
     )
-    failed = page.wait_for_function("window.__failed").json_value()
+    failed = page.wait_for_function("() => window.__failed").json_value()
     page.goto(d.base + "/dlq")
     page.wait_for_selector(f'tr[data-id="{failed}"]', timeout=20_000)
     shoot(page, tmp_path, "dlq")
@@ -179,7 +179,7 @@ def test_in_chromium_login_workers_submit_watch_detail_replay_and_no_xss(
     # The replayed copy really ran again: a second task-failed in its timeline.
     page.goto(f"{d.base}/task/{failed}")
     page.wait_for_function(
-        "document.querySelector('main table') && "
+        "() => document.querySelector('main table') && "
         "(document.querySelector('main table').innerText.match(/task-failed/g) || []).length >= 2",
         timeout=20_000,
         polling=500,
