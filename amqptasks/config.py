@@ -23,13 +23,21 @@ import yaml
 from .errors import ConfigError, RoutingError
 from .protocol import CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE
 from .routing import DEFAULT_EXCHANGE, Route, Router, is_glob
-from .schedule import SCHEDULE_KEYS, Schedule, ScheduleFieldError, build_schedule, zone
+from .schedule import (
+    SCHEDULE_KEYS,
+    Schedule,
+    ScheduleFieldError,
+    build_schedule,
+    parse_duration,
+    zone,
+)
 from .topology import DLQ_SUFFIX, RESERVED_EXCHANGES, QueueSpec, Topology, build_topology
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_POLICY",
     "BrokerSettings",
+    "DashboardSettings",
     "EventSettings",
     "ResultSettings",
     "Settings",
@@ -232,6 +240,62 @@ class TracingSettings:
     enabled: bool = False
 
 
+DASHBOARD_KEYS = (
+    "address",
+    "port",
+    "basic_auth",
+    "api_tokens",
+    "database",
+    "events_queue",
+    "max_tasks",
+    "retention",
+    "session_ttl",
+    "management_url",
+    "metrics_public",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardSettings:
+    """``amqptasks dashboard`` (docs/dashboard.md). Credentials are kept as given (plain or
+    hashed) and never shown: the repr counts them instead."""
+
+    address: str = "127.0.0.1"
+    port: int = 5555
+    #: ``USER:PASSWORD`` or ``USER:<hash>`` (``amqptasks dashboard --hash-password``).
+    basic_auth: tuple[str, ...] = ()
+    #: Where ``basic_auth`` came from (``$AMQPTASKS_DASHBOARD_AUTH`` or the key path).
+    basic_auth_source: str = "dashboard.basic_auth"
+    #: ``NAME:sha256$<hex>`` digests of API tokens (``amqptasks dashboard --new-token NAME``).
+    api_tokens: tuple[str, ...] = ()
+    #: The task history (SQLite, WAL).
+    database: str = ".amqptasks/dashboard.sqlite3"
+    #: The durable queue bound to ``amqptasks.events`` that feeds the history.
+    events_queue: str = "amqptasks.dashboard"
+    max_tasks: int = 1_000_000
+    #: Seconds of history kept (``7d``).
+    retention: float = 7 * 86400.0
+    #: Seconds a browser session lasts after its login.
+    session_ttl: float = 8 * 3600.0
+    #: The broker's management API (default: ``http://<broker host>:15672`` with the broker
+    #: URL's user and password).
+    management_url: str | None = None
+    #: Serve ``/metrics`` without credentials (for a Prometheus on a trusted network).
+    metrics_public: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"DashboardSettings(address={self.address!r}, port={self.port!r}, "
+            f"basic_auth=<{len(self.basic_auth)} credential(s)>, "
+            f"api_tokens=<{len(self.api_tokens)} token digest(s)>, "
+            f"database={self.database!r}, events_queue={self.events_queue!r}, "
+            f"max_tasks={self.max_tasks!r}, retention={self.retention!r}, "
+            f"session_ttl={self.session_ttl!r}, management_url="
+            f"{redact_url(self.management_url) if self.management_url else None!r}, "
+            f"metrics_public={self.metrics_public!r})"
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole validated configuration. Build with :func:`load_config` or :meth:`from_mapping`."""
@@ -257,6 +321,8 @@ class Settings:
     timezone: str = "UTC"
     #: Periodic tasks (``schedules:``), run by ``amqptasks beat`` / ``worker -B``.
     schedules: tuple[Schedule, ...] = ()
+    #: ``amqptasks dashboard`` (``dashboard:``).
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
 
     def router(self) -> Router:
         return Router(self.routes, self.default_route)
@@ -450,6 +516,7 @@ class _Parser:
                 "tasks",
                 "timezone",
                 "schedules",
+                "dashboard",
             ),
         )
         broker = self.broker(top.get("broker", {}), env)
@@ -492,6 +559,7 @@ class _Parser:
                 Router(routes, default_route),
                 topology,
             ),
+            dashboard=self.dashboard(top.get("dashboard", {}), env),
         )
 
     def seq(self, value: Any, key: str) -> list[Any]:
@@ -741,6 +809,103 @@ class _Parser:
                 section.get("enabled", False), "tracing.enabled", bool, "true or false"
             )
         )
+
+    def dashboard(self, value: Any, env: Mapping[str, str]) -> DashboardSettings:
+        section = self.mapping(value, "dashboard", DASHBOARD_KEYS)
+        d = DashboardSettings()
+        address = self.typed(
+            section.get("address", d.address),
+            "dashboard.address",
+            str,
+            "a host name or IP address",
+            lambda v: bool(v.strip()),
+        )
+        port = self.typed(
+            section.get("port", d.port),
+            "dashboard.port",
+            int,
+            "a TCP port (1-65535)",
+            lambda v: 0 < v < 65536,
+        )
+        if env.get("AMQPTASKS_DASHBOARD_AUTH"):
+            auth_key, raw = "$AMQPTASKS_DASHBOARD_AUTH", env["AMQPTASKS_DASHBOARD_AUTH"]
+        else:
+            auth_key, raw = "dashboard.basic_auth", section.get("basic_auth", [])
+        basic_auth = self.credentials(raw, auth_key, "USER:PASSWORD (or USER:<hash>)")
+        tokens = self.credentials(
+            section.get("api_tokens", []), "dashboard.api_tokens", "NAME:sha256$<hex digest>"
+        )
+        for i, token in enumerate(tokens):
+            if not token.partition(":")[2].startswith("sha256$"):
+                raise self.fail(
+                    f"dashboard.api_tokens[{i}]",
+                    "expected NAME:sha256$<hex digest> (amqptasks dashboard --new-token NAME "
+                    "prints one); the token itself is never stored",
+                )
+        retention = self.duration(section.get("retention", "7d"), "dashboard.retention")
+        ttl = self.duration(section.get("session_ttl", "8h"), "dashboard.session_ttl")
+        mgmt = section.get("management_url")
+        if mgmt is not None:
+            mgmt = self.typed(mgmt, "dashboard.management_url", str, "an http(s):// URL")
+            if urlsplit(mgmt).scheme not in ("http", "https") or not urlsplit(mgmt).hostname:
+                raise self.fail(
+                    "dashboard.management_url",
+                    f"expected an http:// or https:// URL, got {redact_url(mgmt)!r}",
+                )
+        return DashboardSettings(
+            address=address.strip(),
+            port=port,
+            basic_auth=basic_auth,
+            basic_auth_source=auth_key,
+            api_tokens=tokens,
+            database=self.typed(
+                section.get("database", d.database),
+                "dashboard.database",
+                str,
+                "a file path",
+                lambda v: bool(v.strip()),
+            ),
+            events_queue=self.name(
+                section.get("events_queue", d.events_queue), "dashboard.events_queue", "a queue"
+            ),
+            max_tasks=self.positive(section, "dashboard", "max_tasks", d.max_tasks, int),
+            retention=retention,
+            session_ttl=ttl,
+            management_url=mgmt,
+            metrics_public=self.typed(
+                section.get("metrics_public", False),
+                "dashboard.metrics_public",
+                bool,
+                "true or false",
+            ),
+        )
+
+    def duration(self, value: Any, key: str) -> float:
+        try:
+            seconds = parse_duration(value).total_seconds()
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from None
+        if seconds <= 0:
+            raise self.fail(key, "must be longer than 0 seconds")
+        return seconds
+
+    def credentials(self, value: Any, key: str, what: str) -> tuple[str, ...]:
+        """A list of ``NAME:SECRET`` strings (or one comma-separated string, Flower's form).
+        An error names the entry but never shows it: it holds a secret."""
+        if isinstance(value, str):
+            items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise self.fail(key, f"expected a list of {what}, got {_kind(value)}")
+        for i, item in enumerate(items):
+            name, sep, secret = item.partition(":") if isinstance(item, str) else ("", "", "")
+            if not (sep and name.strip() and secret):
+                raise self.fail(
+                    f"{key}[{i}]",
+                    f"expected {what} (the value is not shown: it may hold a secret)",
+                )
+        return tuple(items)
 
     def serialization(self, value: Any) -> tuple[frozenset[str], int, bool]:
         section = self.mapping(value, "serialization", ("accept", "max_body_size", "celery_ingest"))

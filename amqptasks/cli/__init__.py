@@ -91,7 +91,17 @@ def main(loglevel: str | None, log_format: str | None) -> None:
 
 def _register() -> None:
     # Command modules attach themselves to ``main`` on import.
-    from . import beat, control, dlq, events, inspect, send, topology, worker  # noqa: F401
+    from . import (  # noqa: F401
+        beat,
+        control,
+        dashboard,
+        dlq,
+        events,
+        inspect,
+        send,
+        topology,
+        worker,
+    )
 
 
 _register()

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import sys
-from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ..config import Settings, redact_url
-from ..dlq import DeadLetter, describe, replay_message, replay_skip_reason
-from ..errors import AmqpTasksError, UnroutableError
+from ..config import Settings
+from ..deadletters import ReplayLedger, browse, purge, replay
+from ..errors import AmqpTasksError
 from ..topology import DLQ_SUFFIX, dlq_name
-from ..transport.aio import DeadLetterSession, Delivery
 from . import config_option, friendly_errors, main, settings_for
 
 
@@ -29,25 +26,6 @@ def _dlq(settings: Settings, queue: str) -> str:
             param_hint="QUEUE",
         )
     return name
-
-
-def _view(d: Delivery) -> DeadLetter:
-    return describe(d.body, d.properties, d.exchange, d.routing_key)
-
-
-async def _browse(settings: Settings, queue: str, limit: int) -> list[DeadLetter]:
-    session = DeadLetterSession(settings.broker.url, queue)
-    try:
-        count = await session.open()
-        out = []
-        for _ in range(min(count, limit)):
-            d = await session.fetch()
-            if d is None:
-                break
-            out.append(_view(d))
-        return out
-    finally:
-        await session.close()  # nothing was acked: everything goes back
 
 
 @main.group()
@@ -64,7 +42,7 @@ def dlq_list(queue: str, limit: int, config_path: str | None) -> None:
     """A table of the dead letters of QUEUE (a work queue, or its .dlq)."""
     settings = settings_for(config_path)
     name = _dlq(settings, queue)
-    letters = asyncio.run(_browse(settings, name, limit))
+    letters = asyncio.run(browse(settings.broker.url, name, limit))
     if not letters:
         click.echo(f"{name}: empty")
         return
@@ -96,7 +74,7 @@ def dlq_show(queue: str, message_id: str, config_path: str | None) -> None:
     """Every detail of one dead letter, traceback included."""
     settings = settings_for(config_path)
     name = _dlq(settings, queue)
-    for d in asyncio.run(_browse(settings, name, 1_000_000)):
+    for d in asyncio.run(browse(settings.broker.url, name, 1_000_000)):
         if d.id == message_id:
             for field in (
                 "id",
@@ -116,95 +94,6 @@ def dlq_show(queue: str, message_id: str, config_path: str | None) -> None:
                 click.echo("traceback:\n" + d.traceback)
             return
     raise AmqpTasksError(f"no dead letter with id {message_id!r} in {name}")
-
-
-class ReplayLedger:
-    """Remembers copies published but whose dead letter was not yet acked (an interrupted
-    replay), so the next run acks those dead letters instead of publishing them again."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.pending: set[str] = set()
-        if path.exists():
-            for line in path.read_text().splitlines():
-                state, _, key = line.partition(" ")
-                if state == "sent":
-                    self.pending.add(key)
-                elif state == "settled":
-                    self.pending.discard(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a")
-
-    @staticmethod
-    def key(vhost_url: str, queue: str, d: Delivery) -> str:
-        digest = hashlib.sha256(d.body)
-        digest.update(repr(sorted((d.properties.headers or {}).items())).encode())
-        return f"{hashlib.sha256(vhost_url.encode()).hexdigest()[:12]}:{queue}:{digest.hexdigest()}"
-
-    def write(self, state: str, key: str) -> None:
-        self._file.write(f"{state} {key}\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-
-async def _replay(
-    settings: Settings,
-    name: str,
-    ids: set[str],
-    every: bool,
-    task: str | None,
-    ledger: ReplayLedger,
-    force: bool = False,
-) -> tuple[int, list[str], Counter[str]]:
-    session = DeadLetterSession(settings.broker.url, name, timeout=settings.broker.publish_timeout)
-    moved = 0
-    problems: list[str] = []
-    skipped: Counter[str] = Counter()  # reason -> dead letters left in place
-    try:
-        count = await session.open()
-        with click.progressbar(length=count, label=f"replaying {name}", file=sys.stderr) as bar:
-            for _ in range(count):
-                d = await session.fetch()
-                if d is None:
-                    break
-                bar.update(1)
-                view = _view(d)
-                if not every and view.id not in ids:
-                    continue
-                if task is not None and view.task != task:
-                    continue
-                why = None if force else replay_skip_reason(view)
-                if why is not None:  # it would come straight back: leave it, say so
-                    skipped[view.reason] += 1
-                    if not every:
-                        problems.append(
-                            f"{view.id}: reason {view.reason}: {why}; --force replays it anyway"
-                        )
-                        ids.discard(view.id)
-                    continue
-                key = ReplayLedger.key(redact_url(settings.broker.url), name, d)
-                if key not in ledger.pending:  # else: sent by an interrupted run already
-                    marker = key.rsplit(":", 1)[1][:32]
-                    body, props = replay_message(d.body, d.properties, marker)
-                    try:
-                        await session.publish(
-                            view.original_exchange, view.original_routing_key, body, props
-                        )
-                    except UnroutableError as exc:
-                        problems.append(f"{view.id}: {exc}")
-                        continue
-                    ledger.write("sent", key)
-                await d.ack()
-                ledger.write("settled", key)
-                moved += 1
-                ids.discard(view.id)
-    finally:
-        await session.close()
-    problems += [f"{i}: not found" for i in sorted(ids)]
-    return moved, problems, skipped
 
 
 @dlq.command("replay")
@@ -255,11 +144,23 @@ def dlq_replay(
     settings = settings_for(config_path)
     name = _dlq(settings, queue)
     ledger = ReplayLedger(Path(ledger_path))
+    bar: Any = None
+
+    def progress(total: int, done: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=f"replaying {name}", file=sys.stderr)
+            bar.__enter__()
+        if done:
+            bar.update(1)
+
     try:
         moved, problems, skipped = asyncio.run(
-            _replay(settings, name, set(ids), every, task, ledger, force)
+            replay(settings, name, set(ids), every, task, ledger, force, progress=progress)
         )
     finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
         ledger.close()
     click.echo(f"replayed {moved} message(s) from {name}")
     if skipped:
@@ -287,12 +188,4 @@ def dlq_purge(queue: str, yes: bool, config_path: str | None) -> None:
     if not yes:
         click.confirm(f"delete every message in {name}?", abort=True)
 
-    async def purge() -> int:
-        session = DeadLetterSession(settings.broker.url, name)
-        try:
-            await session.open()
-            return await session.purge()
-        finally:
-            await session.close()
-
-    click.echo(f"purged {asyncio.run(purge())} message(s) from {name}")
+    click.echo(f"purged {asyncio.run(purge(settings.broker.url, name))} message(s) from {name}")

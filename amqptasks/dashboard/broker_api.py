@@ -1,0 +1,125 @@
+"""The broker's management HTTP API, read for the queues and overview pages (depth, ready,
+unacked, consumers, publish and deliver rates) with aiohttp's client.
+
+The URL defaults to ``http://<broker host>:15672`` with the broker URL's user and password
+(``dashboard.management_url`` overrides it). The password travels only in the
+``Authorization`` header: it is never part of a URL that an error message could show.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+
+from ..config import redact_url
+
+__all__ = ["BrokerApi", "BrokerApiError", "management_target"]
+
+
+class BrokerApiError(Exception):
+    """The management API could not be read (its message names the URL, password hidden)."""
+
+
+def management_target(broker_url: str, management_url: str | None) -> tuple[str, str, str, str]:
+    """``(base URL without credentials, user, password, vhost)``."""
+    b = urlsplit(broker_url)
+    vhost = unquote(b.path[1:]) if len(b.path) > 1 else "/"
+    user, password = unquote(b.username or "guest"), unquote(b.password or "guest")
+    if management_url:
+        m = urlsplit(management_url)
+        if m.username:
+            user, password = unquote(m.username), unquote(m.password or "")
+        port = f":{m.port}" if m.port else ""
+        base = f"{m.scheme}://{m.hostname}{port}{m.path.rstrip('/')}"
+    else:
+        base = f"http://{b.hostname or 'localhost'}:15672"
+    return base, user, password, vhost
+
+
+class BrokerApi:
+    """A small client: the vhost's queues, the overview, and a depth history sampled by the
+    dashboard (kept in memory: one hour at one sample per 5 s)."""
+
+    def __init__(self, broker_url: str, management_url: str | None = None) -> None:
+        self.base, user, password, self.vhost = management_target(broker_url, management_url)
+        self.shown = redact_url(management_url) if management_url else self.base
+        self._auth = aiohttp.BasicAuth(user, password)
+        self._session: aiohttp.ClientSession | None = None
+        self.samples: deque[tuple[float, dict[str, int]]] = deque(maxlen=720)
+
+    async def _get(self, path: str) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                auth=self._auth, timeout=aiohttp.ClientTimeout(total=5)
+            )
+        try:
+            async with self._session.get(self.base + "/api" + path) as resp:
+                if resp.status != 200:
+                    raise BrokerApiError(
+                        f"management API {self.shown} answered {resp.status} for {path}"
+                    )
+                return await resp.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BrokerApiError(
+                f"management API {self.shown} unreachable: {type(exc).__name__}"
+            ) from None
+
+    async def queues(self) -> list[dict[str, Any]]:
+        rows = await self._get(f"/queues/{quote(self.vhost, safe='')}")
+        out = []
+        for q in rows:
+            stats = q.get("message_stats") or {}
+            out.append(
+                {
+                    "name": q.get("name"),
+                    "type": q.get("type"),
+                    "durable": q.get("durable"),
+                    "messages": q.get("messages", 0),
+                    "ready": q.get("messages_ready", 0),
+                    "unacked": q.get("messages_unacknowledged", 0),
+                    "consumers": q.get("consumers", 0),
+                    "publish_rate": (stats.get("publish_details") or {}).get("rate", 0.0),
+                    "deliver_rate": (stats.get("deliver_get_details") or {}).get("rate", 0.0),
+                    "ack_rate": (stats.get("ack_details") or {}).get("rate", 0.0),
+                    "state": q.get("state"),
+                }
+            )
+        out.sort(key=lambda q: str(q["name"]))
+        return out
+
+    async def overview(self) -> dict[str, Any]:
+        o = await self._get("/overview")
+        totals = o.get("queue_totals") or {}
+        stats = o.get("message_stats") or {}
+        objects = o.get("object_totals") or {}
+        return {
+            "rabbitmq_version": o.get("rabbitmq_version"),
+            "erlang_version": o.get("erlang_version"),
+            "cluster_name": o.get("cluster_name"),
+            "node": o.get("node"),
+            "vhost": self.vhost,
+            "management_api": self.shown,
+            "messages": totals.get("messages", 0),
+            "ready": totals.get("messages_ready", 0),
+            "unacked": totals.get("messages_unacknowledged", 0),
+            "publish_rate": (stats.get("publish_details") or {}).get("rate", 0.0),
+            "deliver_rate": (stats.get("deliver_get_details") or {}).get("rate", 0.0),
+            "connections": objects.get("connections", 0),
+            "channels": objects.get("channels", 0),
+            "queues": objects.get("queues", 0),
+            "consumers": objects.get("consumers", 0),
+        }
+
+    async def sample(self) -> None:
+        """Record every queue's depth now (the depth-over-time chart)."""
+        queues = await self.queues()
+        self.samples.append((time.time(), {str(q["name"]): int(q["messages"]) for q in queues}))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

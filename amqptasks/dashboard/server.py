@@ -1,0 +1,349 @@
+"""The web application: wiring, the security middleware, start-up and shutdown.
+
+Security model (docs/dashboard.md):
+
+* every path needs credentials except ``GET /healthcheck`` (and ``/metrics`` with
+  ``metrics_public``): HTTP Basic (Flower's scripts), ``Authorization: Bearer <API token>``,
+  or a session cookie from the login form. Without them: 401;
+* without configured credentials the dashboard only runs on loopback (the CLI refuses
+  anything else) and then also refuses a ``Host`` that is not a loopback name, so a web page
+  cannot reach it through DNS rebinding;
+* a state-changing request (POST) is refused when a browser says it comes from another site
+  (``Origin`` not this host, ``Sec-Fetch-Site: cross-site|same-site``), and a session's POST
+  must carry its CSRF token (``X-CSRF-Token`` or a ``csrf`` form field): the browser sends
+  cookies and cached Basic credentials by itself, scripts send their own;
+* every answer carries a CSP without inline scripts, ``frame-ancestors 'none'`` and
+  ``X-Frame-Options: DENY``, ``nosniff``, ``Referrer-Policy: same-origin`` and ``no-store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import signal
+from base64 import b64encode
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..app import App
+from ..config import Settings, redact_url
+from ..results import AsyncResult
+from .auth import Credentials, Session, SessionStore, parse_basic
+from .broker_api import BrokerApi, BrokerApiError
+from .history import History
+from .ingest import Ingestor
+from .live import LiveHub
+
+__all__ = ["DASHBOARD", "Dashboard", "build_app", "is_loopback", "serve"]
+
+log = logging.getLogger("amqptasks.dashboard")
+
+SESSION_COOKIE = "amqptasks_session"
+LOGIN_COOKIE = "amqptasks_login"
+#: The login page's only style, inline (it is shown before any asset may be fetched) and
+#: allowed by its hash in the CSP, so no other inline style is.
+LOGIN_STYLE = (
+    "body{font:15px system-ui,sans-serif;background:#f4f5f7;color:#1d2330}"
+    "form{max-width:22em;margin:12vh auto;background:#fff;padding:2em;border-radius:8px;"
+    "box-shadow:0 1px 4px #0002}label{display:block;margin:.8em 0 .3em}"
+    "input{width:100%;padding:.5em;box-sizing:border-box}button{margin-top:1.2em;"
+    "padding:.6em 1.4em}.err{color:#b3261e}"
+)
+_STYLE_HASH = b64encode(hashlib.sha256(LOGIN_STYLE.encode()).digest()).decode()
+CSP = (
+    "default-src 'none'; script-src 'self'; "
+    f"style-src 'self' 'sha256-{_STYLE_HASH}'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    # same-origin, not no-referrer: with no-referrer Chromium sends `Origin: null` on the
+    # page's own form posts, which the cross-site check must refuse.
+    "Referrer-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+_LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether listening on ``address`` keeps the dashboard on this machine."""
+    host = address.strip().strip("[]")
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Principal:
+    """Who made a request, and how (``session`` requests need the CSRF token to change
+    anything)."""
+
+    user: str
+    via: str  # basic | token | session | local
+    session: Session | None = None
+    session_id: str | None = None
+
+
+class Dashboard:
+    """Everything a request handler reaches: settings, the app (publishing, results,
+    control), the history, the ingest thread, the broker's management API, the sessions."""
+
+    def __init__(self, settings: Settings, *, app: App | None = None) -> None:
+        self.settings = settings
+        d = settings.dashboard
+        self.options = d
+        self.app = app or App(settings)
+        self.credentials = Credentials(d.basic_auth, d.api_tokens)
+        self.sessions = SessionStore(d.session_ttl)
+        self.history = History(d.database, max_tasks=d.max_tasks, retention=d.retention)
+        self.live = LiveHub()
+        self.ingestor = Ingestor(
+            settings.broker.url, d.events_queue, self.history, on_batch=self._on_batch
+        )
+        self.broker = BrokerApi(settings.broker.url, d.management_url)
+        self.broker_error = ""
+        #: Handles of tasks submitted here: their direct reply-to answers land in them
+        #: (the app's collector holds handles weakly).
+        self.submitted: OrderedDict[str, AsyncResult] = OrderedDict()
+        self.registered: tuple[float, set[str]] = (0.0, set())
+        self.ledger = Path(d.database).with_name(Path(d.database).name + "-replay.log")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sampler: asyncio.Task[None] | None = None
+
+    @property
+    def auth_required(self) -> bool:
+        return self.credentials.required
+
+    def remember(self, handle: AsyncResult) -> None:
+        self.submitted[handle.id] = handle
+        while len(self.submitted) > 10_000:
+            self.submitted.popitem(last=False)
+
+    def _on_batch(self, applied: Any) -> None:  # on the ingest thread
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.live.batch, applied)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.ingestor.start()
+        self.live.start()
+        self._sampler = self._loop.create_task(self._sample_forever())
+        log.info(
+            "dashboard: broker %s, history %s, events queue %r, management API %s",
+            redact_url(self.settings.broker.url),
+            self.options.database,
+            self.options.events_queue,
+            self.broker.shown,
+        )
+
+    async def _sample_forever(self) -> None:
+        while True:
+            try:
+                await self.broker.sample()
+                self.broker_error = ""
+            except BrokerApiError as exc:
+                if str(exc) != self.broker_error:
+                    log.warning("%s", exc)
+                self.broker_error = str(exc)
+            await asyncio.sleep(5)
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        await self.live.stop()
+        await asyncio.to_thread(self.ingestor.stop)
+        await self.broker.close()
+        await self.app.aclose()
+        await asyncio.to_thread(self.app.close)
+        self.history.close()
+
+
+DASHBOARD = web.AppKey("dashboard", Dashboard)
+PRINCIPAL = "amqptasks.principal"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _host_allowed(request: web.Request) -> bool:
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    return is_loopback(host)
+
+
+def _cross_site(request: web.Request) -> bool:
+    site = request.headers.get("Sec-Fetch-Site")
+    if site in ("cross-site", "same-site"):
+        return True
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    if origin == "null":
+        return True
+    return origin.split("://", 1)[-1] != request.host
+
+
+async def authenticate(dash: Dashboard, request: web.Request) -> Principal | None:
+    """The request's principal, or None (401). A password not seen before is hashed on a
+    thread: scrypt takes tens of milliseconds, which would stall every page stream."""
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        name = dash.credentials.check_token(header[7:].strip())
+        return Principal(name, "token") if name else None
+    basic = parse_basic(header) if header else None
+    if basic is not None:
+        user, password = basic
+        creds = dash.credentials
+        ok = creds.remembered(user, password) or await asyncio.to_thread(
+            creds.check_password, user, password
+        )
+        return Principal(user, "basic") if ok else None
+    if header:
+        return None
+    sid = request.cookies.get(SESSION_COOKIE)
+    session = dash.sessions.get(sid)
+    if session is not None:
+        return Principal(session.user, "session", session, sid)
+    if not dash.auth_required:
+        return Principal("local", "local")
+    return None
+
+
+def _is_api(path: str) -> bool:
+    return path.startswith("/api/") or path in ("/metrics", "/openapi.json")
+
+
+def unauthorized(request: web.Request, message: str = "authentication required") -> web.Response:
+    if _is_api(request.path):
+        # The Basic challenge is for scripts. A browser (it sends Sec-Fetch-* headers) would
+        # answer it with a password dialog that blocks the page's fetch and then caches the
+        # password; pages sign in with the form instead.
+        browser = "Sec-Fetch-Dest" in request.headers or "Sec-Fetch-Mode" in request.headers
+        return web.json_response(
+            {"error": message},
+            status=401,
+            headers={}
+            if browser
+            else {"WWW-Authenticate": 'Basic realm="amqptasks dashboard", charset="UTF-8"'},
+        )
+    from .pages import login_page
+
+    return login_page(request, status=401, error=None if message.endswith("required") else message)
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+    for key, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(key, value)
+    response.headers.setdefault("Cache-Control", "no-store")
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    dash = request.app[DASHBOARD]
+    path = request.path
+    if path == "/healthcheck" or (path == "/metrics" and dash.options.metrics_public):
+        return await handler(request)
+    if not dash.auth_required and not _host_allowed(request):
+        return web.json_response(
+            {"error": "this dashboard has no credentials and answers only to a loopback host"},
+            status=403,
+        )
+    changing = request.method not in ("GET", "HEAD", "OPTIONS")
+    if changing and _cross_site(request):
+        return web.json_response({"error": "cross-site request refused"}, status=403)
+    if path == "/login":
+        return await handler(request)
+    principal = await authenticate(dash, request)
+    if principal is None:
+        return unauthorized(request)
+    if changing and principal.via == "session":
+        assert principal.session is not None
+        presented = request.headers.get("X-CSRF-Token")
+        if presented is None and request.content_type == "application/x-www-form-urlencoded":
+            presented = str((await request.post()).get("csrf", ""))
+        if not principal.session.csrf_ok(presented):
+            return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+async def _startup(app: web.Application) -> None:
+    await app[DASHBOARD].start()
+
+
+async def _shutdown(app: web.Application) -> None:
+    await app[DASHBOARD].live.stop()  # open event streams end now, not at a timeout
+
+
+async def _cleanup(app: web.Application) -> None:
+    await app[DASHBOARD].stop()
+
+
+def build_app(dash: Dashboard) -> web.Application:
+    """The aiohttp application: middlewares, routes (api, pages, static), lifecycle."""
+    from . import api, pages
+
+    app = web.Application(middlewares=[security_headers, guard], client_max_size=1024**2)
+    app[DASHBOARD] = dash
+    api.add_routes(app)
+    pages.add_routes(app)
+    app.on_startup.append(_startup)
+    app.on_shutdown.append(_shutdown)
+    app.on_cleanup.append(_cleanup)
+    return app
+
+
+async def serve(settings: Settings, say: Callable[[str], None]) -> None:
+    """Run the dashboard until SIGTERM/SIGINT; ``say`` prints the banner lines. Raises
+    ``OSError`` when the address cannot be listened on."""
+    d = settings.dashboard
+    dash = Dashboard(settings)
+    runner = web.AppRunner(build_app(dash), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, d.address, d.port)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    auth = (
+        f"login required ({len(d.basic_auth)} user(s), {len(d.api_tokens)} API token(s))"
+        if d.basic_auth or d.api_tokens
+        else "no login (loopback only)"
+    )
+    say(f"dashboard: http://{d.address}:{d.port}/ ({auth}); history {d.database}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if await asyncio.to_thread(dash.ingestor.wait_ready, 15.0):
+        say(f"ready: reading events from {d.events_queue!r}")
+    else:
+        say(f"warning: events queue not ready yet: {dash.ingestor.stats.error or 'waiting'}")
+    await stop.wait()
+    say("dashboard: stopping")
+    await runner.cleanup()

@@ -1,0 +1,156 @@
+"""Dashboard credentials: password hashes, tokens, Basic headers, sessions, and the
+``dashboard:`` config section (which must never show a secret)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from amqptasks.config import Settings
+from amqptasks.dashboard.auth import (
+    Credentials,
+    SessionStore,
+    hash_password,
+    new_token,
+    parse_basic,
+    verify_password,
+)
+from amqptasks.errors import ConfigError
+
+
+def test_a_scrypt_hash_verifies_its_password_and_nothing_else():
+    stored = hash_password("correct horse")
+    assert stored.startswith("scrypt$16384$8$1$")
+    assert "correct horse" not in stored
+    assert verify_password("correct horse", stored)
+    assert not verify_password("correct hors", stored)
+    assert hash_password("correct horse") != stored  # a fresh salt each time
+
+
+def test_a_django_pbkdf2_hash_is_accepted():
+    digest = hashlib.pbkdf2_hmac("sha256", b"s3cret", b"salty", 1000)
+    stored = f"pbkdf2_sha256$1000$salty${base64.b64encode(digest).decode()}"
+    assert verify_password("s3cret", stored)
+    assert not verify_password("s3cre", stored)
+
+
+@pytest.mark.parametrize(
+    "stored", ["scrypt$x$8$1$s$AAAA", "scrypt$16384$8", "pbkdf2_sha256$nope$s$AAAA"]
+)
+def test_a_malformed_hash_never_matches(stored):
+    assert not verify_password("", stored)
+    assert not verify_password("anything", stored)
+
+
+def test_a_plain_password_is_compared_whole():
+    assert verify_password("pw", "pw")
+    assert not verify_password("pw", "pw2")
+    assert not verify_password("", "pw")
+
+
+def test_credentials_check_users_and_tokens():
+    token, digest = new_token()
+    creds = Credentials(("ann:" + hash_password("a-pass"), "bob:plain"), (f"ci:{digest}",))
+    assert creds.required
+    assert creds.check_password("ann", "a-pass")
+    assert creds.check_password("ann", "a-pass")  # the remembered pair
+    assert not creds.check_password("ann", "plain")
+    assert creds.check_password("bob", "plain")
+    assert not creds.check_password("nobody", "plain")
+    assert not creds.check_password("", "")
+    assert creds.check_token(token) == "ci"
+    assert creds.check_token(token + "x") is None
+    assert creds.check_token("") is None
+    assert not Credentials().required
+
+
+def test_parse_basic():
+    header = "Basic " + base64.b64encode(b"u:p:with:colons").decode()
+    assert parse_basic(header) == ("u", "p:with:colons")
+    assert parse_basic("basic " + base64.b64encode(b"u:").decode()) == ("u", "")
+    assert parse_basic("Basic !!!") is None
+    assert parse_basic("Basic " + base64.b64encode(b"no-colon").decode()) is None
+    assert parse_basic("Bearer abc") is None
+    assert parse_basic(None) is None
+
+
+def test_sessions_end_after_their_ttl_whatever_happens():
+    now = [1000.0]
+    store = SessionStore(60, clock=lambda: now[0])
+    sid, session = store.create("ann")
+    assert store.get(sid) is session
+    assert session.csrf_ok(session.csrf)
+    assert not session.csrf_ok("x" + session.csrf[1:])
+    assert not session.csrf_ok(None)
+    now[0] += 59
+    assert store.get(sid) is session
+    now[0] += 2
+    assert store.get(sid) is None
+    assert store.get("forged") is None
+    sid2, _ = store.create("bob")
+    store.end(sid2)
+    assert store.get(sid2) is None
+
+
+def test_the_dashboard_section_parses_with_defaults():
+    d = Settings.from_mapping({}).dashboard
+    assert (d.address, d.port, d.basic_auth, d.max_tasks) == ("127.0.0.1", 5555, (), 1_000_000)
+    d = Settings.from_mapping(
+        {
+            "dashboard": {
+                "address": "0.0.0.0",
+                "port": 8080,
+                "basic_auth": ["ann:pw1", "bob:scrypt$1$2$3$s$h"],
+                "retention": "2d",
+                "session_ttl": "30m",
+                "max_tasks": 5000,
+                "metrics_public": True,
+                "management_url": "http://admin:mgmt-secret@rabbit:15672",
+            }
+        }
+    ).dashboard
+    assert d.basic_auth == ("ann:pw1", "bob:scrypt$1$2$3$s$h")
+    assert (d.retention, d.session_ttl, d.max_tasks, d.metrics_public) == (
+        172800.0,
+        1800.0,
+        5000,
+        True,
+    )
+    shown = repr(d)
+    assert "pw1" not in shown and "mgmt-secret" not in shown and "scrypt" not in shown
+    assert "<2 credential(s)>" in shown
+
+
+def test_the_environment_overrides_basic_auth_flower_style():
+    s = Settings.from_mapping(
+        {"dashboard": {"basic_auth": ["yaml:pw"]}},
+        env={"AMQPTASKS_DASHBOARD_AUTH": "ann:one, bob:two"},
+    )
+    assert s.dashboard.basic_auth == ("ann:one", "bob:two")
+    assert s.dashboard.basic_auth_source == "$AMQPTASKS_DASHBOARD_AUTH"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "secret"),
+    [
+        ({"basic_auth": ["justapasswordnocolon"]}, "dashboard.basic_auth[0]", "justapassword"),
+        ({"basic_auth": ["ann:"]}, "dashboard.basic_auth[0]", "ann"),
+        ({"api_tokens": ["ci:rawtokenvalue"]}, "dashboard.api_tokens[0]", "rawtokenvalue"),
+        ({"basic_auth": 5}, "dashboard.basic_auth", None),
+        ({"retention": "forever"}, "dashboard.retention", None),
+        ({"session_ttl": 0}, "dashboard.session_ttl", None),
+        ({"port": 70000}, "dashboard.port", None),
+        ({"events_queue": "bad name!"}, "dashboard.events_queue", None),
+        ({"management_url": "ftp://x"}, "dashboard.management_url", None),
+        ({"colour": "blue"}, "dashboard.colour", None),
+    ],
+)
+def test_a_bad_dashboard_key_names_its_path_and_never_its_secret(section, key, secret):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"dashboard": section}, source="cfg.yaml")
+    assert info.value.key == key
+    assert str(info.value).startswith(f"cfg.yaml: {key}: ")
+    if secret is not None:
+        assert secret not in str(info.value)
