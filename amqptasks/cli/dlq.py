@@ -36,7 +36,7 @@ def _view(d: Delivery) -> DeadLetter:
 
 
 async def _browse(settings: Settings, queue: str, limit: int) -> list[DeadLetter]:
-    session = DeadLetterSession(settings.broker.url, queue)
+    session = DeadLetterSession(settings.broker.urls, queue)
     try:
         count = await session.open()
         out = []
@@ -159,7 +159,7 @@ async def _replay(
     ledger: ReplayLedger,
     force: bool = False,
 ) -> tuple[int, list[str], Counter[str]]:
-    session = DeadLetterSession(settings.broker.url, name, timeout=settings.broker.publish_timeout)
+    session = DeadLetterSession(settings.broker.urls, name, timeout=settings.broker.publish_timeout)
     moved = 0
     problems: list[str] = []
     skipped: Counter[str] = Counter()  # reason -> dead letters left in place
@@ -288,7 +288,7 @@ def dlq_purge(queue: str, yes: bool, config_path: str | None) -> None:
         click.confirm(f"delete every message in {name}?", abort=True)
 
     async def purge() -> int:
-        session = DeadLetterSession(settings.broker.url, name)
+        session = DeadLetterSession(settings.broker.urls, name)
         try:
             await session.open()
             return await session.purge()
