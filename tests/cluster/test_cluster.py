@@ -18,25 +18,11 @@ from pathlib import Path
 
 import pytest
 from broker_fixtures import WorkerProcess, wait_for
-from conftest import Cluster
-from ledgertasks import connect
+from ledgertasks import connect, tally
 
 from amqptasks import App, load_config
 
 pytestmark = pytest.mark.timeout(420)
-
-
-def tally(db) -> tuple[int, int, int, int]:
-    """(confirmed, confirmed ids executed, lost, duplicate executions)."""
-    confirmed = {r[0] for r in db.execute("SELECT id FROM published")}
-    runs = [r[0] for r in db.execute("SELECT id FROM runs")]
-    executed = set(runs)
-    return (
-        len(confirmed),
-        len(executed & confirmed),
-        len(confirmed - executed),
-        len(runs) - len(executed),
-    )
 
 
 class Publisher(threading.Thread):
@@ -111,7 +97,7 @@ def first_run_after(db, pid: int, after: float) -> float | None:
     return row[0]
 
 
-def start_workers(cluster: Cluster, tmp_path: Path, worker_factory, ledger: Path):
+def start_workers(cluster, tmp_path: Path, worker_factory, ledger: Path):
     env = {"LEDGER_DB": str(ledger)}
     args = ("-Q", "default", "-c", "8", "-l", "WARNING", "--log-format", "json")
     a = worker_factory(cluster.config(tmp_path, "a", (1, 2, 3)), *args, extra_env=env)

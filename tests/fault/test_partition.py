@@ -19,15 +19,38 @@ import uuid
 from datetime import datetime
 
 import pytest
-from broker_fixtures import amqptasks_exe, cli_env, wait_for
+from broker_fixtures import amqptasks_exe, cli_env, wait_for, write_config
 from ledgertasks import connect
+from ledgertasks import tally as _tally
 from tcpproxy import TcpProxy
-from test_faults import _cfg, _publish, _tally
 
 from amqptasks import App, load_config
 
 HOST_IP, NS_IP = "169.254.213.1", "169.254.213.2"  # link-local, on a veth this test makes
 CUT_SECONDS = 60
+
+
+def _cfg(tmp_path, broker, /, **extra):
+    cfg = write_config(tmp_path, broker, **extra)
+    cfg.write_text(cfg.read_text().replace("- testtasks", "- testtasks\n- ledgertasks"))
+    return cfg
+
+
+def _publish(app: App, db, n: int, work_ms: float) -> None:
+    """Pipelined confirmed publishes; an id enters the ledger only once confirmed."""
+    batch = []
+    for i in range(n):
+        key = f"k{i}"
+        p = app.prepare(
+            "ledger.hit", (key, work_ms), reply_to=None, task_id=key, ignore_result=True
+        )
+        ex, rk = p.destinations[0]
+        batch.append((key, app.publisher.publish_nowait(ex, rk, p.body, p.props)))
+        if len(batch) >= 200 or i == n - 1:
+            for k, fut in batch:
+                fut.result(30)
+                db.execute("INSERT INTO published VALUES (?, ?, 0)", (k, time.time()))
+            batch = []
 
 
 def ip(*args: str) -> None:

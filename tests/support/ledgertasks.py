@@ -36,3 +36,17 @@ def hit(key: str, work_ms: float = 0.0, due: float = 0.0) -> None:
     if work_ms:
         time.sleep(work_ms / 1000)
     _db().execute("INSERT INTO runs VALUES (?, ?, ?, ?)", (key, os.getpid(), time.time(), due))
+
+
+def tally(db: sqlite3.Connection) -> tuple[int, int, int, int]:
+    """(confirmed, confirmed ids executed, lost = confirmed never executed, duplicates =
+    executions beyond one per id)."""
+    confirmed = {r[0] for r in db.execute("SELECT id FROM published")}
+    runs = [r[0] for r in db.execute("SELECT id FROM runs")]
+    executed = set(runs)
+    return (
+        len(confirmed),
+        len(executed & confirmed),
+        len(confirmed - executed),
+        len(runs) - len(executed),
+    )
