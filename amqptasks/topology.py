@@ -407,13 +407,7 @@ def build_topology(
             args.append(("x-delivery-limit", spec.delivery_limit))
         if spec.max_length is not None:
             # Never drop-head: a full queue refuses the publish, and the publisher is told.
-            args.append(("x-max-length", spec.max_length))
-        if quorum:
-            # What the broker dead-letters itself (delivery_limit, a rejected delivery when the
-            # worker could not publish the dead-letter copy) reaches the DLQ confirmed.
-            args.extend(AT_LEAST_ONCE)
-        elif spec.max_length is not None:
-            args.append(("x-overflow", "reject-publish"))
+            args.extend((("x-max-length", spec.max_length), ("x-overflow", "reject-publish")))
         qs.append(Queue(spec.name, arguments=tuple(args)))
         bs.extend(Binding(exchange, spec.name, key) for exchange, key in spec.bindings)
         dlq_args: Args = quorum_arguments(spec.replicas) if quorum else ()

@@ -175,6 +175,9 @@ class AsyncPublisher:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._lock = asyncio.Lock()
+        #: The channel was retired after a nack: open a new one on the same connection.
+        self._retired = False
+        self._closing: set[asyncio.Future[None]] = set()
 
     @property
     def reply_to(self) -> str | None:
@@ -186,10 +189,12 @@ class AsyncPublisher:
             return channel
         async with self._lock:
             if self._channel is None or self._channel.is_closed:
-                if self._conn is not None:
-                    await self._conn.close()
-                    self.addresses.failed(self.url)  # lost: the next address first
-                self._conn = await self._connect_retrying()
+                if not (self._retired and self._conn is not None and not self._conn.is_closed):
+                    if self._conn is not None:
+                        await self._conn.close()
+                        self.addresses.failed(self.url)  # lost: the next address first
+                    self._conn = await self._connect_retrying()
+                self._retired = False
                 self._channel = await self._conn.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
@@ -277,6 +282,7 @@ class AsyncPublisher:
             text = getattr(getattr(exc, "frame", None), "reply_text", "NO_ROUTE")
             raise UnroutableError(exchange, routing_key, str(text)) from exc
         except aio_pika.exceptions.DeliveryError as exc:
+            self._retire(channel)
             raise PublishNacked(
                 f"broker nacked the publish to exchange {exchange!r} routing key {routing_key!r}"
             ) from exc
@@ -289,7 +295,32 @@ class AsyncPublisher:
             _refused_channel(self.url, exc, f"the publish to exchange {exchange!r}")
             raise PublishError(f"publish to exchange {exchange!r} failed: {exc!r}") from exc
 
+    def _retire(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        """After a nack the next publish opens a new channel on the same connection: RabbitMQ
+        3.10 keeps nacking publishes to a quorum queue on a channel that first used it while
+        its leader was dying (see :mod:`.pika_publisher`). The old channel is closed once its
+        in-flight publishes had a second to be confirmed."""
+        if self._channel is not channel or self._conn is None:
+            return
+        log.warning(
+            "broker %s nacked a publish; the next publishes use a new channel",
+            redact_url(self.url),
+        )
+        self._channel = None
+        self._retired = True  # a new channel on the same connection, not a reconnect
+
+        async def close_later() -> None:
+            await asyncio.sleep(1.0)
+            if not channel.is_closed:
+                await channel.close()
+
+        task = asyncio.ensure_future(close_later())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
         if self._conn is not None:
             await self._conn.close()
         self._conn = self._channel = None

@@ -105,6 +105,8 @@ class _Link:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.closed = False
+        #: Set after a nack: no new publishes here; closed once its last confirm arrived.
+        self.retiring = False
         self.channel: Any = None
         self._seq = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -243,6 +245,18 @@ class _Link:
                         f"{rec.routing_key!r} (e.g. a full queue with overflow reject-publish)"
                     )
                 )
+        if not acked and not self.retiring:
+            # A channel that got a nack is retired: RabbitMQ 3.10 keeps nacking every publish
+            # to a quorum queue on a channel that first used the queue while its leader was
+            # dying (measured: until the old leader's node came back). A new channel looks
+            # the leader up again; a full queue's nacks only cost a reconnect.
+            self.retiring = True
+            log.warning(
+                "broker %s nacked a publish; the next publishes use a new channel",
+                redact_url(self.url),
+            )
+        if self.retiring and not self._pending and self.conn.is_open:
+            self.conn.close()
 
     def _publish(self, rec: _Pending, body: bytes, props: pika.BasicProperties) -> None:
         if self.closed or self.channel is None or not self.channel.is_open:
@@ -364,6 +378,8 @@ class SyncPublisher:
         self.on_reply = on_reply
         self.heartbeat = heartbeat
         self._link: _Link | None = None
+        #: Links retired after a nack that still wait for their last confirms.
+        self._retired: list[_Link] = []
         self._lock = threading.Lock()
 
     @property
@@ -388,10 +404,17 @@ class SyncPublisher:
         while True:
             with self._lock:
                 link = self._link
+                if link is not None and link.retiring and not link.closed:
+                    # Its last confirms are still due: it closes itself once they arrived.
+                    self._retired = [x for x in self._retired if not x.closed] + [link]
+                    link = self._link = _Link(
+                        link.url, self.name, self.timeout, self.on_reply, self.heartbeat
+                    )
                 if link is None or link.closed:
                     if link is not None:
                         link.close()
-                        self.addresses.failed(link.url)
+                        if not link.retiring:
+                            self.addresses.failed(link.url)
                     url = self.addresses.preferred
                     link = self._link = _Link(
                         url, self.name, self.timeout, self.on_reply, self.heartbeat
@@ -475,6 +498,9 @@ class SyncPublisher:
     def close(self) -> None:
         with self._lock:
             link, self._link = self._link, None
+            retired, self._retired = self._retired, []
+        for old in retired:
+            old.close()
         if link is not None:
             link.close()
 

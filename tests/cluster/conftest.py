@@ -70,7 +70,7 @@ def mgmt(method: str, path: str, body: Any = None, nodes: tuple[int, ...] = (1, 
             headers={"Authorization": _AUTH, "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=30) as resp:
                 raw = resp.read()
                 return json.loads(raw) if raw else None
         except urllib.error.HTTPError as exc:

@@ -37,10 +37,11 @@ class Publisher(threading.Thread):
         self.confirmed = 0
         self.raised = 0
         self.errors: list[str] = []
+        self.stopped = False
 
     def run(self) -> None:
         db = connect(str(self.ledger))
-        while self.todo:
+        while self.todo and not self.stopped:
             batch, self.todo = self.todo[:200], self.todo[200:]
             futures = []
             for key in batch:
@@ -119,7 +120,8 @@ def test_node_killed_mid_stream_loses_nothing(cluster, tmp_path, worker_factory,
     killed_at = time.time()
     cluster.kill(1)
     pub.join(240)
-    assert not pub.is_alive(), "the publisher did not finish"
+    pub.stopped = True
+    assert not pub.is_alive(), f"the publisher did not finish: {pub.errors}"
     published_s = time.time() - started
     cluster.restart(1)
     restarted_at = time.time()

@@ -17,7 +17,7 @@ from broker_fixtures import write_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 from tcpproxy import TcpProxy
 
-from amqptasks import App, BrokerError, load_config
+from amqptasks import App, BrokerError, PublishNacked, load_config
 from amqptasks.transport.aio import AsyncPublisher, declare_topology
 
 
@@ -124,3 +124,31 @@ def test_every_address_is_named_when_none_answers(tmp_path, broker, two_nodes):
     text = str(info.value)
     assert f":{a.port}/" in text and f":{b.port}/" in text
     assert "guest:***@" in text and "guest:guest" not in text
+
+
+def test_a_nacked_publish_retires_its_channel(tmp_path, broker, two_nodes):
+    """After a nack the next publish opens a new channel: RabbitMQ 3.10 keeps nacking a
+    channel that first used a quorum queue while its leader was dying (tests/cluster shows
+    it). Here the nack is a full queue's (max_length 1, reject-publish)."""
+    a, b = two_nodes
+    vhost = broker.url.rsplit("/", 1)[1]
+    cfg = write_config(
+        tmp_path,
+        broker,
+        broker={"url": [a.url(vhost), b.url(vhost)], "publish_timeout": 5},
+        queues={"tiny": {"max_length": 1, "overflow": "reject-publish"}},
+        routes={"examples.tasks.add": {"queue": "tiny"}},
+        default_route=None,
+    )
+    app = App(load_config(cfg, env={}))
+    asyncio.run(declare_topology(broker.url, app.settings.topology))
+    try:
+        app.send_task("examples.tasks.add", (1, 2), ignore_result=True)
+        with pytest.raises(PublishNacked):
+            app.send_task("examples.tasks.add", (1, 2), ignore_result=True)
+        broker.get_all("tiny")  # room again
+        app.send_task("examples.tasks.add", (1, 2), ignore_result=True)
+    finally:
+        app.close()
+    assert (a.accepted, b.accepted) == (2, 0)  # a new connection, to the same address
+    assert broker.depth("tiny") == 1

@@ -124,9 +124,7 @@ def test_one_address_is_always_preferred() -> None:
 def test_default_queue_type_quorum_makes_every_queue_quorum(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        BASE
-        + "topology: {default_queue_type: quorum, replicas: 3}\n"
-        + "  # classic on purpose\n".replace("  # classic on purpose\n", ""),
+        BASE + "topology: {default_queue_type: quorum, replicas: 3}\n",
     )
     topo = load_config(path, env={}).topology
     assert topo.default_queue_type == "quorum" and topo.replicas == 3
@@ -135,8 +133,9 @@ def test_default_queue_type_quorum_makes_every_queue_quorum(tmp_path: Path) -> N
         assert q.args["x-quorum-initial-group-size"] == 3, q.name
     work = topo.queue("web_tasks")
     assert work is not None
-    assert work.args["x-dead-letter-strategy"] == "at-least-once"
-    assert work.args["x-overflow"] == "reject-publish"
+    # Work queues keep RabbitMQ's default dead-lettering and no overflow setting
+    # (docs/cluster.md says why); only the delay levels hand messages on at-least-once.
+    assert "x-dead-letter-strategy" not in work.args and "x-overflow" not in work.args
 
 
 def test_quorum_delay_levels_dead_letter_at_least_once() -> None:

@@ -276,8 +276,7 @@ def test_describe_lists_everything(topology: Topology) -> None:
         f"  {DLX_EXCHANGE}  type=direct durable=true",
         "queues:",
         "  queue_add  role=work durable=true  x-dead-letter-exchange=amqptasks.dlx "
-        "x-dead-letter-routing-key=queue_add x-queue-type=quorum "
-        "x-dead-letter-strategy=at-least-once x-overflow=reject-publish",
+        "x-dead-letter-routing-key=queue_add x-queue-type=quorum",
         "  queue_add.dlq  role=dead-letter durable=true  x-queue-type=quorum",
         "bindings:",
         "  direct_tasks --[queue_add]--> queue_add",
