@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from ..config import redact_url, redact_urls
+from ..config import redact_urls
 
 __all__ = ["Addresses"]
 
@@ -65,8 +65,3 @@ class Addresses:
         with self._lock:
             if url in self.urls and self.urls[self._first] == url:
                 self._first = (self._first + 1) % len(self.urls)
-
-    @staticmethod
-    def show(url: str) -> str:
-        """One address with its password hidden (for logs)."""
-        return redact_url(url)
