@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pika
 import yaml
 
 from amqptasks import App, Settings
@@ -62,6 +63,7 @@ class _Target:
     def __init__(self, label: str, ports: tuple[int, ...], mgmt: int, queue_type: str) -> None:
         self.label, self.ports, self.mgmt, self.queue_type = label, ports, mgmt, queue_type
         self.vhost = f"bench.cluster.{uuid.uuid4().hex[:8]}"
+        self._conn: Any = None
 
     def urls(self, rotate: int = 0) -> list[str]:
         vh = urllib.parse.quote(self.vhost, safe="")
@@ -93,12 +95,19 @@ class _Target:
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        if self._conn is not None and self._conn.is_open:
+            self._conn.close()
         _mgmt(self.mgmt, "DELETE", f"/vhosts/{urllib.parse.quote(self.vhost, safe='')}")
 
     def depth(self) -> int:
-        vh = urllib.parse.quote(self.vhost, safe="")
-        info = _mgmt(self.mgmt, "GET", f"/queues/{vh}/{QUEUE}?columns=messages,messages_ready")
-        return int(info.get("messages", 0) or 0)
+        """Messages ready (a passive declare: exact, unlike the management API's samples)."""
+        if self._conn is None or not self._conn.is_open:
+            self._conn = pika.BlockingConnection(pika.URLParameters(self.urls()[0]))
+        channel = self._conn.channel()
+        try:
+            return int(channel.queue_declare(QUEUE, passive=True).method.message_count)
+        finally:
+            channel.close()
 
 
 def _cluster_running() -> bool:

@@ -140,7 +140,8 @@ def test_node_killed_mid_stream_loses_nothing(cluster, tmp_path, worker_factory,
         f"5,000+ confirms and restarted {restarted_at - killed_at:.1f}s "
         f"later: confirmed={confirmed} raised-and-resent={pub.raised} executed={executed} "
         f"lost={lost} duplicates={dups}; worker a consuming again after {a_resume:.2f}s "
-        f"(on {cluster.leader('default')} leader), worker b ran again after {b_resume:.2f}s; "
+        f"(queue leader now {cluster.leader('default')}), "
+        f"worker b ran again after {b_resume:.2f}s; "
         f"published in {published_s:.1f}s, all run {drained_s:.1f}s after the first publish "
         f"({pub.errors[:1]})"
     )
@@ -172,19 +173,24 @@ def test_countdowns_waiting_in_quorum_delay_levels_survive_a_node_kill(
     killed_at = time.time()
     cluster.kill(1)
     waiting = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    # Node 1 stays down while a third of the tasks come due: they leave the levels through
+    # the new leaders elected on nodes 2 and 3.
+    wait_for(lambda: tally(db)[1] >= n // 3, timeout=120, interval=0.2, message="a third ran")
+    ran_while_down = tally(db)[1]
     cluster.restart(1)
     restarted_at = time.time()
     wait_for(lambda: tally(db)[1] == n, timeout=180, interval=0.5, message="all 2,000 ran")
     confirmed, executed, lost, dups = tally(db)
     rows = db.execute("SELECT r.at, r.due FROM runs r").fetchall()
     late = sorted(at - due for at, due in rows)
-    # Tolerance: 1 s (whole-second delays, hops) plus, for a task due while the levels'
-    # leaders were being re-elected, the time the quorum queues took to elect new ones.
-    tolerance = 10.0
+    # Tolerance: whole-second delays (±0.5 s) plus the hops and a loaded 2-core machine; a
+    # task due just as the levels' leaders were re-elected waits for the election too.
+    tolerance = 2.0
     outside = [x for x in late if abs(x) > tolerance]
     report(
         f"2,000 countdowns 12-40s in quorum delay levels (leaders {sorted(set(levels.values()))}), "
-        f"node 1 SIGKILLed with {n - waiting} pending, back {restarted_at - killed_at:.1f}s later: "
+        f"node 1 SIGKILLed with {n - waiting} pending, back {restarted_at - killed_at:.1f}s later "
+        f"({ran_while_down} ran while it was down): "
         f"confirmed={confirmed} executed={executed} lost={lost} duplicates={dups}; lateness "
         f"min={late[0]:.2f}s median={statistics.median(late):.2f}s "
         f"p99={late[int(len(late) * 0.99)]:.2f}s max={late[-1]:.2f}s, outside ±{tolerance:g}s: "
