@@ -351,7 +351,7 @@ class App(Sender):
                 if self._publisher is None:
                     s = self.settings.broker
                     self._publisher = SyncPublisher(
-                        s.url,
+                        s.urls,
                         timeout=s.publish_timeout,
                         on_reply=self._on_reply,
                         heartbeat=s.heartbeat,
@@ -397,7 +397,7 @@ class App(Sender):
         if pub is None:
             s = self.settings.broker
             pub = self._async_publishers[loop] = AsyncPublisher(
-                s.url,
+                s.urls,
                 timeout=s.publish_timeout,
                 on_reply=self.results.deliver,
                 heartbeat=s.heartbeat,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -46,6 +46,8 @@ __all__ = [
     "WorkerSettings",
     "load_config",
     "redact_url",
+    "redact_urls",
+    "split_urls",
 ]
 
 DEFAULT_CONFIG_PATH = Path("config/amqptasks.yaml")
@@ -108,9 +110,27 @@ def redact_url(url: str) -> str:
     return url[:start] + rest[: colon + 1] + "***" + rest[at:]
 
 
+#: Several broker addresses in one string: a comma followed by the next URL's scheme (a comma
+#: inside a password, not followed by ``scheme://``, stays part of it).
+_URL_SEPARATOR = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.\-]*://)")
+
+
+def split_urls(text: str) -> list[str]:
+    """``"amqp://a,amqp://b"`` -> ``["amqp://a", "amqp://b"]`` (the comma-separated form)."""
+    return [part.strip() for part in _URL_SEPARATOR.split(text)]
+
+
+def redact_urls(urls: str | tuple[str, ...] | list[str]) -> str:
+    """Several URLs in their comma-separated form, each with its password hidden."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    return ",".join(redact_url(u) for u in items)
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
-    url: str = DEFAULT_BROKER_URL
+    #: The broker's addresses in failover order (one node, or the nodes of one cluster):
+    #: every connection goes to the first that answers and, when it is lost, on to the next.
+    urls: tuple[str, ...] = (DEFAULT_BROKER_URL,)
     #: Seconds a publish waits for the broker's confirm (or a connection) before raising.
     publish_timeout: float = 10.0
     #: AMQP heartbeat (seconds) on every connection. The broker drops a silent client after
@@ -123,11 +143,21 @@ class BrokerSettings:
     #: How long a worker waits between reconnection attempts at most (exponential backoff).
     reconnect_max_delay: float = 30.0
 
+    @property
+    def url(self) -> str:
+        """The first address (tools that talk to one node, such as the management API)."""
+        return self.urls[0]
+
+    @property
+    def display(self) -> str:
+        """Every address, comma-separated, passwords hidden: for banners, logs and errors."""
+        return redact_urls(self.urls)
+
     def __repr__(self) -> str:
-        # The dataclass keeps the real URL; its repr is what lands in error trackers' captured
-        # local variables and in debug prints, so it shows the URL with the password hidden.
+        # The dataclass keeps the real URLs; its repr is what lands in error trackers' captured
+        # local variables and in debug prints, so it shows them with the passwords hidden.
         return (
-            f"BrokerSettings(url={redact_url(self.url)!r}, "
+            f"BrokerSettings(url={self.display!r}, "
             f"publish_timeout={self.publish_timeout!r}, heartbeat={self.heartbeat!r}, "
             f"consumer_timeout={self.consumer_timeout!r}, "
             f"reconnect_max_delay={self.reconnect_max_delay!r})"
@@ -505,6 +535,7 @@ class _Parser:
                 "broker",
                 "imports",
                 "serialization",
+                "topology",
                 "exchanges",
                 "queues",
                 "routes",
@@ -524,9 +555,12 @@ class _Parser:
             self.typed(m, f"imports[{i}]", str, "a module name", lambda s: bool(s.strip()))
             for i, m in enumerate(self.seq(top.get("imports", []), "imports"))
         )
+        default_type, replicas = self.topology(top.get("topology", {}))
         exchanges = self.exchanges(top.get("exchanges", {}))
-        specs = self.queues(top.get("queues", {}), exchanges)
-        topology = build_topology(exchanges, specs)
+        specs = self.queues(top.get("queues", {}), exchanges, default_type, replicas)
+        topology = build_topology(
+            exchanges, specs, default_queue_type=default_type, replicas=replicas
+        )
         routes = {
             pattern: self.route(value, _join("routes", pattern), exchanges, topology)
             for pattern, value in self.mapping(top.get("routes", {}), "routes").items()
@@ -573,18 +607,12 @@ class _Parser:
             "broker",
             ("url", "publish_timeout", "heartbeat", "consumer_timeout", "reconnect_max_delay"),
         )
-        url = env.get("AMQPTASKS_BROKER_URL") or section.get("url", DEFAULT_BROKER_URL)
-        key = "$AMQPTASKS_BROKER_URL" if env.get("AMQPTASKS_BROKER_URL") else "broker.url"
-        url = self.typed(url, key, str, "an amqp:// or amqps:// URL")
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
-        except ValueError:
-            raise self.fail(
-                key, f"expected an amqp:// or amqps:// URL, got {redact_url(url)!r}"
-            ) from None
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise self.fail(key, f"expected an amqp:// or amqps:// URL, got {redact_url(url)!r}")
+        from_env = bool(env.get("AMQPTASKS_BROKER_URL"))
+        key = "$AMQPTASKS_BROKER_URL" if from_env else "broker.url"
+        urls = self.broker_urls(
+            env["AMQPTASKS_BROKER_URL"] if from_env else section.get("url", DEFAULT_BROKER_URL),
+            key,
+        )
         timeout = self.typed(
             section.get("publish_timeout", 10.0),
             "broker.publish_timeout",
@@ -593,7 +621,7 @@ class _Parser:
             lambda v: v > 0,
         )
         return BrokerSettings(
-            url=url,
+            urls=urls,
             publish_timeout=timeout,
             heartbeat=self.positive(section, "broker", "heartbeat", 30, int),
             consumer_timeout=self.positive(section, "broker", "consumer_timeout", 1800.0, float),
@@ -601,6 +629,64 @@ class _Parser:
                 section, "broker", "reconnect_max_delay", 30.0, float
             ),
         )
+
+    def broker_urls(self, value: Any, key: str) -> tuple[str, ...]:
+        """``broker.url``: one URL, several in one comma-separated string, or a YAML list.
+
+        Each address is checked on its own and an error names its index (``broker.url[1]``);
+        all must name the same virtual host (they are the nodes of one cluster: a second
+        vhost would be a second, separate set of queues).
+        """
+        what = "an amqp:// or amqps:// URL"
+        if isinstance(value, list):
+            if not value:
+                raise self.fail(key, f"expected {what} or a non-empty list of them, got []")
+            items = [
+                (f"{key}[{i}]", self.typed(v, f"{key}[{i}]", str, what))
+                for i, v in enumerate(value)
+            ]
+        else:
+            text = self.typed(value, key, str, f"{what} (or a list of them)")
+            parts = split_urls(text)
+            items = (
+                [(key, parts[0])]
+                if len(parts) == 1
+                else [(f"{key}[{i}]", part) for i, part in enumerate(parts)]
+            )
+        vhosts: list[tuple[str, str]] = []
+        for where, url in items:
+            hint = (
+                " (several addresses: separate whole URLs with commas, each with its scheme, "
+                "or give a YAML list)"
+                if "," in url
+                else ""
+            )
+            try:
+                parts_ = urlsplit(url)
+                parts_.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+            except ValueError:
+                raise self.fail(where, f"expected {what}, got {redact_url(url)!r}{hint}") from None
+            if (
+                parts_.scheme not in ("amqp", "amqps")
+                or not parts_.hostname
+                or "," in parts_.netloc
+            ):
+                raise self.fail(where, f"expected {what}, got {redact_url(url)!r}{hint}")
+            path = parts_.path
+            vhosts.append((where, unquote(path[1:]) if len(path) > 1 else "/"))
+        first_where, first_vhost = vhosts[0]
+        for where, vhost in vhosts[1:]:
+            if vhost != first_vhost:
+                raise self.fail(
+                    where,
+                    f"virtual host {vhost!r} differs from {first_where}'s {first_vhost!r}: "
+                    "the addresses are failover nodes of one broker and must name the same vhost",
+                )
+        urls = tuple(url for _, url in items)
+        dupes = sorted({u for u in urls if urls.count(u) > 1})
+        if dupes:
+            raise self.fail(key, f"address {redact_url(dupes[0])!r} is listed twice")
+        return urls
 
     def positive(
         self, section: Mapping[str, Any], path: str, key: str, default: T, typ: type[T]
@@ -619,7 +705,28 @@ class _Parser:
             out[name] = self.choice(spec.get("type", "topic"), _join(key, "type"), EXCHANGE_TYPES)
         return out
 
-    def queues(self, value: Any, exchanges: Mapping[str, str]) -> list[QueueSpec]:
+    def topology(self, value: Any) -> tuple[str, int | None]:
+        """``topology.default_queue_type`` (the type of every queue that does not say: work
+        queues and their DLQs, the delay levels, the scheduler's lock and state) and
+        ``topology.replicas`` (quorum queues' ``x-quorum-initial-group-size``)."""
+        section = self.mapping(value, "topology", ("default_queue_type", "replicas"))
+        kind = self.choice(
+            section.get("default_queue_type", "classic"),
+            "topology.default_queue_type",
+            QUEUE_TYPES,
+        )
+        replicas = None
+        if section.get("replicas") is not None:
+            replicas = self.positive(section, "topology", "replicas", 3, int)
+        return kind, replicas
+
+    def queues(
+        self,
+        value: Any,
+        exchanges: Mapping[str, str],
+        default_type: str = "classic",
+        default_replicas: int | None = None,
+    ) -> list[QueueSpec]:
         specs = []
         for name, spec in self.mapping(value, "queues").items():
             key = _join("queues", name)
@@ -632,7 +739,15 @@ class _Parser:
             spec = self.mapping(
                 spec if spec is not None else {},
                 key,
-                ("bindings", "type", "max_priority", "delivery_limit", "max_length", "overflow"),
+                (
+                    "bindings",
+                    "type",
+                    "max_priority",
+                    "delivery_limit",
+                    "max_length",
+                    "overflow",
+                    "replicas",
+                ),
             )
             bindings = []
             for i, b in enumerate(self.seq(spec.get("bindings", []), _join(key, "bindings"))):
@@ -656,7 +771,15 @@ class _Parser:
                     "a routing key string",
                 )
                 bindings.append((exchange, rk))
-            qtype = self.choice(spec.get("type", "classic"), _join(key, "type"), QUEUE_TYPES)
+            qtype = self.choice(spec.get("type", default_type), _join(key, "type"), QUEUE_TYPES)
+            replicas = default_replicas if qtype == "quorum" else None
+            if spec.get("replicas") is not None:
+                replicas = self.positive(spec, key, "replicas", 3, int)
+                if qtype != "quorum":
+                    raise self.fail(
+                        _join(key, "replicas"),
+                        "needs 'type: quorum' (classic queues are not replicated)",
+                    )
             max_priority = spec.get("max_priority")
             if max_priority is not None:
                 max_priority = self.typed(
@@ -667,8 +790,15 @@ class _Parser:
                     lambda v: 1 <= v <= 255,
                 )
                 if qtype == "quorum":
+                    inherited = (
+                        ""
+                        if "type" in spec
+                        else " (topology.default_queue_type is quorum: "
+                        "give this queue 'type: classic')"
+                    )
                     raise self.fail(
-                        _join(key, "max_priority"), "quorum queues do not support priorities"
+                        _join(key, "max_priority"),
+                        f"quorum queues do not support priorities{inherited}",
                     )
             delivery_limit = None
             if spec.get("delivery_limit") is not None:
@@ -686,7 +816,15 @@ class _Parser:
                 if max_length is None:
                     raise self.fail(_join(key, "overflow"), "needs 'max_length'")
             specs.append(
-                QueueSpec(name, tuple(bindings), qtype, max_priority, delivery_limit, max_length)
+                QueueSpec(
+                    name,
+                    tuple(bindings),
+                    qtype,
+                    max_priority,
+                    delivery_limit,
+                    max_length,
+                    replicas,
+                )
             )
         return specs
 

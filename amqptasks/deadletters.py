@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import Settings, redact_url
@@ -25,7 +25,7 @@ def view_of(d: Delivery) -> DeadLetter:
     return describe(d.body, d.properties, d.exchange, d.routing_key)
 
 
-async def browse(url: str, queue: str, limit: int) -> list[DeadLetter]:
+async def browse(url: str | Sequence[str], queue: str, limit: int) -> list[DeadLetter]:
     """Up to ``limit`` dead letters of ``queue``, oldest first; none is removed."""
     session = DeadLetterSession(url, queue)
     try:
@@ -41,7 +41,7 @@ async def browse(url: str, queue: str, limit: int) -> list[DeadLetter]:
         await session.close()  # nothing was acked: everything goes back
 
 
-async def purge(url: str, queue: str) -> int:
+async def purge(url: str | Sequence[str], queue: str) -> int:
     """Delete every message of ``queue``; returns how many."""
     session = DeadLetterSession(url, queue)
     try:
@@ -98,7 +98,7 @@ async def replay(
     ``task`` when given): each copy confirmed before its dead letter is acked, the ledger
     written in between. Returns (moved, problems, skipped by reason); ``progress(total,
     done)`` is called once with ``done=0``, then once per dead letter looked at."""
-    session = DeadLetterSession(settings.broker.url, name, timeout=settings.broker.publish_timeout)
+    session = DeadLetterSession(settings.broker.urls, name, timeout=settings.broker.publish_timeout)
     moved = 0
     problems: list[str] = []
     skipped: Counter[str] = Counter()  # reason -> dead letters left in place

@@ -50,6 +50,7 @@ from .schedule import (
 )
 from .transport.aio import declare_topology
 from .transport.beat_lock import RENEW_INTERVAL, BeatLink, Firing
+from .transport.failover import Addresses
 
 __all__ = [
     "LOCK_QUEUE",
@@ -201,15 +202,21 @@ class Scheduler:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
         delay = 0.5
+        addresses = Addresses(self.settings.broker.urls)
+        topology = self.settings.topology
+        in_round = 0  # addresses tried since the last sleep (a cluster: the next node at once)
         try:
             while not self._stop.is_set():
+                url = addresses.preferred
                 link = BeatLink(
-                    self.settings.broker.url,
+                    url,
                     lock_queue=LOCK_QUEUE,
                     state_queue=STATE_QUEUE,
                     name=f"amqptasks {self.hostname} pid {os.getpid()}",
                     heartbeat=self.heartbeat,
                     timeout=self.settings.broker.publish_timeout,
+                    queue_type=topology.default_queue_type,
+                    replicas=topology.replicas,
                 )
                 try:
                     await link.open()
@@ -219,11 +226,19 @@ class Scheduler:
                     return 1
                 except BrokerError as exc:
                     self._set_role("connecting")
+                    addresses.failed(url)
+                    in_round += 1
+                    if in_round < len(addresses):
+                        log.warning("beat %s: %s; trying the next address", self.hostname, exc)
+                        continue
+                    in_round = 0
                     log.warning("beat %s: %s; retrying in %.1fs", self.hostname, exc, delay)
                     await _wait(self._stop, timeout=delay)
                     delay = min(delay * 2, _MAX_RETRY_DELAY)
                     continue
                 delay = 0.5
+                in_round = 0
+                addresses.answered(url)
                 try:
                     await self._session(link)
                 except (TopologyError, BrokerRefused) as exc:
@@ -234,6 +249,9 @@ class Scheduler:
                     log.warning("beat %s: %s", self.hostname, exc)
                 finally:
                     await link.close()
+                if link.lost.is_set() and len(addresses) > 1:
+                    addresses.failed(url)  # rejoin through the next node first
+                    in_round = 1
         finally:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -244,7 +262,7 @@ class Scheduler:
         if self.declare and not self._declared:
             # Declared while still on standby, so a takeover does not wait for it.
             await declare_topology(
-                self.settings.broker.url,
+                link.url,
                 self.settings.topology,
                 timeout=self.settings.broker.publish_timeout,
             )

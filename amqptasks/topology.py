@@ -29,9 +29,11 @@ from typing import Any
 from .errors import RoutingError
 
 __all__ = [
+    "AT_LEAST_ONCE",
     "CONTROL_EXCHANGE",
     "DELAY_DELIVER_EXCHANGE",
     "DELAY_LEVELS",
+    "DELAY_PREFIX",
     "DLQ_SUFFIX",
     "DLX_EXCHANGE",
     "EVENTS_EXCHANGE",
@@ -47,6 +49,7 @@ __all__ = [
     "delay_route",
     "delay_seconds",
     "dlq_name",
+    "quorum_arguments",
     "topic_matches",
 ]
 
@@ -121,6 +124,25 @@ class QueueSpec:
     max_priority: int | None = None
     delivery_limit: int | None = None
     max_length: int | None = None
+    #: Quorum queues: ``x-quorum-initial-group-size`` (None: the broker's default).
+    replicas: int | None = None
+
+
+def quorum_arguments(replicas: int | None) -> Args:
+    """What makes a queue a quorum queue: its type, and its replication factor when given."""
+    if replicas is None:
+        return (("x-queue-type", "quorum"),)
+    return (("x-queue-type", "quorum"), ("x-quorum-initial-group-size", replicas))
+
+
+#: At-least-once dead-lettering (RabbitMQ 3.10+, quorum queues only): the queue re-publishes a
+#: dead letter with publisher confirms and keeps it until the target queues confirmed, instead
+#: of RabbitMQ's default fire-and-forget. It needs ``x-overflow: reject-publish`` (with
+#: ``drop-head`` the broker silently falls back to at-most-once).
+AT_LEAST_ONCE: Args = (
+    ("x-dead-letter-strategy", "at-least-once"),
+    ("x-overflow", "reject-publish"),
+)
 
 
 @dataclass(frozen=True)
@@ -129,6 +151,10 @@ class Topology:
     queues: tuple[Queue, ...] = ()
     bindings: tuple[Binding, ...] = ()
     exchange_bindings: tuple[ExchangeBinding, ...] = ()
+    #: ``topology.default_queue_type``: also the type of the scheduler's lock and state queues.
+    default_queue_type: str = "classic"
+    #: ``topology.replicas``: quorum queues' initial group size (None: the broker's default).
+    replicas: int | None = None
     _by_queue: Mapping[str, Queue] = field(default_factory=dict, repr=False, compare=False)
 
     def queue(self, name: str) -> Queue | None:
@@ -159,7 +185,14 @@ class Topology:
             queues=tuple(q for q in self.queues if q.name in wanted),
             bindings=bindings,
             exchange_bindings=self.exchange_bindings,
+            default_queue_type=self.default_queue_type,
+            replicas=self.replicas,
         )
+
+    def queue_type(self, name: str) -> str:
+        """``classic`` or ``quorum``: what the config declares ``name`` as."""
+        q = self.queue(name)
+        return "quorum" if q is not None and q.args.get("x-queue-type") == "quorum" else "classic"
 
     def reaches(self, exchange: str, routing_key: str) -> tuple[str, ...]:
         """Names of the queues a publish to ``exchange``/``routing_key`` would reach."""
@@ -309,8 +342,12 @@ def delay_route(queue: str, seconds: int) -> tuple[str, str]:
 
 
 def _delay_infrastructure(
-    work_queues: Iterable[str],
+    work_queues: Iterable[str], queue_type: str = "classic", replicas: int | None = None
 ) -> tuple[list[Exchange], list[Queue], list[Binding], list[ExchangeBinding]]:
+    # Quorum levels close the classic levels' gap: RabbitMQ's default dead-lettering (one
+    # level to the next) is at-most-once, so a node crash mid-hop could lose a message; a
+    # quorum level hands it on at-least-once (confirmed by the next queue, else retried).
+    kind: Args = quorum_arguments(replicas) + AT_LEAST_ONCE if queue_type == "quorum" else ()
     exchanges = [Exchange(DELAY_DELIVER_EXCHANGE, "topic")]
     queues: list[Queue] = []
     bindings: list[Binding] = []
@@ -327,6 +364,7 @@ def _delay_infrastructure(
                 arguments=(
                     ("x-message-ttl", (2**n) * 1000),
                     ("x-dead-letter-exchange", onward),
+                    *kind,
                 ),
             )
         )
@@ -337,8 +375,18 @@ def _delay_infrastructure(
     return exchanges, queues, bindings, xbindings
 
 
-def build_topology(exchanges: Mapping[str, str], queues: Iterable[QueueSpec]) -> Topology:
-    """Derive the full topology (work queues, dead-letter and delay infrastructure)."""
+def build_topology(
+    exchanges: Mapping[str, str],
+    queues: Iterable[QueueSpec],
+    *,
+    default_queue_type: str = "classic",
+    replicas: int | None = None,
+) -> Topology:
+    """Derive the full topology (work queues, dead-letter and delay infrastructure).
+
+    ``default_queue_type`` is the type of the delay levels (and, through the config, of every
+    queue that does not say); a quorum work queue's DLQ is a quorum queue too.
+    """
     ex = [Exchange(name, type_) for name, type_ in exchanges.items()]
     ex.append(Exchange(DLX_EXCHANGE, "direct"))
     ex.extend(Exchange(name, kind) for name, kind in _FLEET_EXCHANGES)
@@ -350,8 +398,9 @@ def build_topology(exchanges: Mapping[str, str], queues: Iterable[QueueSpec]) ->
             ("x-dead-letter-exchange", DLX_EXCHANGE),
             ("x-dead-letter-routing-key", spec.name),
         ]
-        if spec.type == "quorum":
-            args.append(("x-queue-type", "quorum"))
+        quorum = spec.type == "quorum"
+        if quorum:
+            args.extend(quorum_arguments(spec.replicas))
         if spec.max_priority is not None:
             args.append(("x-max-priority", spec.max_priority))
         if spec.delivery_limit is not None:
@@ -361,10 +410,17 @@ def build_topology(exchanges: Mapping[str, str], queues: Iterable[QueueSpec]) ->
             args.extend((("x-max-length", spec.max_length), ("x-overflow", "reject-publish")))
         qs.append(Queue(spec.name, arguments=tuple(args)))
         bs.extend(Binding(exchange, spec.name, key) for exchange, key in spec.bindings)
-        dlq_args: tuple[tuple[str, Any], ...] = (
-            (("x-queue-type", "quorum"),) if spec.type == "quorum" else ()
-        )
+        dlq_args: Args = quorum_arguments(spec.replicas) if quorum else ()
         qs.append(Queue(dlq_name(spec.name), arguments=dlq_args, role="dead-letter"))
         bs.append(Binding(DLX_EXCHANGE, dlq_name(spec.name), spec.name))
-    dex, dqs, dbs, dxbs = _delay_infrastructure(s.name for s in specs)
-    return Topology(tuple(ex + dex), tuple(qs + dqs), tuple(bs + dbs), tuple(dxbs))
+    dex, dqs, dbs, dxbs = _delay_infrastructure(
+        (s.name for s in specs), default_queue_type, replicas
+    )
+    return Topology(
+        tuple(ex + dex),
+        tuple(qs + dqs),
+        tuple(bs + dbs),
+        tuple(dxbs),
+        default_queue_type=default_queue_type,
+        replicas=replicas,
+    )

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import measure, report
+from . import cluster, measure, report
 from .broker import RUN_PREFIX, delete_run_vhosts, overview, wait_until_broker_idle
 from .frameworks import (
     ROOT,
@@ -34,7 +34,10 @@ from .frameworks import (
 )
 from .procs import Procs
 
-PARTS = ("consume", "publish", "latency", "rpc", "rss", "countdown")
+PARTS = ("consume", "publish", "latency", "rpc", "rss", "countdown", "cluster")
+#: What a run measures without --only: the cluster group starts a 3-node cluster, so it runs
+#: only when asked for (--only cluster).
+DEFAULT_PARTS = frozenset(PARTS) - {"cluster"}
 FRAMEWORKS = ("amqptasks", "celery", "dramatiq", "raw-pika", "raw-aio-pika")
 DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -98,12 +101,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.comment and not args.render:
         p.error("--comment goes with --render (comment on a run after seeing it)")
-    only = {x.strip() for x in args.only.split(",") if x.strip()} or set(PARTS)
+    only = {x.strip() for x in args.only.split(",") if x.strip()} or set(DEFAULT_PARTS)
     bad = only - set(PARTS)
     if bad:
         p.error(f"--only: unknown {', '.join(sorted(bad))} (choose from {', '.join(PARTS)})")
     args.parts = only
-    fws = {x.strip() for x in args.frameworks.split(",") if x.strip()} or set(FRAMEWORKS)
+    fws = {x.strip() for x in args.frameworks.split(",") if x.strip()} or (
+        {"amqptasks"} if only == {"cluster"} else set(FRAMEWORKS)  # the group measures us only
+    )
     bad = fws - set(FRAMEWORKS)
     if bad:
         p.error(f"--frameworks: unknown {', '.join(sorted(bad))}")
@@ -218,6 +223,12 @@ def measure_all(args: argparse.Namespace, ctx: measure.Ctx, fws: list[Framework]
             measure.rss_after,
             (ctx, fws),
         ),
+        (
+            "cluster" in args.parts,
+            "amqptasks: 3-node cluster with quorum queues vs the single node",
+            cluster.compare,
+            (ctx, args.quick),
+        ),
     ]
     for wanted, title, fn, fargs in groups:
         if wanted:
@@ -298,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log(f"warning: could not save the results: {exc}")
     errors = results.errors()
-    partial = args.parts != set(PARTS) or args.fws != set(FRAMEWORKS) or args.quick
+    partial = args.parts != DEFAULT_PARTS or args.fws != set(FRAMEWORKS) or args.quick
     out = args.out or (None if partial else DOC)
     if out is not None and interrupted:
         log(f"\ninterrupted: {out} not written (python -m bench --render {saved} --out FILE)")

@@ -38,6 +38,10 @@ FIGURES = [
     Figure("cd_rss", "Pending countdowns: worker RSS", "MiB", False, "{:.1f}"),
     Figure("cd_unacked", "Pending countdowns: unacked deliveries", "msgs", False),
     Figure("cd_rate", "Pending countdowns: publish rate", "msg/s", True),
+    Figure(
+        "cluster_publish", "Publish, confirmed, pipelined: single node vs cluster", "msg/s", True
+    ),
+    Figure("cluster_consume", "Consume no-op, 2 workers: single node vs cluster", "tasks/s", True),
 ]
 BY_KEY = {f.key: f for f in FIGURES}
 

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import click
 
-from ..config import Settings, redact_url
+from ..config import Settings
 from ..loader import load_tasks
 from ..schedule import Schedule, format_utc, zone
 from ..scheduler import LOCK_QUEUE, Scheduler, collect_schedules
@@ -127,7 +127,7 @@ def beat(
     )
     echo(
         f"amqptasks beat {scheduler.hostname}\n"
-        f"  broker:    {redact_url(settings.broker.url)}\n"
+        f"  broker:    {settings.broker.display}\n"
         f"  config:    {settings.source}\n"
         f"  lock:      {LOCK_QUEUE} (single active consumer; heartbeat {heartbeat}s)\n"
         "  schedules:\n" + "\n".join(f"    {s.describe()}" for s in schedules)

@@ -42,7 +42,7 @@ def dlq_list(queue: str, limit: int, config_path: str | None) -> None:
     """A table of the dead letters of QUEUE (a work queue, or its .dlq)."""
     settings = settings_for(config_path)
     name = _dlq(settings, queue)
-    letters = asyncio.run(browse(settings.broker.url, name, limit))
+    letters = asyncio.run(browse(settings.broker.urls, name, limit))
     if not letters:
         click.echo(f"{name}: empty")
         return
@@ -74,7 +74,7 @@ def dlq_show(queue: str, message_id: str, config_path: str | None) -> None:
     """Every detail of one dead letter, traceback included."""
     settings = settings_for(config_path)
     name = _dlq(settings, queue)
-    for d in asyncio.run(browse(settings.broker.url, name, 1_000_000)):
+    for d in asyncio.run(browse(settings.broker.urls, name, 1_000_000)):
         if d.id == message_id:
             for field in (
                 "id",
@@ -188,4 +188,4 @@ def dlq_purge(queue: str, yes: bool, config_path: str | None) -> None:
     if not yes:
         click.confirm(f"delete every message in {name}?", abort=True)
 
-    click.echo(f"purged {asyncio.run(purge(settings.broker.url, name))} message(s) from {name}")
+    click.echo(f"purged {asyncio.run(purge(settings.broker.urls, name))} message(s) from {name}")

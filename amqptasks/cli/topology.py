@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..config import load_config, redact_url
+from ..config import load_config
 from ..errors import TopologyError
 from ..transport.aio import declare_topology
 from . import config_option, friendly_errors, main
@@ -37,7 +37,7 @@ def topology() -> None:
 def topology_show(everything: bool, config_path: str | None) -> None:
     """Print the exchanges, queues, bindings and arguments that will be declared."""
     settings = load_config(config_path)
-    click.echo(f"# from {settings.source}, broker {redact_url(settings.broker.url)}")
+    click.echo(f"# from {settings.source}, broker {settings.broker.display}")
     click.echo("\n".join(settings.topology.describe(everything=everything)))
     click.echo("routes:")
     for pattern, route in settings.routes.items():
@@ -56,7 +56,7 @@ def topology_apply(everything: bool, config_path: str | None) -> None:
     """Declare the topology idempotently; report objects whose arguments differ."""
     settings = load_config(config_path)
     try:
-        declared = asyncio.run(declare_topology(settings.broker.url, settings.topology))
+        declared = asyncio.run(declare_topology(settings.broker.urls, settings.topology))
     except TopologyError as exc:
         echo(f"error: {exc}", level=logging.ERROR)
         sys.exit(1)
@@ -65,4 +65,4 @@ def topology_apply(everything: bool, config_path: str | None) -> None:
             click.echo(f"declared {line}")
     else:
         click.echo("\n".join(settings.topology.describe()))
-    click.echo(f"topology applied to {redact_url(settings.broker.url)}: {len(declared)} objects")
+    click.echo(f"topology applied to {settings.broker.display}: {len(declared)} objects")

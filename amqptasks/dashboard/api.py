@@ -521,7 +521,7 @@ async def dlq_browse(request: web.Request) -> web.Response:
     name = _dlq_queue(dash, request.match_info["queue"])
     limit = _int(request, "limit", 100, 1, 1000)
     try:
-        letters = await browse(dash.settings.broker.url, name, limit)
+        letters = await browse(dash.settings.broker.urls, name, limit)
     except AmqpTasksError as exc:
         return _error(502, str(exc))
     return web.json_response(
@@ -577,7 +577,7 @@ async def dlq_purge(request: web.Request) -> web.Response:
     if body.get("confirm") != name:
         return _error(400, f'confirm by sending {{"confirm": "{name}"}}')
     try:
-        count = await purge(dash.settings.broker.url, name)
+        count = await purge(dash.settings.broker.urls, name)
     except AmqpTasksError as exc:
         return _error(502, str(exc))
     return web.json_response({"purged": count})

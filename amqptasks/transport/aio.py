@@ -19,7 +19,7 @@ import asyncio
 import logging
 import re
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -39,7 +39,16 @@ from ..errors import (
     UnroutableError,
 )
 from ..protocol import Properties
-from ..topology import Binding, Exchange, ExchangeBinding, Queue, Topology
+from ..topology import (
+    DELAY_PREFIX,
+    DLQ_SUFFIX,
+    Binding,
+    Exchange,
+    ExchangeBinding,
+    Queue,
+    Topology,
+)
+from .failover import Addresses
 from .pika_publisher import REPLY_TO, ReplyHandler
 from .refusal import refusal, refused
 
@@ -114,6 +123,29 @@ async def _connect(
         raise BrokerError(f"cannot connect to broker {redact_url(url)}: {exc!r}") from exc
 
 
+async def _connect_any(
+    addresses: Addresses, name: str, timeout: float, heartbeat: int | None = None
+) -> tuple[str, aio_pika.abc.AbstractConnection]:
+    """A connection to the first address that answers, tried in failover order (one round):
+    ``(address, connection)``. A refusal is raised at once (the nodes of one cluster share
+    users and vhosts); when none answers, the last error names every address."""
+    errors: list[str] = []
+    for url in addresses.round():
+        try:
+            conn = await _connect(url, name, timeout, heartbeat)
+        except BrokerRefused:
+            raise
+        except BrokerError as exc:
+            addresses.failed(url)
+            if len(addresses) == 1:
+                raise
+            errors.append(str(exc))
+            continue
+        addresses.answered(url)
+        return url, conn
+    raise BrokerError(f"no broker answered at {addresses}: " + "; ".join(errors))
+
+
 def _refused_channel(url: str, exc: BaseException, what: str) -> None:
     """Raise :class:`BrokerRefused` if ``exc`` is a permission refusal (403) on a channel."""
     reason = refusal(exc)
@@ -126,14 +158,16 @@ class AsyncPublisher:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         timeout: float = 10.0,
         name: str = "amqptasks publisher",
         on_reply: ReplyHandler | None = None,
         heartbeat: int | None = None,
     ) -> None:
-        self.url = url
+        self.addresses = Addresses(url)
+        #: The address of the current (or last) connection.
+        self.url = self.addresses.urls[0]
         self.timeout = timeout
         self.name = name
         self.on_reply = on_reply
@@ -143,6 +177,9 @@ class AsyncPublisher:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._lock = asyncio.Lock()
+        #: The channel was retired after a nack: open a new one on the same connection.
+        self._retired = False
+        self._closing: set[asyncio.Future[None]] = set()
 
     @property
     def reply_to(self) -> str | None:
@@ -154,9 +191,12 @@ class AsyncPublisher:
             return channel
         async with self._lock:
             if self._channel is None or self._channel.is_closed:
-                if self._conn is not None:
-                    await self._conn.close()
-                self._conn = await self._connect_retrying()
+                if not (self._retired and self._conn is not None and not self._conn.is_closed):
+                    if self._conn is not None:
+                        await self._conn.close()
+                        self.addresses.failed(self.url)  # lost: the next address first
+                    self._conn = await self._connect_retrying()
+                self._retired = False
                 self._channel = await self._conn.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
@@ -167,17 +207,30 @@ class AsyncPublisher:
 
     async def _connect_retrying(self) -> aio_pika.abc.AbstractConnection:
         """Connect, retrying with backoff; the caller's deadline (``wait_for``) bounds it. A
-        refusal (:class:`BrokerRefused`) is raised at once: retrying gets the same answer."""
+        refusal (:class:`BrokerRefused`) is raised at once: retrying gets the same answer.
+
+        Several addresses are tried in failover order, each attempt with its share of the
+        timeout (so a node that does not answer at all leaves time for the others); the
+        backoff sleep comes after a whole round failed."""
         delay = 0.1
+        many = len(self.addresses) > 1
+        attempt_timeout = max(self.timeout / len(self.addresses), 1.0) if many else self.timeout
         while True:
             try:
-                return await _connect(self.url, self.name, self.timeout, self.heartbeat)
+                url, conn = await _connect_any(
+                    self.addresses, self.name, attempt_timeout, self.heartbeat
+                )
             except BrokerRefused:
                 raise
             except BrokerError as exc:
                 self.last_error = exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+                continue
+            if url != self.url:
+                log.warning("publishing through broker %s", redact_url(url))
+            self.url = url
+            return conn
 
     async def _consume_replies(self, channel: aio_pika.abc.AbstractChannel) -> None:
         handler = self.on_reply
@@ -208,7 +261,7 @@ class AsyncPublisher:
             channel = await asyncio.wait_for(self._ready(), limit)
         except asyncio.TimeoutError as exc:
             raise BrokerError(
-                f"broker {redact_url(self.url)} unreachable for {limit}s; nothing was published "
+                f"broker {self.addresses} unreachable for {limit}s; nothing was published "
                 f"(last error: {self.last_error})"
             ) from exc
         try:
@@ -231,6 +284,7 @@ class AsyncPublisher:
             text = getattr(getattr(exc, "frame", None), "reply_text", "NO_ROUTE")
             raise UnroutableError(exchange, routing_key, str(text)) from exc
         except aio_pika.exceptions.DeliveryError as exc:
+            self._retire(channel)
             raise PublishNacked(
                 f"broker nacked the publish to exchange {exchange!r} routing key {routing_key!r}"
             ) from exc
@@ -243,7 +297,32 @@ class AsyncPublisher:
             _refused_channel(self.url, exc, f"the publish to exchange {exchange!r}")
             raise PublishError(f"publish to exchange {exchange!r} failed: {exc!r}") from exc
 
+    def _retire(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        """After a nack the next publish opens a new channel on the same connection: RabbitMQ
+        3.10 keeps nacking publishes to a quorum queue on a channel that first used it while
+        its leader was dying (see :mod:`.pika_publisher`). The old channel is closed once its
+        in-flight publishes had a second to be confirmed."""
+        if self._channel is not channel or self._conn is None:
+            return
+        log.warning(
+            "broker %s nacked a publish; the next publishes use a new channel",
+            redact_url(self.url),
+        )
+        self._channel = None
+        self._retired = True  # a new channel on the same connection, not a reconnect
+
+        async def close_later() -> None:
+            await asyncio.sleep(1.0)
+            if not channel.is_closed:
+                await channel.close()
+
+        task = asyncio.ensure_future(close_later())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
         if self._conn is not None:
             await self._conn.close()
         self._conn = self._channel = None
@@ -297,6 +376,8 @@ def describe_mismatch(kind: str, name: str, text: str) -> str:
     m = _INEQUIVALENT.search(text)
     if m is None:
         return f"{kind} {name!r}: the broker refused the declaration: {text}"
+    if m["arg"] == "x-queue-type":
+        return _type_mismatch(m["name"], _queue_type(m["theirs"]), _queue_type(m["ours"]))
     return (
         f"{m['kind']} {m['name']!r}: argument {m['arg']!r} differs — broker has "
         f"{m['theirs'].strip()}, config wants {m['ours'].strip()} "
@@ -304,16 +385,63 @@ def describe_mismatch(kind: str, name: str, text: str) -> str:
     )
 
 
-async def declare_topology(url: str, topology: Topology, *, timeout: float = 10.0) -> list[str]:
+def _queue_type(value: str) -> str:
+    """RabbitMQ's rendering of an ``x-queue-type`` value ("none", "the value 'quorum' of type
+    'longstr'") as the type it means: no argument is a classic queue."""
+    found = re.search(r"'([^']+)'", value)
+    return found.group(1) if found and value.strip() != "none" else "classic"
+
+
+def _type_mismatch(name: str, broker_type: str, config_type: str) -> str:
+    if name.startswith("amqptasks."):
+        setting = "topology.default_queue_type"
+    elif name.endswith(DLQ_SUFFIX):
+        setting = f"queues.{name[: -len(DLQ_SUFFIX)]}.type (a DLQ takes its queue's type)"
+    else:
+        setting = f"queues.{name}.type"
+    return (
+        f"queue {name!r} is a {broker_type} queue on the broker, the config declares a "
+        f"{config_type} queue (a queue's type cannot change in place: set {setting} to "
+        f"{broker_type}, or migrate: stop publishing to it, let it drain, delete it, run "
+        f"'amqptasks topology apply' — docs/cluster.md, 'Moving to quorum queues')"
+    )
+
+
+def _summarise(problems: list[tuple[str, str]]) -> list[str]:
+    """One line for the delay levels when their type differs (22 identical lines otherwise)."""
+    typed = [
+        (n, t)
+        for n, t in problems
+        if n.startswith(DELAY_PREFIX + ".") and "queue on the broker, the config declares" in t
+    ]
+    if len(typed) < 2:
+        return [t for _, t in problems]
+    first = typed[0][1]
+    found = re.search(
+        r"is an? (\w+) queue on the broker, the config declares an? (\w+) queue", first
+    )
+    assert found is not None
+    merged = (
+        f"{len(typed)} delay levels ({DELAY_PREFIX}.*) are {found[1]} queues on the broker, the "
+        f"config declares {found[2]} queues" + first[found.end() :]
+    )
+    skip = {n for n, _ in typed}
+    return [merged] + [t for n, t in problems if n not in skip]
+
+
+async def declare_topology(
+    url: str | Sequence[str], topology: Topology, *, timeout: float = 10.0
+) -> list[str]:
     """Declare every exchange, queue and binding idempotently; return what was declared.
 
     Objects that already exist with other arguments are collected and reported together as a
     :class:`TopologyError` naming each object, argument and both values, instead of stopping at
     the first PRECONDITION_FAILED (each failure closes its channel, so a new one is opened).
+    With several addresses, the first that answers is used (they are one cluster).
     """
-    conn = await _connect(url, "amqptasks topology", timeout)
+    url, conn = await _connect_any(Addresses(url), "amqptasks topology", timeout)
     done: list[str] = []
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     try:
         channel = await conn.channel(publisher_confirms=False)
 
@@ -324,12 +452,12 @@ async def declare_topology(url: str, topology: Topology, *, timeout: float = 10.
                 done.append(f"{kind} {name}")
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 problems.append(
-                    describe_mismatch(kind, name, str(exc.args[0] if exc.args else exc))
+                    (name, describe_mismatch(kind, name, str(exc.args[0] if exc.args else exc)))
                 )
                 channel = await conn.channel(publisher_confirms=False)
             except aiormq.exceptions.AMQPError as exc:
                 _refused_channel(url, exc, f"the declaration of {kind} {name!r}")
-                problems.append(f"{kind} {name!r}: {exc!r}")
+                problems.append((name, f"{kind} {name!r}: {exc!r}"))
                 channel = await conn.channel(publisher_confirms=False)
 
         for e in topology.exchanges:
@@ -345,7 +473,9 @@ async def declare_topology(url: str, topology: Topology, *, timeout: float = 10.
     finally:
         await conn.close()
     if problems:
-        raise TopologyError("topology differs from the broker:\n  " + "\n  ".join(problems))
+        raise TopologyError(
+            "topology differs from the broker:\n  " + "\n  ".join(_summarise(problems))
+        )
     return done
 
 
@@ -388,8 +518,9 @@ class DeadLetterSession:
     committed: an unroutable replay would lose the message.)
     """
 
-    def __init__(self, url: str, queue: str, *, timeout: float = 10.0) -> None:
-        self.url = url
+    def __init__(self, url: str | Sequence[str], queue: str, *, timeout: float = 10.0) -> None:
+        self.addresses = Addresses(url)
+        self.url = self.addresses.urls[0]
         self.queue_name = queue
         self.timeout = timeout
         self._conn: aio_pika.abc.AbstractConnection | None = None
@@ -398,7 +529,7 @@ class DeadLetterSession:
 
     async def open(self) -> int:
         """Connect; return how many messages the queue holds now."""
-        self._conn = await _connect(self.url, "amqptasks dlq", self.timeout)
+        self.url, self._conn = await _connect_any(self.addresses, "amqptasks dlq", self.timeout)
         self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         try:
             self._queue = await self._channel.declare_queue(self.queue_name, passive=True)

@@ -14,7 +14,10 @@ the lock to a standby, nothing the old scheduler sends can land any more.
   broker as a RESOURCE_LOCKED channel error). ``x-max-length: 1`` with ``drop-head`` keeps
   spare tokens (published by schedulers joining at the same moment) at one. The held token is
   renewed (publish a new one, ack the old, one transaction) every minute so it never outlives
-  the broker's ``consumer_timeout``.
+  the broker's ``consumer_timeout``. With ``topology.default_queue_type: quorum`` the lock
+  and state queues are quorum queues (replicated; single active consumer, ``x-max-length``
+  and ``drop-head`` work the same), so the lock outlives the node that hosted it
+  (docs/scheduler.md, "On a cluster").
 * **State** — ``state_queue`` (durable, ``x-max-length: 1``, ``drop-head``) holds the latest
   state document; it is read with ``basic.get`` and requeued, and replaced by each commit.
 * **Firings** — :meth:`BeatLink.commit` publishes the due tasks *and* the new state in one AMQP
@@ -50,6 +53,7 @@ import pika.exceptions
 from ..config import redact_url
 from ..errors import BrokerError
 from ..protocol import Properties
+from ..topology import quorum_arguments
 from .pika_publisher import to_pika
 from .refusal import refusal, refused
 
@@ -106,8 +110,14 @@ class BeatLink:
         heartbeat: int = 5,
         timeout: float = 10.0,
         stall_timeout: float | None = None,
+        queue_type: str = "classic",
+        replicas: int | None = None,
     ) -> None:
         self.url = url
+        #: Arguments both queues get on top of their own: the quorum type when configured.
+        self.queue_args: dict[str, Any] = (
+            dict(quorum_arguments(replicas)) if queue_type == "quorum" else {}
+        )
         self.lock_queue = lock_queue
         self.state_queue = state_queue
         self.name = name
@@ -242,12 +252,14 @@ class BeatLink:
         params.blocked_connection_timeout = self.timeout
         self._conn = pika.BlockingConnection(params)
         reader = self._reader = self._conn.channel()
-        reader.queue_declare(self.state_queue, durable=True, arguments=dict(_SINGLE_SLOT))
+        reader.queue_declare(
+            self.state_queue, durable=True, arguments={**_SINGLE_SLOT, **self.queue_args}
+        )
         ch = self._channel = self._conn.channel()
         declared = ch.queue_declare(
             self.lock_queue,
             durable=True,
-            arguments={"x-single-active-consumer": True, **_SINGLE_SLOT},
+            arguments={"x-single-active-consumer": True, **_SINGLE_SLOT, **self.queue_args},
         )
         ch.basic_qos(prefetch_count=1)
         ch.add_on_return_callback(self._on_return)

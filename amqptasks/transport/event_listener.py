@@ -26,6 +26,7 @@ import pika.exceptions
 from ..config import redact_url
 from ..errors import BrokerError, BrokerRefused
 from ..topology import EVENTS_EXCHANGE
+from .failover import Addresses
 from .refusal import refusal
 
 __all__ = ["EventListener", "Received"]
@@ -47,7 +48,7 @@ class EventListener:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         queue: str | None = None,
         routing_keys: Sequence[str] = ("#",),
@@ -55,7 +56,8 @@ class EventListener:
         name: str = "amqptasks events",
         timeout: float = 10.0,
     ) -> None:
-        self.url = url
+        self.addresses = Addresses(url)
+        self.url = self.addresses.urls[0]
         self.durable = queue is not None
         self.queue = queue or ""
         self.routing_keys = ("#",) if self.durable else tuple(routing_keys)
@@ -73,15 +75,23 @@ class EventListener:
         return BrokerError(f"{what} failed on {redact_url(self.url)}: {exc!r}")
 
     def open(self) -> str:
-        """Connect, declare the exchange and the queue, bind, consume; return the queue name."""
-        params = pika.URLParameters(self.url)
-        params.client_properties = {"connection_name": self.name}
-        params.socket_timeout = self.timeout
-        params.blocked_connection_timeout = self.timeout
-        try:
-            self._conn = pika.BlockingConnection(params)
-        except pika.exceptions.AMQPError as exc:
-            raise self._fail(exc, "the connection") from exc
+        """Connect (to the first address that answers), declare the exchange and the queue,
+        bind, consume; return the queue name."""
+        candidates = self.addresses.round()
+        for i, url in enumerate(candidates):
+            self.url = url
+            params = pika.URLParameters(url)
+            params.client_properties = {"connection_name": self.name}
+            params.socket_timeout = self.timeout
+            params.blocked_connection_timeout = self.timeout
+            try:
+                self._conn = pika.BlockingConnection(params)
+                break
+            except pika.exceptions.AMQPError as exc:
+                error = self._fail(exc, "the connection")
+                if isinstance(error, BrokerRefused) or i == len(candidates) - 1:
+                    raise error from exc
+                self.addresses.failed(url)
         try:
             ch = self._channel = self._conn.channel()
             ch.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True)

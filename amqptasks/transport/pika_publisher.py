@@ -12,6 +12,10 @@ the broker's ``basic.ack`` resolves. That gives three things a web app needs at 
 Every publish is ``mandatory``: a ``basic.return`` (no queue bound) arrives before the
 ``basic.ack`` of the same message and turns that ack into :class:`UnroutableError`. A nack
 raises :class:`PublishNacked`; no confirm within the bound raises :class:`PublishTimeout`.
+
+With several broker addresses (a cluster's nodes, :mod:`.failover`) a link is opened to the
+first that answers; when it is lost, what was unconfirmed fails ("may or may not have been
+delivered") and the next publish opens a link to the next address, within the same bound.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -42,6 +46,7 @@ from ..errors import (
 )
 from ..handoff import Handoff
 from ..protocol import Properties
+from .failover import Addresses
 from .refusal import refusal, refused
 
 __all__ = ["ReplyHandler", "SyncPublisher"]
@@ -100,6 +105,8 @@ class _Link:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.closed = False
+        #: Set after a nack: no new publishes here; closed once its last confirm arrived.
+        self.retiring = False
         self.channel: Any = None
         self._seq = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -238,6 +245,18 @@ class _Link:
                         f"{rec.routing_key!r} (e.g. a full queue with overflow reject-publish)"
                     )
                 )
+        if not acked and not self.retiring:
+            # A channel that got a nack is retired: RabbitMQ 3.10 keeps nacking every publish
+            # to a quorum queue on a channel that first used the queue while its leader was
+            # dying (measured: until the old leader's node came back). A new channel looks
+            # the leader up again; a full queue's nacks only cost a reconnect.
+            self.retiring = True
+            log.warning(
+                "broker %s nacked a publish; the next publishes use a new channel",
+                redact_url(self.url),
+            )
+        if self.retiring and not self._pending and self.conn.is_open:
+            self.conn.close()
 
     def _publish(self, rec: _Pending, body: bytes, props: pika.BasicProperties) -> None:
         if self.closed or self.channel is None or not self.channel.is_open:
@@ -340,23 +359,27 @@ class _Link:
 
 
 class SyncPublisher:
-    """Publishes with confirms from any thread; reconnects lazily after a lost connection."""
+    """Publishes with confirms from any thread; reconnects lazily after a lost connection,
+    to the next of several broker addresses when there are several."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         timeout: float = 10.0,
         name: str = "amqptasks publisher",
         on_reply: ReplyHandler | None = None,
         heartbeat: int | None = None,
     ) -> None:
-        self.url = url
+        self.addresses = Addresses(url)
+        self.url = self.addresses.urls[0]
         self.timeout = timeout
         self.name = name
         self.on_reply = on_reply
         self.heartbeat = heartbeat
         self._link: _Link | None = None
+        #: Links retired after a nack that still wait for their last confirms.
+        self._retired: list[_Link] = []
         self._lock = threading.Lock()
 
     @property
@@ -367,32 +390,74 @@ class SyncPublisher:
     def _connected(self, deadline: float) -> _Link:
         """An open link, reconnecting (with backoff) until ``deadline`` if the broker is down
         or the last connection died: a publish waits a bounded time, then raises. A broker
-        that refuses the login or the vhost raises :class:`BrokerRefused` at once."""
+        that refuses the login or the vhost raises :class:`BrokerRefused` at once.
+
+        Each attempt goes to the preferred address (:class:`.failover.Addresses`); a failed
+        or lost one hands over to the next. With several addresses an attempt that hangs
+        (a node that does not answer at all) gets its share of the remaining time, so the
+        others are still tried before the deadline. The backoff sleep comes after a whole
+        round of addresses failed, never between two of them.
+        """
         delay = 0.1
+        tried = 0
+        many = len(self.addresses) > 1
         while True:
             with self._lock:
                 link = self._link
+                if link is not None and link.retiring and not link.closed:
+                    # Its last confirms are still due: it closes itself once they arrived.
+                    self._retired = [x for x in self._retired if not x.closed] + [link]
+                    link = self._link = _Link(
+                        link.url, self.name, self.timeout, self.on_reply, self.heartbeat
+                    )
                 if link is None or link.closed:
                     if link is not None:
                         link.close()
+                        if not link.retiring:
+                            self.addresses.failed(link.url)
+                    url = self.addresses.preferred
                     link = self._link = _Link(
-                        self.url, self.name, self.timeout, self.on_reply, self.heartbeat
+                        url, self.name, self.timeout, self.on_reply, self.heartbeat
                     )
-            if not link.ready.wait(max(0.0, deadline - time.monotonic())):
-                raise PublishTimeout(
-                    f"could not open a channel to {redact_url(self.url)} within the publish "
-                    "timeout; nothing was published"
+            remaining = max(0.0, deadline - time.monotonic())
+            left_in_round = len(self.addresses) - tried % len(self.addresses)
+            share = max(remaining / left_in_round, min(remaining, 1.0)) if many else remaining
+            if not link.ready.wait(share):
+                if not many or time.monotonic() >= deadline:
+                    raise PublishTimeout(
+                        f"could not open a channel to {self.addresses} within the publish "
+                        "timeout; nothing was published"
+                    )
+                log.warning(
+                    "broker %s did not answer within %.1fs; trying the next address",
+                    redact_url(link.url),
+                    share,
                 )
+                with self._lock:
+                    if self._link is link:
+                        self._link = None
+                link.close()
+                self.addresses.failed(link.url)
+                tried += 1
+                continue
             if not link.closed:
+                if tried:
+                    log.warning("publishing through broker %s", redact_url(link.url))
+                self.addresses.answered(link.url)
                 return link
             if isinstance(link.error, BrokerRefused):  # asking again gets the same answer
                 raise BrokerRefused(str(link.error), link.error.reason)
+            tried += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BrokerError(
-                    f"broker {redact_url(self.url)} unreachable; nothing was published "
+                    f"broker {self.addresses} unreachable; nothing was published "
                     f"(last error: {link.error})"
                 )
+            if many and tried % len(self.addresses):
+                # Not a whole round yet: the next address at once (the loop marks this one
+                # failed when it replaces the closed link).
+                continue
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
 
@@ -433,6 +498,9 @@ class SyncPublisher:
     def close(self) -> None:
         with self._lock:
             link, self._link = self._link, None
+            retired, self._retired = self._retired, []
+        for old in retired:
+            old.close()
         if link is not None:
             link.close()
 

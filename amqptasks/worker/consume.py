@@ -11,7 +11,9 @@ broker refusing the login, the vhost or a permission, a queue that does not exis
 
 After a loss the consumers are re-attached to every queue; a task that was running keeps
 running and its ack (on the dead channel) is skipped — the broker already gave the delivery
-back (at-least-once).
+back (at-least-once). With several broker addresses (a cluster's nodes) each attempt goes to
+the next one in failover order (:mod:`..transport.failover`); the backoff grows only after a
+whole round of them failed, so a worker whose node died is consuming from another at once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..config import Settings, redact_url
 from ..errors import BrokerError, BrokerRefused, TopologyError
 from ..protocol import Envelope
 from ..transport.aio import declare_topology
+from ..transport.failover import Addresses
 from ..transport.pika_consumer import PikaConsumer
 from ..transport.pika_consumer import PikaDelivery as Delivery
 from .fastpath import FastPath
@@ -89,6 +92,9 @@ class ConsumeLoop:
         self._last_error: BaseException | str = "connection lost"
         self._declared = False
         self._delay = backoff_delays(settings.broker.reconnect_max_delay)
+        self.addresses = Addresses(settings.broker.urls)
+        #: The address of the current (or last) consuming connection.
+        self.url = self.addresses.preferred
 
     # -- the connection's life ------------------------------------------------------------------
     async def run(self) -> None:
@@ -97,10 +103,12 @@ class ConsumeLoop:
         connected_once = False
         started = time.monotonic()
         last_log = 0.0
+        in_round = 0  # addresses tried since the last backoff sleep
         while not self.stopping.is_set():
             self._lost.clear()
+            url = self.url = self.addresses.preferred
             consumer = PikaConsumer(
-                self.settings.broker.url,
+                url,
                 prefetch=self.prefetch,
                 name=f"{self.hostname} consumer",
                 heartbeat=self.settings.broker.heartbeat,
@@ -113,13 +121,20 @@ class ConsumeLoop:
             except (BrokerError, TopologyError) as exc:
                 await consumer.close()
                 self._last_error = exc
+                self.addresses.failed(url)
                 if isinstance(exc, (BrokerRefused, TopologyError)):
                     if not connected_once:
                         raise  # a configuration problem: say so and exit
                     log.error("reconnect refused, will retry: %s", exc)
+                in_round += 1
+                if in_round < len(self.addresses):
+                    log.warning("broker %s: %s; trying the next address", redact_url(url), exc)
+                    continue  # the rest of the round first, without a backoff sleep
             else:
+                self.addresses.answered(url)
                 if attempt or connected_once:
-                    log.warning("consuming again: %s", ", ".join(self.queues))
+                    where = f" on {redact_url(url)}" if len(self.addresses) > 1 else ""
+                    log.warning("consuming again%s: %s", where, ", ".join(self.queues))
                 attempt = 0
                 connected_once = True
                 if self.on_ready is not None:
@@ -128,6 +143,11 @@ class ConsumeLoop:
                 if self.done.is_set():
                     return
                 self.stats.reconnects += 1
+                self.addresses.failed(url)  # lost: the next address first
+                if len(self.addresses) > 1:
+                    in_round = 1
+                    continue  # another node at once: the backoff is for a whole round
+            in_round = 0
             delay = self._delay(attempt)
             attempt += 1
             waited = time.monotonic() - started
@@ -137,7 +157,7 @@ class ConsumeLoop:
                 and waited + delay > self.connect_timeout
             ):
                 raise BrokerError(
-                    f"no broker at {redact_url(self.settings.broker.url)} after "
+                    f"no broker at {self.addresses} after "
                     f"{waited:.1f}s (--connect-timeout {self.connect_timeout:g}): "
                     f"{self._last_error}"
                 )
@@ -163,9 +183,7 @@ class ConsumeLoop:
         await consumer.connect()
         self.consumer = consumer
         if self.declare and not self._declared:
-            await declare_topology(
-                self.settings.broker.url, self.settings.topology.subset(self.queues)
-            )
+            await declare_topology(self.url, self.settings.topology.subset(self.queues))
             self._declared = True
         consumer.add_close_callback(self._on_connection_lost)
         for q in self.queues:
@@ -207,7 +225,7 @@ class ConsumeLoop:
     async def add_queue(self, queue: str) -> None:
         """Consume one more queue from now on (and after every reconnect)."""
         if self.declare:
-            await declare_topology(self.settings.broker.url, self.settings.topology.subset([queue]))
+            await declare_topology(self.addresses.round(), self.settings.topology.subset([queue]))
         if self.consumer is not None and not self.consumer.is_closed:
             await self.consumer.consume(queue, self.on_delivery)
         self.queues = (*self.queues, queue)

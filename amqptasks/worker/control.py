@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from ..config import redact_url
 from ..control import (
     COMMANDS,
     Command,
@@ -241,7 +240,7 @@ async def conf(worker: Worker, arguments: Mapping[str, Any]) -> Any:
         "source": s.source,
         "hostname": worker.hostname,
         "broker": {
-            "url": redact_url(s.broker.url),
+            "url": s.broker.display,
             "publish_timeout": s.broker.publish_timeout,
             "heartbeat": s.broker.heartbeat,
             "consumer_timeout": s.broker.consumer_timeout,

@@ -137,7 +137,7 @@ class Worker:
             for name, t in self.tasks.items()
         }
         self.publisher = AsyncPublisher(
-            settings.broker.url,
+            settings.broker.urls,
             timeout=settings.broker.publish_timeout,
             name=f"{self.hostname} publisher",
             heartbeat=settings.broker.heartbeat,
@@ -217,7 +217,7 @@ class Worker:
         if settings.events.enabled if options.events is None else options.events:
             self.events = EventEmitter(
                 AsyncPublisher(
-                    settings.broker.url,
+                    settings.broker.urls,
                     timeout=settings.broker.publish_timeout,
                     name=f"{self.hostname} events",
                     heartbeat=settings.broker.heartbeat,
@@ -235,7 +235,7 @@ class Worker:
         self._limit_problems: list[str] | None = None
 
     def __repr__(self) -> str:
-        return f"<Worker {self.hostname} broker={redact_url(self.settings.broker.url)}>"
+        return f"<Worker {self.hostname} broker={self.settings.broker.display}>"
 
     @property
     def on_ready(self) -> Callable[[], None] | None:
@@ -319,7 +319,7 @@ class Worker:
             )
         lines = [
             f"amqptasks worker {self.hostname}",
-            f"  broker:      {redact_url(s.broker.url)}",
+            f"  broker:      {s.broker.display}",
             f"  config:      {s.source}",
             f"  results:     {redact_url(s.results.backend)}",
             f"  pool:        {self.options.pool}  concurrency={self.options.concurrency} "

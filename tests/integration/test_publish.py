@@ -141,6 +141,29 @@ def test_topology_apply_is_idempotent_and_names_mismatches(tmp_path, broker):
     assert "broker has" in text and "config wants" in text
 
 
+def test_a_classic_queue_under_a_quorum_config_is_named_with_the_way_out(tmp_path, broker):
+    """A config switched to quorum queues meets the classic queues of the previous one."""
+    classic = load_config(write_config(tmp_path, broker), env={})
+    asyncio.run(declare_topology(classic.broker.url, classic.topology))
+    quorum = load_config(
+        write_config(tmp_path, broker, topology={"default_queue_type": "quorum"}), env={}
+    )
+    with pytest.raises(TopologyError) as err:
+        asyncio.run(declare_topology(quorum.broker.url, quorum.topology))
+    lines = str(err.value).splitlines()
+    assert (
+        "  queue 'web_tasks' is a classic queue on the broker, the config declares a quorum "
+        "queue (a queue's type cannot change in place: set queues.web_tasks.type to classic, "
+        "or migrate: stop publishing to it, let it drain, delete it, run 'amqptasks topology "
+        "apply' — docs/cluster.md, 'Moving to quorum queues')"
+    ) in lines
+    assert any(
+        line.startswith("  22 delay levels (amqptasks.delay.*) are classic") for line in lines
+    )
+    assert not any("amqptasks.delay.3'" in line for line in lines)  # one line, not 22
+    assert "queues.web_tasks.type (a DLQ takes its queue's type)" in str(err.value)
+
+
 def test_send_many_pipelines_confirms_and_reports_the_failing_call(tmp_path, broker):
     app = _app(tmp_path, broker)
     ch = broker.channel()

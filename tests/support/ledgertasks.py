@@ -63,3 +63,17 @@ def body(results: list[int]) -> int:
         ),
     )
     return len(results)
+
+
+def tally(db: sqlite3.Connection) -> tuple[int, int, int, int]:
+    """(confirmed, confirmed ids executed, lost = confirmed never executed, duplicates =
+    executions beyond one per id)."""
+    confirmed = {r[0] for r in db.execute("SELECT id FROM published")}
+    runs = [r[0] for r in db.execute("SELECT id FROM runs")]
+    executed = set(runs)
+    return (
+        len(confirmed),
+        len(executed & confirmed),
+        len(confirmed - executed),
+        len(runs) - len(executed),
+    )

@@ -15,11 +15,16 @@ import threading
 
 
 class TcpProxy:
-    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, host: str = "127.0.0.1", listen_host: str | None = None
+    ) -> None:
+        """Forward ``listen_host`` (default: ``host``):<a free port> to ``host``:``target_port``
+        (a listen address of a network namespace's veth lets a process there reach a broker
+        that listens on loopback only)."""
         self.target = (host, target_port)
-        self.host = host
+        self.host = listen_host or host
         probe = socket.socket()
-        probe.bind((host, 0))
+        probe.bind((self.host, 0))
         self.port: int = probe.getsockname()[1]
         probe.close()
         self._lock = threading.Lock()
