@@ -316,7 +316,9 @@ class AmqpTasks(Framework):
         ]
 
     def versions(self) -> dict[str, str]:
-        return _dist_versions(["amqptasks", "aio-pika", "aiormq", "pamqp", "pika", "orjson"])
+        return _dist_versions(
+            ["amqptasks", "aio-pika", "aiormq", "pamqp", "pika", "orjson", "redis"]
+        )
 
 
 # -- Celery ------------------------------------------------------------------------------------
@@ -443,7 +445,7 @@ class Celery(Framework):
         ]
 
     def versions(self) -> dict[str, str]:
-        return _venv_versions(self.python, ["celery", "kombu", "amqp"])
+        return _venv_versions(self.python, ["celery", "kombu", "amqp", "redis"])
 
 
 # -- Dramatiq ----------------------------------------------------------------------------------

@@ -547,9 +547,10 @@ vhost, created and deleted through the management API.
   and latency measured meanwhile measures that.
 * Benchmarks are not tests: nothing here asserts a speed. On a 2-core machine the broker,
   the worker and the harness compete for the CPUs: keep other load off for real figures.
-  The test suite (`tests/bench`) runs a one-repeat `--quick` pass of amqptasks and raw pika
-  to keep the harness working: it checks that every figure was measured and reported and
-  that nothing was left running, never a speed.
+  The test suite (`tests/bench`) runs a one-repeat `--quick` pass of amqptasks and raw pika,
+  and one of the results and workflows groups (amqptasks, every store), to keep the harness
+  working: it checks that every figure was measured and reported and that nothing was left
+  running (nor in the harness's Redis database), never a speed.
 """
 
 
