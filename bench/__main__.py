@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import cluster, measure, report
+from . import cluster, measure, measure_results, report
 from .broker import RUN_PREFIX, delete_run_vhosts, overview, wait_until_broker_idle
 from .frameworks import (
     ROOT,
@@ -34,7 +34,17 @@ from .frameworks import (
 )
 from .procs import Procs
 
-PARTS = ("consume", "publish", "latency", "rpc", "rss", "countdown", "cluster")
+PARTS = (
+    "consume",
+    "publish",
+    "latency",
+    "rpc",
+    "rss",
+    "countdown",
+    "results",
+    "workflows",
+    "cluster",
+)
 #: What a run measures without --only: the cluster group starts a 3-node cluster, so it runs
 #: only when asked for (--only cluster).
 DEFAULT_PARTS = frozenset(PARTS) - {"cluster"}
@@ -77,6 +87,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rss-tasks", type=int, help="tasks before 'RSS after N tasks' (0 = skip)")
     p.add_argument("--rss-repeats", type=int, default=1, help="runs of RSS after N tasks")
     p.add_argument("--countdowns", type=int, help="pending countdown tasks (10k-100k)")
+    p.add_argument(
+        "--workflow-n", type=int, help="members of a group / chord, results read back by id"
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep worker/client logs")
     p.add_argument(
         "--results-dir",
@@ -133,6 +146,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         rss_repeats=args.rss_repeats,
         window=args.consume_window or (0.6 if q else 3.0),
         consume_max=100_000 if q else 400_000,
+        workflow=args.workflow_n or (300 if q else 10_000),
     )
     return args
 
@@ -149,7 +163,11 @@ def contenders(args: argparse.Namespace) -> list[Framework]:
         if name == "amqptasks":
             out.append(AmqpTasks(sys.executable))
         elif name == "celery":
-            out.append(Celery(ensure_venv("celery", "celery", "celery", log, args.refresh_peers)))
+            # redis: Celery's redis result backend (the results and workflows groups).
+            python = ensure_venv(
+                "celery", "celery[redis]", "celery, redis", log, args.refresh_peers
+            )
+            out.append(Celery(python))
         elif name == "dramatiq":
             python = ensure_venv(
                 "dramatiq", "dramatiq[rabbitmq]", "dramatiq", log, args.refresh_peers
@@ -173,6 +191,10 @@ def show(results: report.Results, info: dict[str, str]) -> None:
     for name, measured, met in report.targets(results):
         print(f"  target: {name}: {measured} ({met})")
     print()
+    costs = report.cost_rows(results)
+    if costs:
+        print(report.text_table(report.COST_HEADER, costs))
+        print()
     print(
         report.text_table(
             ["figure", "contender", "configuration", "median [min–max]"],
@@ -228,6 +250,18 @@ def measure_all(args: argparse.Namespace, ctx: measure.Ctx, fws: list[Framework]
             "amqptasks: 3-node cluster with quorum queues vs the single node",
             cluster.compare,
             (ctx, args.quick),
+        ),
+        (
+            "results" in args.parts,
+            "consume with results (no-op tasks, each result store, depth marks)",
+            measure_results.consume_with_results,
+            (ctx, fws, args.quick),
+        ),
+        (
+            "workflows" in args.parts,
+            f"workflows (group and chord of {args.sizes.workflow:,}, results read by id)",
+            measure_results.workflows,
+            (ctx, fws, args.quick),
         ),
     ]
     for wanted, title, fn, fargs in groups:
@@ -297,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "round trips": args.sizes.rpc,
         "RSS after tasks": args.sizes.rss_tasks,
         "countdowns": args.sizes.countdowns,
+        "workflow N": args.sizes.workflow,
         "duration": f"{elapsed / 60:.1f} min",
     }
     show(results, info)

@@ -222,6 +222,26 @@ class VHost:
         fields = {k: getattr(props, k) for k in _PROPS if getattr(props, k) is not None}
         return Template(body, fields)
 
+    def peek(self, queue: str, n: int) -> list[str]:
+        """What up to ``n`` messages at the head of ``queue`` are (id, task, redelivered),
+        put back afterwards: for an error message about messages that should not be there."""
+        ch = self.channel()
+        out, tags = [], []
+        for _ in range(n):
+            method, props, body = ch.basic_get(queue, auto_ack=False)
+            if method is None:
+                break
+            tags.append(method.delivery_tag)
+            headers = props.headers or {}
+            task = headers.get("task") or body[:80].decode(errors="replace")
+            out.append(
+                f"id={props.message_id or headers.get('id')} task={task} "
+                f"redelivered={method.redelivered}"
+            )
+        for tag in tags:
+            ch.basic_nack(tag, requeue=True)
+        return out
+
     def publish_copies(self, queue: str, template: Template, n: int) -> None:
         """Publish ``n`` fresh copies of ``template`` (unconfirmed, through the default
         exchange)."""

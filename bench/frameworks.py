@@ -22,6 +22,7 @@ import yaml
 
 from .broker import Template, VHost
 from .procs import BenchError, Procs
+from .stores import AMQPTASKS_DB, CELERY_DB
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = ROOT / ".amqptasks" / "bench"
@@ -46,6 +47,13 @@ class WorkerSpec:
     #: later (its event loop's poll timeout); its work is settled by then (acks_late acks
     #: right after each task), so it gets 3 s.
     stop_grace: float = 20.0
+    #: Results and workflows groups: the result store this configuration runs with ("" =
+    #: none configured, "rpc", "sqlite", "redis"; a fresh one per run, see bench/stores.py),
+    #: the bench task its pre-filled messages call, and whether the read-latency client
+    #: reads back the results its group run stored.
+    store: str = ""
+    seed: str = "noop"
+    reads: bool = False
 
 
 @dataclass
@@ -85,10 +93,12 @@ class Framework:
     def client_argv(self, mode: str, *args: str) -> list[str]:
         return [self.python, "-m", self.client, mode, *args]
 
-    def seed(self, procs: Procs, vh: VHost, env: dict[str, str]) -> Template:
-        """Publish one message through the framework's own API (which also declares what it
-        declares) and take it back as the template for pre-filling."""
-        procs.run(f"{self.name}-seed", self.client_argv("seed"), env, timeout=60)
+    def seed(self, procs: Procs, vh: VHost, env: dict[str, str], task: str = "noop") -> Template:
+        """Publish one message calling bench task ``task`` through the framework's own API
+        (which also declares what it declares) and take it back as the template for
+        pre-filling."""
+        argv = self.client_argv("seed", "--task", task)
+        procs.run(f"{self.name}-seed", argv, env, timeout=60)
         return vh.take_template(QUEUE)
 
     # -- configurations -------------------------------------------------------------------------
@@ -107,6 +117,22 @@ class Framework:
 
     def publish_specs(self) -> list[PublishSpec]:
         raise NotImplementedError
+
+    # -- results and workflows (bench/measure_results.py) --------------------------------
+    #: The Redis database this framework's store uses (bench/stores.py).
+    redis_db = 0
+
+    def results_specs(self) -> list[tuple[str, WorkerSpec]]:
+        """(figure, configuration) pairs of the consume-with-results group."""
+        return []
+
+    def workflow_specs(self) -> list[WorkerSpec]:
+        """Configurations for group/chord of N and the read-latency client."""
+        return []
+
+    def backend_env(self, url: str | None) -> dict[str, str]:
+        """Environment that points workers and clients at result store ``url``."""
+        return {}
 
     def versions(self) -> dict[str, str]:
         return {}
@@ -189,6 +215,10 @@ class AmqpTasks(Framework):
         quick: bool = True,
         events: bool = False,
         metrics: bool = False,
+        store: str = "",
+        seed: str = "noop",
+        reads: bool = False,
+        what: str = "",
     ) -> WorkerSpec:
         argvs = [
             [
@@ -218,6 +248,8 @@ class AmqpTasks(Framework):
         )
         if processes > 1:
             label = f"{processes} × ({label})"
+        if what:
+            label = f"{what}; {label}"
         return WorkerSpec(
             self.name,
             label,
@@ -226,6 +258,9 @@ class AmqpTasks(Framework):
             consumers=processes,
             prefetch_total=c * mult * processes,
             quick=quick,
+            store=store,
+            seed=seed,
+            reads=reads,
         )
 
     def consume_specs(self, processes: int) -> list[WorkerSpec]:
@@ -249,6 +284,37 @@ class AmqpTasks(Framework):
     def countdown_spec(self) -> WorkerSpec:
         return self._spec(1, "threads", 8, 32)
 
+    redis_db = AMQPTASKS_DB
+
+    def results_specs(self) -> list[tuple[str, WorkerSpec]]:
+        # "none" is today's consume figure: bench.noop ignores its result (a store is
+        # configured and unused, as with the default backend); the others run bench.rnoop,
+        # which keeps its result, with the message published without reply_to.
+        kinds = (
+            ("rc_none", "sqlite", "noop", "ignore_result (SQLite store configured, unused)"),
+            ("rc_rpc", "rpc", "rnoop", "rpc://, no reply wanted"),
+            ("rc_sqlite", "sqlite", "rnoop", "SQLite store"),
+            ("rc_redis", "redis", "rnoop", "Redis store"),
+        )
+        # The consume group's two best configurations (the threads pool is slower for
+        # no-ops; a store's writes are batched on their own thread either way).
+        pools = (("asyncio", 8, 32, True), ("asyncio", 256, 1, False))
+        return [
+            (fig, self._spec(1, pool, c, m, quick=q, store=store, seed=seed, what=what))
+            for fig, store, seed, what in kinds
+            for pool, c, m, q in pools
+        ]
+
+    def workflow_specs(self) -> list[WorkerSpec]:
+        return [
+            self._spec(1, pool, 8, 32, quick=q, store=store, reads=q, what=what)
+            for store, what in (("redis", "Redis store"), ("sqlite", "SQLite store"))
+            for pool, q in (("asyncio", True), ("threads", False))
+        ]
+
+    def backend_env(self, url: str | None) -> dict[str, str]:
+        return {"AMQPTASKS_RESULT_BACKEND": url} if url else {}
+
     def publish_specs(self) -> list[PublishSpec]:
         return [
             PublishSpec("pub_loop_confirmed", "send_task() loop, confirmed", ["--style", "loop"]),
@@ -260,7 +326,9 @@ class AmqpTasks(Framework):
         ]
 
     def versions(self) -> dict[str, str]:
-        return _dist_versions(["amqptasks", "aio-pika", "aiormq", "pamqp", "pika", "orjson"])
+        return _dist_versions(
+            ["amqptasks", "aio-pika", "aiormq", "pamqp", "pika", "orjson", "redis"]
+        )
 
 
 # -- Celery ------------------------------------------------------------------------------------
@@ -281,6 +349,10 @@ class Celery(Framework):
         instances: int = 1,
         quick: bool = True,
         note: str = "",
+        store: str = "",
+        seed: str = "noop",
+        reads: bool = False,
+        what: str = "",
     ) -> WorkerSpec:
         mult = max(1, PREFETCH // c)
         argvs = []
@@ -311,6 +383,8 @@ class Celery(Framework):
         label = f"{pool}{'' if pool == 'solo' else f' -c {c}'}, {ack}, prefetch {mult * c}"
         if instances > 1:
             label = f"{instances} × ({label})"
+        if what:
+            label = f"{what}; {label}"
         return WorkerSpec(
             self.name,
             label,
@@ -325,6 +399,9 @@ class Celery(Framework):
             note=note,
             quick=quick,
             stop_grace=3.0,
+            store=store,
+            seed=seed,
+            reads=reads,
         )
 
     def consume_specs(self, processes: int) -> list[WorkerSpec]:
@@ -341,6 +418,32 @@ class Celery(Framework):
             self._spec(2, "prefork", c=2, quick=False, note="3 OS processes: parent + 2 children"),
         ]
 
+    redis_db = CELERY_DB
+
+    def results_specs(self) -> list[tuple[str, WorkerSpec]]:
+        kinds = (
+            ("rc_none", "", "noop", "ignore_result"),
+            ("rc_redis", "redis", "rnoop", "redis backend"),
+        )
+        pools = (("solo", 1, True), ("threads", 8, False))
+        return [
+            (fig, self._spec(1, pool, c=c, quick=q, store=store, seed=seed, what=what))
+            for fig, store, seed, what in kinds
+            for pool, c, q in pools
+        ]
+
+    def workflow_specs(self) -> list[WorkerSpec]:
+        # Celery's chord with the redis backend joins in Redis (each member's result is
+        # appended and counted by one Lua script; the member that completes it calls the
+        # body), not with the polling celery.chord_unlock task.
+        return [
+            self._spec(1, "solo", store="redis", reads=True, what="redis backend"),
+            self._spec(1, "threads", c=8, store="redis", quick=False, what="redis backend"),
+        ]
+
+    def backend_env(self, url: str | None) -> dict[str, str]:
+        return {"BENCH_CELERY_BACKEND": url} if url else {}
+
     def publish_specs(self) -> list[PublishSpec]:
         return [
             PublishSpec(
@@ -352,7 +455,7 @@ class Celery(Framework):
         ]
 
     def versions(self) -> dict[str, str]:
-        return _venv_versions(self.python, ["celery", "kombu", "amqp"])
+        return _venv_versions(self.python, ["celery", "kombu", "amqp", "redis"])
 
 
 # -- Dramatiq ----------------------------------------------------------------------------------
@@ -465,7 +568,7 @@ class RawAioPika(RawPika):
     client = "bench.peers.raw_aiopika"
     has_rpc = False
 
-    def seed(self, procs: Procs, vh: VHost, env: dict[str, str]) -> Template:
+    def seed(self, procs: Procs, vh: VHost, env: dict[str, str], task: str = "noop") -> Template:
         procs.run("raw-seed", [self.python, "-m", "bench.peers.raw_pika", "seed"], env, timeout=60)
         return vh.take_template(QUEUE)
 
@@ -496,6 +599,11 @@ def venv_python(name: str) -> Path:
     return STATE / f"venv-{name}" / "bin" / "python"
 
 
+def _imports(python: Path, module: str) -> bool:
+    done = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, timeout=60)
+    return done.returncode == 0
+
+
 def ensure_venv(
     name: str,
     requirement: str,
@@ -506,34 +614,42 @@ def ensure_venv(
     venv: Path | None = None,
 ) -> str:
     """The peer's virtualenv under .amqptasks/bench/ (created with ``python3 -m venv`` and
-    ``pip install REQUIREMENT`` — the latest release — unless it already imports ``module``
-    and ``refresh`` is false). ``venv`` puts it elsewhere (the Celery ingest tests keep theirs
-    in .amqptasks/venvs/)."""
+    ``pip install REQUIREMENT`` — the latest release — unless it already imports ``module``,
+    e.g. ``"celery, redis"``, and ``refresh`` is false). ``venv`` puts it elsewhere (the Celery
+    ingest tests keep theirs in .amqptasks/venvs/). A virtualenv that exists but lacks
+    something the requirement gained later (the Celery one before it needed ``redis``) gets
+    it installed in place first, so a run that uses it meanwhile is not pulled from under."""
     python = venv / "bin" / "python" if venv is not None else venv_python(name)
-    if python.exists() and not refresh:
-        ok = subprocess.run(
-            [str(python), "-c", f"import {module}"], capture_output=True, timeout=60
-        )
-        if ok.returncode == 0:
-            return str(python)
     venv = python.parents[1]
-    log(f"creating {venv} and installing {requirement} (latest) ...")
+    logfile = STATE / f"install-{name}.log"
     STATE.mkdir(parents=True, exist_ok=True)
+    if python.exists() and not refresh:
+        if _imports(python, module):
+            return str(python)
+        log(f"{venv} cannot import {module}: installing {requirement} ...")
+        with logfile.open("w") as out:
+            _pip(out, [str(python), "-m", "pip", "install", "-q", requirement], logfile, True)
+        if _imports(python, module):
+            return str(python)
+    log(f"creating {venv} and installing {requirement} (latest) ...")
     base = shutil.which("python3") or sys.executable
     steps = [
         [base, "-m", "venv", "--clear", str(venv)],
         [str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"],
         [str(python), "-m", "pip", "install", "-q", requirement],
     ]
-    logfile = STATE / f"install-{name}.log"
     with logfile.open("w") as out:
         for step in steps:
-            try:
-                code = subprocess.run(
-                    step, stdout=out, stderr=subprocess.STDOUT, timeout=900
-                ).returncode
-            except subprocess.TimeoutExpired:
-                code = -1
-            if code != 0:
-                raise BenchError(f"{' '.join(step)} failed (exit {code}); see {logfile}")
+            _pip(out, step, logfile)
     return str(python)
+
+
+def _pip(out: Any, step: list[str], logfile: Path, tolerate: bool = False) -> None:
+    """Run one install step with its output in ``logfile`` (BenchError when it fails, unless
+    ``tolerate``: the caller then starts over from a fresh virtualenv)."""
+    try:
+        code = subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, timeout=900).returncode
+    except subprocess.TimeoutExpired:
+        code = -1
+    if code != 0 and not tolerate:
+        raise BenchError(f"{' '.join(step)} failed (exit {code}); see {logfile}")

@@ -36,6 +36,7 @@ class Sizes:
     rss_repeats: int
     window: float = 3.0  # seconds the consume measurement window should last at least
     consume_max: int = 400_000
+    workflow: int = 10_000  # members of a group / chord (and results read back by id)
 
 
 @dataclass
@@ -208,11 +209,17 @@ def prepare_all(
 
 @dataclass
 class _Item:
+    """One configuration's runs in a consume-style group. ``template`` overrides the
+    contender's seed message and ``once`` the single run (the results group runs each with
+    a fresh result store around :func:`_consume_once`)."""
+
     p: Prepared
     fig: str
     spec: WorkerSpec
     n: int
     done: int = 0
+    template: Template | None = None
+    once: Callable[..., tuple[float, float]] | None = None
 
 
 def consume(ctx: Ctx, frameworks: list[Framework], quick: bool, process_counts: list[int]) -> None:
@@ -227,29 +234,35 @@ def consume(ctx: Ctx, frameworks: list[Framework], quick: bool, process_counts: 
             for spec in p.fw.consume_specs(procs)
             if spec.quick or not quick
         ]
-        for item in items:  # first pass: calibrate N where the window is too short
-            _consume_item(ctx, item, calibrate=True)
-        for _ in range(ctx.sizes.repeats):
-            for item in items:
-                if item.done < ctx.sizes.repeats:
-                    _consume_item(ctx, item, calibrate=False)
+        run_items(ctx, items)
+
+
+def run_items(ctx: Ctx, items: list[_Item]) -> None:
+    """A calibration pass, then ``repeats`` round-robin passes over ``items``."""
+    for item in items:  # first pass: calibrate N where the window is too short
+        _consume_item(ctx, item, calibrate=True)
+    for _ in range(ctx.sizes.repeats):
+        for item in items:
+            if item.done < ctx.sizes.repeats:
+                _consume_item(ctx, item, calibrate=False)
 
 
 def _consume_item(ctx: Ctx, item: _Item, calibrate: bool) -> None:
     fw, spec = item.p.fw, item.spec
-    assert item.p.template is not None
+    template = item.template or item.p.template
+    assert template is not None
     res = _try(
         ctx,
         item.fig,
         fw,
         spec,
-        _consume_once,
+        item.once or _consume_once,
         ctx,
         fw,
         item.p.vh,
         item.p.env,
         spec,
-        item.p.template,
+        template,
         item.n,
     )
     if res is None:  # recorded as a failed repeat

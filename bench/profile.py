@@ -1,7 +1,8 @@
 """Profile amqptasks' hot paths with py-spy: ``python -m bench.profile worker|publish|countdown``.
 
-* ``worker``: pre-fill N no-op tasks, start ``amqptasks worker`` (``--events``: with events)
-  and record it with py-spy while it drains the queue;
+* ``worker``: pre-fill N no-op tasks, start ``amqptasks worker`` (``--events``: with events;
+  ``--store sqlite|redis``: tasks that keep their result, written to a fresh store) and
+  record it with py-spy while it drains the queue;
 * ``publish`` / ``countdown``: record the benchmark client publishing N tasks (``--style loop``
   or ``pipelined``; ``countdown`` publishes with a 600 s countdown).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import shutil
 import subprocess
@@ -22,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import stores
 from .broker import VHost, wait_for_broker
 from .frameworks import QUEUE, STATE, AmqpTasks, Framework, RawPika
 from .procs import Procs, wait_until
@@ -78,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--style", default="pipelined", choices=["loop", "pipelined"])
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--events", action="store_true", help="worker: with --events")
+    p.add_argument(
+        "--store",
+        default="",
+        choices=["", "rpc", "sqlite", "redis"],
+        help="worker: tasks keep their result in a fresh store of this kind",
+    )
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args(argv)
@@ -88,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{args.target}-{args.pool if args.target == 'worker' else args.style}-{stamp}"
+    if args.store:
+        name = f"{args.target}-{args.pool}-{args.store}-{stamp}"
     raw = outdir / f"{name}.txt"
     svg = outdir / f"{name}.svg"
     workdir = Path(tempfile.mkdtemp(prefix="amqptasks-profile-"))
@@ -96,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     fw: Framework = (
         RawPika(sys.executable) if args.target == "raw-pika" else AmqpTasks(sys.executable)
     )
+    store = contextlib.ExitStack()
     try:
         env = fw.setup(procs, vh, workdir)
+        url = store.enter_context(stores.fresh(args.store, fw.redis_db, workdir))
+        env.update(fw.backend_env(url))
         if args.target in ("worker", "raw-pika"):
-            template = fw.seed(procs, vh, env)
+            template = fw.seed(procs, vh, env, "rnoop" if args.store else "noop")
             print(f"pre-filling {args.n:,} messages ...", flush=True)
             vh.prefill(QUEUE, template, args.n, timeout=60 + args.n / 2000)
             if isinstance(fw, AmqpTasks):
@@ -140,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncollapsed stacks: {raw}\nflame graph:      {svg}")
     finally:
         procs.stop_all()
+        store.close()
         vh.delete()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

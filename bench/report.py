@@ -20,6 +20,11 @@ class Figure:
     unit: str
     higher_is_better: bool
     fmt: str = "{:,.0f}"
+    #: The figure the peers' values come from when they have no configuration of this one
+    #: (amqptasks' SQLite store is compared with Celery's redis backend).
+    versus: str = ""
+    #: The figure this one is a cost against, per contender (a result store vs no results).
+    baseline: str = ""
 
 
 FIGURES = [
@@ -42,6 +47,77 @@ FIGURES = [
         "cluster_publish", "Publish, confirmed, pipelined: single node vs cluster", "msg/s", True
     ),
     Figure("cluster_consume", "Consume no-op, 2 workers: single node vs cluster", "tasks/s", True),
+    Figure("rc_none", "Consume no-op with results: none (ignore_result)", "tasks/s", True),
+    Figure(
+        "rc_rpc",
+        "Consume no-op with results: rpc://, no reply wanted",
+        "tasks/s",
+        True,
+        baseline="rc_none",
+    ),
+    Figure(
+        "rc_sqlite",
+        "Consume no-op with results: SQLite store (Celery: its Redis backend)",
+        "tasks/s",
+        True,
+        versus="rc_redis",
+        baseline="rc_none",
+    ),
+    Figure(
+        "rc_redis",
+        "Consume no-op with results: Redis store",
+        "tasks/s",
+        True,
+        baseline="rc_none",
+    ),
+    Figure("wf_group_redis", "Group of N no-ops → all results, Redis store", "s", False, "{:.2f}"),
+    Figure(
+        "wf_group_sqlite",
+        "Group of N no-ops → all results, SQLite store (Celery: Redis)",
+        "s",
+        False,
+        "{:.2f}",
+        versus="wf_group_redis",
+    ),
+    Figure("wf_chord_redis", "Chord of N no-ops → body result, Redis store", "s", False, "{:.2f}"),
+    Figure(
+        "wf_chord_sqlite",
+        "Chord of N no-ops → body result, SQLite store (Celery: Redis)",
+        "s",
+        False,
+        "{:.2f}",
+        versus="wf_chord_redis",
+    ),
+    Figure(
+        "read_p50_redis",
+        "AsyncResult(id).get() by id, other process, p50, Redis",
+        "ms",
+        False,
+        "{:.3f}",
+    ),
+    Figure(
+        "read_p99_redis",
+        "AsyncResult(id).get() by id, other process, p99, Redis",
+        "ms",
+        False,
+        "{:.3f}",
+    ),
+    Figure(
+        "read_p50_sqlite",
+        "AsyncResult(id).get() by id, other process, p50, SQLite (Celery: Redis)",
+        "ms",
+        False,
+        "{:.3f}",
+        versus="read_p50_redis",
+    ),
+    Figure(
+        "read_p99_sqlite",
+        "AsyncResult(id).get() by id, other process, p99, SQLite (Celery: Redis)",
+        "ms",
+        False,
+        "{:.3f}",
+        versus="read_p99_redis",
+    ),
 ]
 BY_KEY = {f.key: f for f in FIGURES}
 
@@ -112,11 +188,22 @@ class Results:
         key = (lambda s: s.median) if f.higher_is_better else (lambda s: -s.median)
         return max(cands, key=key)
 
+    def peer_best(
+        self, figure: str, group: str, framework: str | None = None, plain: bool = False
+    ) -> Series | None:
+        """A peer's best for ``figure``, or for the figure it is compared with (``versus``)
+        when the peer has no configuration of this one."""
+        found = self.best(figure, group, framework, plain)
+        versus = BY_KEY[figure].versus
+        if found is None and versus and group != "amqptasks":
+            found = self.best(versus, group, framework, plain)
+        return found
+
     def ratio(
         self, figure: str, group: str, framework: str | None = None, plain: bool = False
     ) -> float | None:
         a = self.best(figure, "amqptasks")
-        b = self.best(figure, group, framework, plain)
+        b = self.peer_best(figure, group, framework, plain)
         if a is None or b is None or not b.median:
             return None
         assert a.median is not None
@@ -169,7 +256,7 @@ def summary_rows(res: Results) -> list[list[str]]:
             continue
         cells = [f"{f.title} ({f.unit}, {'higher' if f.higher_is_better else 'lower'} is better)"]
         for g in GROUPS:
-            b = res.best(f.key, g)
+            b = res.best(f.key, g) if g == "amqptasks" else res.peer_best(f.key, g)
             cells.append(b.cell() if b else "n/a")
         cells += [_ratio_text(res.ratio(f.key, g)) for g in ("celery", "dramatiq", "raw")]
         rows.append(cells)
@@ -222,6 +309,42 @@ def detail_rows(res: Results) -> list[list[str]]:
     return rows
 
 
+def cost_rows(res: Results) -> list[list[str]]:
+    """Each contender's figure with a ``baseline`` against its own baseline: what a result
+    store costs in no-op throughput (best configuration of each, by median)."""
+    rows = []
+    for f in FIGURES:
+        if not f.baseline:
+            continue
+        for g in GROUPS:
+            s = res.best(f.key, g)
+            base = res.best(f.baseline, g)
+            if s is None or base is None or not base.median or s.median is None:
+                continue
+            r = s.median / base.median
+            rows.append(
+                [
+                    f.title,
+                    s.framework,
+                    s.cell(),
+                    base.cell(),
+                    _ratio_text(r),
+                    f"{(1 - r) * 100:.0f} %" if f.higher_is_better else "n/a",
+                ]
+            )
+    return rows
+
+
+COST_HEADER = [
+    "figure",
+    "contender",
+    "median [min–max]",
+    "without results",
+    "ratio",
+    "throughput lost",
+]
+
+
 def targets(res: Results) -> list[tuple[str, str, str]]:
     """(target, measured, met?) — informational; benchmarks never fail a run."""
     out = []
@@ -265,7 +388,35 @@ def targets(res: Results) -> list[tuple[str, str, str]]:
         res.ratio("lat_p50", "dramatiq"),
         lambda r: r <= 1,
     )
+    # Issue 10: workflows ≥ 2× Celery (its redis backend); a store costs ≤ 30 % of the no-op
+    # consume rate. Times: Celery's time ÷ ours is how many times faster we are.
+    for fig, what in (
+        ("wf_group_redis", "group of N (Redis store)"),
+        ("wf_group_sqlite", "group of N (SQLite store)"),
+        ("wf_chord_redis", "chord of N (Redis store)"),
+        ("wf_chord_sqlite", "chord of N (SQLite store)"),
+    ):
+        r = res.ratio(fig, "celery")
+        check(f"{what} ≥ 2× as fast as Celery's redis backend", 1 / r if r else None, _ge(2))
+    for fig, what in (("rc_sqlite", "SQLite"), ("rc_redis", "Redis")):
+        s = res.best(fig, "amqptasks")
+        base = res.best("rc_none", "amqptasks")
+        lost = (
+            1 - s.median / base.median
+            if s is not None and base is not None and s.median and base.median
+            else None
+        )
+        check(
+            f"the {what} store costs ≤ 30 % of no-op consume throughput",
+            lost,
+            lambda v: v <= 0.30,
+            "{:.0%} lost",
+        )
     return out
+
+
+def _ge(limit: float) -> Any:
+    return lambda v: v >= limit
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -328,13 +479,15 @@ METHOD = """\
 ./dev bench            # full run (tens of minutes): writes this file
 ./dev bench --quick    # small N, main configurations, 3 repeats, no 1M-task RSS: minutes
 python -m bench --help # --only, --repeats, --out, --no-peers, --frameworks, sizes
+python -m bench --only results,workflows   # results and workflows vs Celery (Redis)
 python -m bench.profile worker --pool asyncio   # py-spy profile of a worker draining 200k
 ```
 
 The harness creates the peers' virtualenvs itself (`.amqptasks/bench/venv-celery`,
-`.amqptasks/bench/venv-dramatiq`: `python3 -m venv` + `pip install celery` /
+`.amqptasks/bench/venv-dramatiq`: `python3 -m venv` + `pip install 'celery[redis]'` /
 `pip install 'dramatiq[rabbitmq]'`, the latest releases; reused when present) and runs
-everything against the project's local RabbitMQ, each measurement group in its own
+everything against the project's local RabbitMQ (and, for the results and workflows
+groups, its local Redis; `./dev bench` starts both), each measurement group in its own
 vhost, created and deleted through the management API.
 
 ## Method
@@ -363,6 +516,25 @@ vhost, created and deleted through the management API.
   messages excluded.
 * **`delay().get()`**: sequential round trips (amqptasks: direct reply-to; Celery: the
   `rpc://` backend; Dramatiq: n/a, its results need Redis or Memcached).
+* **Consume with results** (`results`): the consume measurement (one worker process) with
+  each result configuration, every run on a fresh store — amqptasks: `ignore_result`
+  (today's consume figure: a store configured, the task keeps nothing), `rpc://` with no
+  reply wanted (the task keeps its result, the message has no `reply_to`), the SQLite store
+  (a new file per run, on the project's disk), the Redis store; Celery: `ignore_result` and
+  its redis backend (`result_extended` off, its default). "What results cost" sets each
+  figure against the same contender's no-results figure.
+* **Workflows** (`workflows`): with the worker consuming, one client applies
+  `group(noop.s() for _ in range(N))` and waits for every result, then
+  `chord(noop.s() for _ in range(N))(size.s())` and waits for the body's result (N = 10,000;
+  each timed from the call to the last result, the results checked, after an untimed
+  warm-up of 100). Celery uses its redis backend, whose chord is joined in Redis (each
+  member's result appended and counted by one Lua script; the member that completes it
+  calls the body) rather than by the polling `celery.chord_unlock` task; its group is
+  published unconfirmed (its default). amqptasks uses its Redis store and, as a second row,
+  its SQLite store (compared with Celery's Redis backend). Then a **fresh process** reads
+  the group's N results back by id, one `AsyncResult(id).get()` at a time (p50/p99). Redis
+  is the project's local one (`deploy/redis.sh`): database 14 for amqptasks, 15 for Celery,
+  flushed before and after every run.
 * **RSS**: VmRSS from `/proc` of the worker process and all its descendants (Celery prefork,
   Dramatiq's supervisor and worker processes are summed), idle = 2 s after it is consuming.
 * **Pending countdowns**: N tasks published with a 600 s countdown/delay while the worker
@@ -379,9 +551,10 @@ vhost, created and deleted through the management API.
   and latency measured meanwhile measures that.
 * Benchmarks are not tests: nothing here asserts a speed. On a 2-core machine the broker,
   the worker and the harness compete for the CPUs: keep other load off for real figures.
-  The test suite (`tests/bench`) runs a one-repeat `--quick` pass of amqptasks and raw pika
-  to keep the harness working: it checks that every figure was measured and reported and
-  that nothing was left running, never a speed.
+  The test suite (`tests/bench`) runs a one-repeat `--quick` pass of amqptasks and raw pika,
+  and one of the results and workflows groups (amqptasks, every store), to keep the harness
+  working: it checks that every figure was measured and reported and that nothing was left
+  running (nor in the harness's Redis database), never a speed.
 """
 
 
@@ -418,6 +591,16 @@ def markdown(res: Results, info: dict[str, str], params: dict[str, Any], summary
         "",
         md_table(["target", "measured", "met"], [list(t) for t in targets(res)]),
         "",
+    ]
+    costs = cost_rows(res)
+    if costs:
+        lines += [
+            "### What results cost (consume no-op, 1 worker process; best configuration of each)",
+            "",
+            md_table(COST_HEADER, costs),
+            "",
+        ]
+    lines += [
         "### Every configuration (`*` = that contender's best for the figure)",
         "",
         md_table(["figure", "contender", "configuration", "median [min–max]"], detail_rows(res)),

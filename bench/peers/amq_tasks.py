@@ -27,3 +27,18 @@ def echo(value: int) -> int:
 @app.task(name="bench.later", ignore_result=True)
 def later() -> None:
     count()
+
+
+# Results and workflows: tasks that keep their result (what ``results.backend`` names).
+
+
+@app.task(name="bench.rnoop")
+def rnoop() -> None:
+    """A no-op whose result (None) is kept: a group member, a chord member, a stored record."""
+    count()
+
+
+@app.task(name="bench.size")
+def size(results: list[object]) -> int:
+    """A chord body: how many member results it was given (the harness checks it is N)."""
+    return len(results)

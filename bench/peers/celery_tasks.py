@@ -3,7 +3,10 @@
 Settings every framework shares: durable queue, persistent messages, JSON only. The worker's
 options (pool, concurrency, acks_late, prefetch multiplier) come from the command line and
 ``$BENCH_ACKS_LATE`` / ``$BENCH_PREFETCH_MULTIPLIER``; ``$BENCH_CONFIRM=1`` turns on publisher
-confirms for clients. Results: the ``rpc://`` backend (AMQP, like amqptasks), only for echo.
+confirms for clients. Results: the ``rpc://`` backend (AMQP, like amqptasks), only for echo;
+``$BENCH_CELERY_BACKEND`` (a ``redis://`` URL) for the results and workflows group, whose tasks
+(``rnoop``, ``size``) keep their results. ``result_extended`` stays off (Celery's default: no
+task name, args or worker in the stored record).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from celery import Celery
 
 from bench.peers.common import QUEUE, URL, count, record_latency
 
-app = Celery("bench", broker=URL, backend="rpc://")
+app = Celery("bench", broker=URL, backend=os.environ.get("BENCH_CELERY_BACKEND", "rpc://"))
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
@@ -31,6 +34,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_transport_options={"confirm_publish": os.environ.get("BENCH_CONFIRM") == "1"},
     worker_hijack_root_logger=True,
+    result_extended=False,
 )
 
 
@@ -53,3 +57,13 @@ def echo(value: int) -> int:
 @app.task(name="bench.later")
 def later() -> None:
     count()
+
+
+@app.task(name="bench.rnoop", ignore_result=False)
+def rnoop() -> None:
+    count()
+
+
+@app.task(name="bench.size", ignore_result=False)
+def size(results: list[object]) -> int:
+    return len(results)

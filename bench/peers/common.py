@@ -9,6 +9,9 @@ Standard library only: this module is imported by the Celery and Dramatiq virtua
 * :func:`record_latency` — publish→start: ``time.time() - sent`` appended to
   ``$BENCH_LAT_FILE`` (one line per sample, taken before any I/O).
 * :func:`emit` — a client's result, one ``BENCH-RESULT {json}`` line on stdout.
+* :func:`workflows` / :func:`reads` — what the workflow and read-latency clients of every
+  framework time, the same way: a group and a chord of N no-ops to their results, then (in a
+  fresh process) N results read back by id one at a time.
 """
 
 from __future__ import annotations
@@ -133,6 +136,78 @@ def round_trips(n: int, warmup: int, call: Callable[[int], object]) -> dict[str,
     }
 
 
+def workflows(
+    n: int,
+    warmup: int,
+    run_group: Callable[[int], list[Any]],
+    run_chord: Callable[[int], Any],
+    ids_file: str | None,
+) -> dict[str, float]:
+    """Time ``run_group(n)`` (apply a group of ``n`` no-ops, return every member's result) and
+    ``run_chord(n)`` (apply a chord of ``n`` no-ops whose body counts what it got, return the
+    body's result), each from the call to the last result, after an untimed warm-up of size
+    ``warmup``. The results are checked (``n`` Nones; the body saw ``n``): a run whose
+    results are wrong fails instead of reporting a time. ``run_group`` may leave the member
+    ids in ``LAST_IDS``; they are written to ``ids_file`` (one a line) for :func:`reads`."""
+    if warmup:
+        _check_group(run_group(warmup), warmup)
+        _check_chord(run_chord(warmup), warmup)
+    LAST_IDS.clear()
+    t0 = time.perf_counter()
+    out = run_group(n)
+    group_s = time.perf_counter() - t0
+    _check_group(out, n)
+    if ids_file:
+        if len(LAST_IDS) != n:
+            raise RuntimeError(f"the group left {len(LAST_IDS)} member ids, expected {n}")
+        with open(ids_file, "w") as f:
+            f.write("\n".join(LAST_IDS) + "\n")
+    t0 = time.perf_counter()
+    body = run_chord(n)
+    chord_s = time.perf_counter() - t0
+    _check_chord(body, n)
+    return {"group_s": group_s, "chord_s": chord_s}
+
+
+#: Member ids of the last group :func:`workflows` ran (filled by the framework's client).
+LAST_IDS: list[str] = []
+
+
+def _check_group(results: list[Any], n: int) -> None:
+    if len(results) != n or any(r is not None for r in results):
+        bad = [r for r in results if r is not None][:3]
+        raise RuntimeError(f"group of {n}: got {len(results)} results, non-None: {bad!r}")
+
+
+def _check_chord(body: Any, n: int) -> None:
+    if body != n:
+        raise RuntimeError(f"chord of {n}: the body counted {body!r} member results")
+
+
+def reads(ids_file: str, read: Callable[[str], object]) -> dict[str, float]:
+    """Read every id of ``ids_file`` once, one at a time (``read(id)`` must return the stored
+    result: None for the no-ops); p50/p99 of one read in ms, and reads per second."""
+    with open(ids_file) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise RuntimeError(f"{ids_file}: no ids to read")
+    samples = []
+    t_all = time.perf_counter()
+    for task_id in ids:
+        t0 = time.perf_counter()
+        value = read(task_id)
+        samples.append(time.perf_counter() - t0)
+        if value is not None:
+            raise RuntimeError(f"result of {task_id} read back as {value!r}, expected None")
+    total = time.perf_counter() - t_all
+    return {
+        "n": len(ids),
+        "p50_ms": percentile(samples, 50) * 1000,
+        "p99_ms": percentile(samples, 99) * 1000,
+        "rate": len(ids) / total,
+    }
+
+
 def arg_parser(description: str) -> Any:
     import argparse
 
@@ -145,4 +220,6 @@ def arg_parser(description: str) -> Any:
     p.add_argument("--confirm", action="store_true")
     p.add_argument("--style", default="loop")
     p.add_argument("--countdown", type=float, default=600.0)
+    p.add_argument("--task", default="noop", help="seed: which bench task (noop, rnoop)")
+    p.add_argument("--ids", help="workflows: write the group's ids here; read: read them")
     return p

@@ -13,7 +13,10 @@ import subprocess
 import sys
 
 import pytest
+import redis
 from broker_fixtures import ROOT, mgmt
+
+from bench import stores
 
 pytestmark = pytest.mark.broker
 #: A measured cell: "25,370 (1 run)" or "24,028 [21,704–28,688]" (never "n/a").
@@ -87,6 +90,55 @@ def test_quick_run_measures_reports_and_cleans_up(tmp_path, broker):
     assert rendered.returncode == 0, rendered.stderr
     assert again.read_text() == text
     # Nothing left behind: no run vhosts, no worker or client processes.
+    assert not [v["name"] for v in mgmt("GET", "/vhosts") if v["name"].startswith("bench-")]
+    assert _bench_processes() == []
+
+
+def test_quick_results_and_workflows_measure_every_store(tmp_path, broker):
+    """The results and workflows groups (issue 10) in quick mode: every store's figure is
+    measured for amqptasks, the cost table and the targets are reported, and the Redis
+    database the harness uses is left empty."""
+    report = tmp_path / "report.md"
+    run = _bench(
+        "--quick",
+        "--frameworks",
+        "amqptasks",
+        "--only",
+        "results,workflows",
+        "--repeats",
+        "1",
+        "--workflow-n",
+        "200",
+        "--results-dir",
+        str(tmp_path),
+        "--out",
+        str(report),
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    text = report.read_text()
+    for figure in (
+        "Consume no-op with results: none (ignore_result) (tasks/s)",
+        "Consume no-op with results: rpc://, no reply wanted (tasks/s)",
+        "Consume no-op with results: SQLite store (Celery: its Redis backend) (tasks/s)",
+        "Consume no-op with results: Redis store (tasks/s)",
+        "Group of N no-ops → all results, Redis store (s)",
+        "Group of N no-ops → all results, SQLite store (Celery: Redis) (s)",
+        "Chord of N no-ops → body result, Redis store (s)",
+        "Chord of N no-ops → body result, SQLite store (Celery: Redis) (s)",
+        "AsyncResult(id).get() by id, other process, p50, Redis (ms)",
+        "AsyncResult(id).get() by id, other process, p99, SQLite (Celery: Redis) (ms)",
+    ):
+        rows = [line for line in text.splitlines() if line.startswith(f"| {figure}")]
+        assert any("| amqptasks |" in r and re.search(VALUE, r) for r in rows), f"{figure}: {rows}"
+    assert "### What results cost" in text
+    costs = [line for line in text.splitlines() if line.startswith("| Consume no-op with results")]
+    assert any("Redis store" in line and "%" in line for line in costs), costs
+    assert "| the SQLite store costs ≤ 30 % of no-op consume throughput |" in text
+    # The ids of the group of 200 were read back one at a time by a fresh process.
+    assert "200 results by id, fresh process" in text
+    # The harness's Redis database is empty again; nothing is left running.
+    with redis.Redis.from_url(stores.redis_url(stores.AMQPTASKS_DB)) as client:
+        assert client.dbsize() == 0
     assert not [v["name"] for v in mgmt("GET", "/vhosts") if v["name"].startswith("bench-")]
     assert _bench_processes() == []
 
