@@ -126,7 +126,12 @@ def events(
     keys = wanted.routing_keys()
     if not keys:
         raise click.UsageError("--task/--task-queue match task events only; --state names none")
-    listener = EventListener(settings.broker.urls, queue=durable_queue, routing_keys=keys)
+    listener = EventListener(
+        settings.broker.urls,
+        queue=durable_queue,
+        routing_keys=keys,
+        queue_type=settings.topology.default_queue_type,
+    )
     signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: close cleanly, exit 0
     json_lines = as_json or dump
     printed = 0

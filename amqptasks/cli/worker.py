@@ -96,7 +96,7 @@ def _limits(settings: Settings, time_limit: float | None, soft: float | None) ->
 
 def _purge(settings: Settings, names: tuple[str, ...], declare: bool, yes: bool) -> None:
     """``--purge``: say what would go, ask (unless ``--yes``), purge, say what went."""
-    url = settings.broker.url
+    url = settings.broker.urls
     if declare:  # a first start: the queues may not exist yet
         asyncio.run(declare_topology(url, settings.topology.subset(names)))
     counts = asyncio.run(purge_queues(url, list(names), count_only=True))

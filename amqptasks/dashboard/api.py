@@ -451,10 +451,10 @@ def _worker_command(command: str, done: str) -> Any:
                 return _error(400, "give the queue (?queue=NAME)")
             args["queue"] = queue
         elif command in ("pool-grow", "pool-shrink"):
-            args["n"] = str(_int(request, "n", 1, 1, 10_000))
+            args["n"] = _int(request, "n", 1, 1, 10_000)
         elif command == "autoscale":
-            args["max"] = str(_int(request, "max", 1, 1, 10_000))
-            args["min"] = str(_int(request, "min", 0, 0, 10_000))
+            args["max"] = _int(request, "max", 1, 1, 10_000)
+            args["min"] = _int(request, "min", 1, 1, 10_000)
         return await _command(_dash(request), command, args, [name], done)
 
     return handler

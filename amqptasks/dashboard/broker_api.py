@@ -2,7 +2,8 @@
 unacked, consumers, publish and deliver rates) with aiohttp's client.
 
 The URL defaults to ``http://<broker host>:15672`` with the broker URL's user and password
-(``dashboard.management_url`` overrides it). The password travels only in the
+(``dashboard.management_url`` overrides it); with several broker addresses (a cluster), one
+such URL per broker host, the next used when one stops answering. The password travels only in the
 ``Authorization`` header: it is never part of a URL that an error message could show.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -44,29 +46,49 @@ class BrokerApi:
     """A small client: the vhost's queues, the overview, and a depth history sampled by the
     dashboard (kept in memory: one hour at one sample per 5 s)."""
 
-    def __init__(self, broker_url: str, management_url: str | None = None) -> None:
-        self.base, user, password, self.vhost = management_target(broker_url, management_url)
+    def __init__(self, broker_url: str | Sequence[str], management_url: str | None = None) -> None:
+        urls = [broker_url] if isinstance(broker_url, str) else list(broker_url)
+        # One management API per broker host (a cluster's nodes each serve the whole cluster's
+        # view): the first that answers is used, the next one after it stops answering. An
+        # explicit management_url is the only one.
+        targets: list[tuple[str, str, str, str]] = []
+        for url in urls if not management_url else urls[:1]:
+            target = management_target(url, management_url)
+            if target[0] not in [t[0] for t in targets]:
+                targets.append(target)
+        self._targets = targets
+        self._current = 0
+        self.base, _, _, self.vhost = targets[0]
         self.shown = redact_url(management_url) if management_url else self.base
-        self._auth = aiohttp.BasicAuth(user, password)
         self._session: aiohttp.ClientSession | None = None
         self.samples: deque[tuple[float, dict[str, int]]] = deque(maxlen=720)
 
+    def _use(self, index: int) -> None:
+        self._current = index
+        self.base, _, _, self.vhost = self._targets[index]
+        if len(self._targets) > 1:
+            self.shown = self.base
+
     async def _get(self, path: str) -> Any:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                auth=self._auth, timeout=aiohttp.ClientTimeout(total=5)
-            )
-        try:
-            async with self._session.get(self.base + "/api" + path) as resp:
-                if resp.status != 200:
-                    raise BrokerApiError(
-                        f"management API {self.shown} answered {resp.status} for {path}"
-                    )
-                return await resp.json()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BrokerApiError(
-                f"management API {self.shown} unreachable: {type(exc).__name__}"
-            ) from None
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        tried: list[str] = []
+        for step in range(len(self._targets)):
+            index = (self._current + step) % len(self._targets)
+            base, user, password, _ = self._targets[index]
+            try:
+                async with self._session.get(
+                    base + "/api" + path, auth=aiohttp.BasicAuth(user, password)
+                ) as resp:
+                    if resp.status != 200:
+                        raise BrokerApiError(
+                            f"management API {self.shown} answered {resp.status} for {path}"
+                        )
+                    self._use(index)
+                    return await resp.json()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                tried.append(f"{base}: {type(exc).__name__}")
+        raise BrokerApiError(f"management API unreachable ({'; '.join(tried)})")
 
     async def queues(self) -> list[dict[str, Any]]:
         rows = await self._get(f"/queues/{quote(self.vhost, safe='')}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -61,15 +61,17 @@ class Ingestor:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         queue: str,
         history: History,
         on_batch: Callable[[Applied], None] | None = None,
         *,
         prefetch: int = 500,
         reconnect_delay: float = 2.0,
+        queue_type: str = "classic",
     ) -> None:
         self.url = url
+        self.queue_type = queue_type
         self.queue = queue
         self.history = history
         self.on_batch = on_batch
@@ -96,7 +98,11 @@ class Ingestor:
         last_prune = 0.0
         while not self._stop.is_set():
             listener = EventListener(
-                self.url, queue=self.queue, prefetch=self.prefetch, name="amqptasks dashboard"
+                self.url,
+                queue=self.queue,
+                prefetch=self.prefetch,
+                name="amqptasks dashboard",
+                queue_type=self.queue_type,
             )
             try:
                 listener.open()
@@ -112,7 +118,7 @@ class Ingestor:
                 self.stats.connected, self.stats.error = False, str(exc)
                 log.warning(
                     "events from %s: %s; retrying in %.0fs",
-                    redact_url(self.url),
+                    redact_url(listener.url),
                     exc,
                     self.reconnect_delay,
                 )

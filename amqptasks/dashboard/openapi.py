@@ -296,7 +296,7 @@ def document() -> dict[str, Any]:
         "/api/worker/pool/autoscale/{name}": _worker(
             "autoscale a worker's pool (Flower)",
             [
-                _query("min", {"type": "integer", "minimum": 0, "maximum": 10000}, "min"),
+                _query("min", {"type": "integer", "minimum": 1, "maximum": 10000}, "min"),
                 _query("max", {"type": "integer", "minimum": 1, "maximum": 10000}, "max"),
             ],
         ),

@@ -113,9 +113,13 @@ class Dashboard:
         self.history = History(d.database, max_tasks=d.max_tasks, retention=d.retention)
         self.live = LiveHub()
         self.ingestor = Ingestor(
-            settings.broker.url, d.events_queue, self.history, on_batch=self._on_batch
+            settings.broker.urls,
+            d.events_queue,
+            self.history,
+            on_batch=self._on_batch,
+            queue_type=settings.topology.default_queue_type,
         )
-        self.broker = BrokerApi(settings.broker.url, d.management_url)
+        self.broker = BrokerApi(settings.broker.urls, d.management_url)
         self.broker_error = ""
         #: Handles of tasks submitted here: their direct reply-to answers land in them
         #: (the app's collector holds handles weakly).

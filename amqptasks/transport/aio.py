@@ -578,12 +578,17 @@ class DeadLetterSession:
 
 
 async def purge_queues(
-    url: str, names: list[str], *, count_only: bool = False, timeout: float = 10.0
+    url: str | Sequence[str],
+    names: list[str],
+    *,
+    count_only: bool = False,
+    timeout: float = 10.0,
 ) -> dict[str, int]:
     """Ready messages of each queue in ``names``, removed unless ``count_only``:
     ``{queue: how many}`` (messages delivered to a consumer and not acked yet are not ready,
-    so a purge leaves them). A missing queue raises :class:`BrokerError` naming it."""
-    conn = await _connect(url, "amqptasks purge", timeout)
+    so a purge leaves them). A missing queue raises :class:`BrokerError` naming it. With
+    several addresses, the first that answers is used (they are one cluster)."""
+    url, conn = await _connect_any(Addresses(url), "amqptasks purge", timeout)
     try:
         out: dict[str, int] = {}
         for name in names:

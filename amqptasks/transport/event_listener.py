@@ -55,8 +55,12 @@ class EventListener:
         prefetch: int = 200,
         name: str = "amqptasks events",
         timeout: float = 10.0,
+        queue_type: str = "classic",
     ) -> None:
         self.addresses = Addresses(url)
+        #: The durable queue's type: ``quorum`` on a cluster (``topology.default_queue_type``),
+        #: so the listener's backlog survives the loss of the node that held it.
+        self.queue_type = queue_type
         self.url = self.addresses.urls[0]
         self.durable = queue is not None
         self.queue = queue or ""
@@ -96,7 +100,8 @@ class EventListener:
             ch = self._channel = self._conn.channel()
             ch.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True)
             if self.durable:
-                ch.queue_declare(self.queue, durable=True)
+                arguments = {"x-queue-type": "quorum"} if self.queue_type == "quorum" else None
+                ch.queue_declare(self.queue, durable=True, arguments=arguments)
             else:
                 self.queue = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
             for key in self.routing_keys:
