@@ -9,6 +9,7 @@ such URL per broker host, the next used when one stops answering. The password t
 
 from __future__ import annotations
 
+import base64
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -20,6 +21,11 @@ import aiohttp
 from ..config import redact_url
 
 __all__ = ["BrokerApi", "BrokerApiError", "management_target"]
+
+
+def _basic(user: str, password: str) -> str:
+    """An HTTP Basic ``Authorization`` value (aiohttp's ``BasicAuth`` is deprecated)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
 class BrokerApiError(Exception):
@@ -78,7 +84,7 @@ class BrokerApi:
             base, user, password, _ = self._targets[index]
             try:
                 async with self._session.get(
-                    base + "/api" + path, auth=aiohttp.BasicAuth(user, password)
+                    base + "/api" + path, headers={"Authorization": _basic(user, password)}
                 ) as resp:
                     if resp.status != 200:
                         raise BrokerApiError(

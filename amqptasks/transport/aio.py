@@ -429,6 +429,31 @@ def _summarise(problems: list[tuple[str, str]]) -> list[str]:
     return [merged] + [t for n, t in problems if n not in skip]
 
 
+#: Arguments only quorum (or stream) queues take: a classic queue lacks them, and RabbitMQ
+#: compares them before ``x-queue-type``.
+_TYPE_ONLY_ARGS = frozenset(
+    {"x-overflow", "x-dead-letter-strategy", "x-delivery-limit", "x-quorum-initial-group-size"}
+)
+
+
+async def _type_problem(
+    channel: aio_pika.abc.AbstractChannel, q: Queue, wanted: str, text: str
+) -> str:
+    """The type mismatch when the queue ``q`` on the broker is not a ``wanted`` queue, else
+    ``text``. Declaring it again without the type's own arguments tells: that changes nothing
+    when the type is the same, and fails on ``x-queue-type`` when not. ``channel`` may be
+    closed afterwards."""
+    probe = {k: v for k, v in (q.args or {}).items() if k not in _TYPE_ONLY_ARGS}
+    try:
+        await channel.declare_queue(q.name, durable=q.durable, arguments=probe)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        typed = describe_mismatch("queue", q.name, str(exc.args[0] if exc.args else exc))
+        return typed if f"declares a {wanted} queue" in typed else text
+    except aiormq.exceptions.AMQPError:
+        pass
+    return text
+
+
 async def declare_topology(
     url: str | Sequence[str], topology: Topology, *, timeout: float = 10.0
 ) -> list[str]:
@@ -445,16 +470,23 @@ async def declare_topology(
     try:
         channel = await conn.channel(publisher_confirms=False)
 
-        async def attempt(kind: str, name: str, op: Callable[[Any], Awaitable[Any]]) -> None:
+        async def attempt(
+            kind: str, name: str, op: Callable[[Any], Awaitable[Any]], queue: Queue | None = None
+        ) -> None:
             nonlocal channel
             try:
                 await op(channel)
                 done.append(f"{kind} {name}")
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                problems.append(
-                    (name, describe_mismatch(kind, name, str(exc.args[0] if exc.args else exc)))
-                )
+                text = describe_mismatch(kind, name, str(exc.args[0] if exc.args else exc))
                 channel = await conn.channel(publisher_confirms=False)
+                wanted = str((queue.args or {}).get("x-queue-type", "")) if queue else ""
+                if wanted not in ("", "classic") and "is a" not in text and queue is not None:
+                    # The broker names the first argument that differs (x-overflow comes
+                    # before x-queue-type); a wrong type is what the user must hear about.
+                    text = await _type_problem(channel, queue, wanted, text)
+                    channel = await conn.channel(publisher_confirms=False)
+                problems.append((name, text))
             except aiormq.exceptions.AMQPError as exc:
                 _refused_channel(url, exc, f"the declaration of {kind} {name!r}")
                 problems.append((name, f"{kind} {name!r}: {exc!r}"))
@@ -463,7 +495,7 @@ async def declare_topology(
         for e in topology.exchanges:
             await attempt("exchange", e.name, partial(_declare_exchange, e))
         for q in topology.queues:
-            await attempt("queue", q.name, partial(_declare_queue, q))
+            await attempt("queue", q.name, partial(_declare_queue, q), q)
         for b in topology.bindings:
             label = f"{b.exchange} -[{b.routing_key}]-> {b.queue}"
             await attempt("binding", label, partial(_bind, b))

@@ -251,17 +251,15 @@ class Pipeline:
             hostname=self.hostname,
             headers=env.headers,
         )
-        call = Call(
-            task,
-            env.args,
-            env.kwargs,
-            request,
-            # A message's own limits (Celery's timelimit header) win over the task's, as in
-            # Celery.
-            soft=env.soft_time_limit or policy.soft_time_limit or 0.0,
-            hard=env.time_limit or policy.time_limit or 0.0,
-            expires=env.expires,
-        )
+        # A message's own limits (Celery's timelimit header) win over the task's, as in
+        # Celery. Each limit comes from its own source, so a soft limit can end up at or
+        # above the hard one (a task's soft 30 s under a worker's --time-limit 2): it could
+        # never fire first, and the runners would wait for it before the hard one.
+        soft = env.soft_time_limit or policy.soft_time_limit or 0.0
+        hard = env.time_limit or policy.time_limit or 0.0
+        if hard and soft >= hard:
+            soft = 0.0
+        call = Call(task, env.args, env.kwargs, request, soft=soft, hard=hard, expires=env.expires)
         runner = self.async_runner if task.is_async else self.runner
         assert runner is not None
         outcome = await runner.run(call)

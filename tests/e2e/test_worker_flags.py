@@ -42,7 +42,9 @@ def app_for(config: Path) -> App:
 
 def test_worker_time_limits_apply_to_tasks_without_their_own(tmp_path, broker, worker_factory):
     own = {"time_limit": 30, "soft_time_limit": 20}
-    cfg = write_config(tmp_path, broker, tasks={"testtasks.record": own})
+    # gated sets only its soft limit: the worker's hard limit is still its (each limit apart).
+    tasks = {"testtasks.record": own, "testtasks.gated": {"soft_time_limit": 30}}
+    cfg = write_config(tmp_path, broker, tasks=tasks)
     ledger = tmp_path / "ledger"
     worker_factory(
         cfg, "-Q", "default", "--soft-time-limit", "0.5", "--time-limit", "2", ledger=ledger
@@ -53,7 +55,7 @@ def test_worker_time_limits_apply_to_tasks_without_their_own(tmp_path, broker, w
         assert app.send_task("testtasks.busy", ("s", 10)).get(timeout=20) == "cleaned up"
         # testtasks.record has its own limits (config): the worker's are not its.
         assert app.send_task("testtasks.record", ("own", 3.0)).get(timeout=20) == "own"
-        # testtasks.gated has none: the worker's hard limit ends the wait for it.
+        # testtasks.gated has no hard limit of its own: the worker's ends the wait for it.
         gated = app.send_task("testtasks.gated", ("h", str(tmp_path / "never"), 8.0))
         with pytest.raises(Exception) as err:
             gated.get(timeout=20)
