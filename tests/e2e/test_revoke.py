@@ -321,3 +321,25 @@ def test_revoking_queued_tasks_settles_them_without_running_and_answers_the_call
         ]
     finally:
         app.close()
+
+
+def test_a_revoked_id_never_runs_on_the_fast_path(tmp_path, broker, worker_factory):
+    """No result, no reply, no events: nothing but the revocation wants the message, so
+    the fast path would take it — it must not run a revoked id."""
+    cfg = write_config(tmp_path, broker)
+    ledger = tmp_path / "ledger"
+    worker_factory(cfg, "-Q", "default", "-n", "fast@host", ledger=ledger)
+    app = App(load_config(cfg, env={}))
+    try:
+        revoked = f"revoked-{uuid.uuid4().hex}"
+        app.control.revoke([revoked], expires=600)
+        quiet = {"queue": "default", "ignore_result": True}  # no reply wanted either
+        app.send_task("testtasks.quiet_spin", ("no", 0.0), task_id=revoked, **quiet)
+        app.send_task("testtasks.quiet_spin", ("yes", 0.0), **quiet)
+        wait_for(lambda: "done yes" in ledger_lines(ledger), message="the second task")
+        wait_for(lambda: drained(broker), message="both settled")
+        stats = stats_of(cfg, "fast@host")["by_task"]["testtasks.quiet_spin"]
+        assert stats == {"revoked": 1, "succeeded": 1}
+        assert "start no" not in ledger_lines(ledger)
+    finally:
+        app.close()
