@@ -298,8 +298,14 @@ class _FleetLimiter(_Limiter):
             # slowed by the broker's answers), the ready tokens may reach what it earned: a
             # bucket of 1 would cap the rate at one token a turn (measured before this: 50/s
             # at most whatever was asked, and 81/s at 100/s on a loaded box).
-            # A stall (a blocked loop, a slow broker) earns at most a quarter second's worth.
-            cap = max(limit.burst, math.ceil(limit.per_second * max(tick, min(elapsed, 0.25))))
+            # Rounded, not ceiled, for a late turn: a turn 5 ms late at 5/s earns 1.03 tokens,
+            # and letting 2 be ready would make a bucket of 1 a bucket of 2 (measured: 6.9/s
+            # at 5/s). A stall (a blocked loop) earns at most a quarter second's worth.
+            cap = max(
+                limit.burst,
+                math.ceil(limit.per_second * tick - _EPSILON),
+                round(limit.per_second * min(elapsed, 0.25)),
+            )
             # Capped a token above that: a turn that comes late must not lose what it earned
             # (the depth check below keeps the ready tokens at `cap` anyway).
             credit = min(cap + 1.0, credit + elapsed * limit.per_second)
