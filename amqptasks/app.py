@@ -215,7 +215,12 @@ class App(Sender):
     @property
     def backend(self) -> ResultBackend:
         """What result handles of this app read: its replies and its store."""
-        return ResultBackend(self.results, self.store, redact_url(self.settings.results.backend))
+        return ResultBackend(
+            self.results,
+            self.store,
+            redact_url(self.settings.results.backend),
+            revoke=self.control.revoke,
+        )
 
     def AsyncResult(self, task_id: str) -> ResultHandle:
         """The result of task ``task_id``, from any process (needs a store to be read)."""
@@ -328,7 +333,8 @@ class App(Sender):
     ) -> Task | Callable[[Callable[..., Any]], Task]:
         """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True,
         max_retries=..., autoretry_for=(...), retry_backoff=..., soft_time_limit=...,
-        time_limit=..., acks_early=..., ignore_result=...)``."""
+        time_limit=..., acks_early=..., ignore_result=..., rate_limit="100/m",
+        rate_limit_scope="worker"|"fleet", rate_limit_burst=N)``."""
 
         def register(func: Callable[..., Any]) -> Task:
             t = Task(func, self, name=name, bind=bind, **options)

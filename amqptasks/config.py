@@ -22,6 +22,7 @@ import yaml
 
 from .errors import ConfigError, RoutingError
 from .protocol import CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE
+from .rate import OFF, SCOPES, RateLimit, rate_limit
 from .routing import DEFAULT_EXCHANGE, Route, Router, is_glob
 from .schedule import (
     SCHEDULE_KEYS,
@@ -31,15 +32,27 @@ from .schedule import (
     parse_duration,
     zone,
 )
-from .topology import DLQ_SUFFIX, RESERVED_EXCHANGES, QueueSpec, Topology, build_topology
+from .topology import (
+    DLQ_SUFFIX,
+    MAX_DELAY,
+    RATE_LIMIT_PREFIX,
+    RESERVED_EXCHANGES,
+    REVOCATIONS_QUEUE,
+    QueueSpec,
+    Topology,
+    build_topology,
+    reserved_queue,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_POLICY",
+    "MAX_REVOKE_EXPIRES",
     "BrokerSettings",
     "DashboardSettings",
     "EventSettings",
     "ResultSettings",
+    "RevokeSettings",
     "Settings",
     "TaskPolicy",
     "TracingSettings",
@@ -70,7 +83,9 @@ TASK_KEYS = (
     "acks_early",
     "ignore_result",
     "track_started",
+    "rate_limit",
 )
+RATE_LIMIT_KEYS = ("rate", "scope", "burst")
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
 
 
@@ -193,6 +208,9 @@ class TaskPolicy:
     ignore_result: bool | None = None
     #: Write a STARTED state to the result store when the task starts (one more write).
     track_started: bool | None = None
+    #: How many executions may start per second, per worker or fleet-wide
+    #: (:class:`~amqptasks.rate.RateLimit`; ``rate.OFF`` switches one set below off).
+    rate_limit: RateLimit | None = None
 
     def merged(self, fallback: TaskPolicy) -> TaskPolicy:
         """This policy with every unset field taken from ``fallback``."""
@@ -216,7 +234,24 @@ DEFAULT_POLICY = TaskPolicy(
     soft_time_limit=0.0,
     time_limit=0.0,
     acks_early=False,
+    rate_limit=OFF,
 )
+
+
+#: The longest a revocation may hold: the longest broker-side delay (48.5 days), so a task
+#: revoked while it waits in the delay levels can be held until it comes out.
+MAX_REVOKE_EXPIRES = float(MAX_DELAY)
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeSettings:
+    """Revocations (``amqptasks control revoke``; docs/control.md)."""
+
+    #: Seconds a revocation holds when the revoke does not say (``--expires``).
+    expires: float = 86400.0
+    #: Revoked ids a worker keeps in memory at most; beyond it the soonest to expire are
+    #: dropped first (counted in ``inspect stats``, logged).
+    max_ids: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +375,7 @@ class Settings:
     results: ResultSettings = field(default_factory=ResultSettings)
     events: EventSettings = field(default_factory=EventSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    revoke: RevokeSettings = field(default_factory=RevokeSettings)
     accept: frozenset[str] = frozenset({CONTENT_TYPE_JSON})
     #: Bodies larger than this are dead-lettered unread (reason ``too-large``).
     max_body_size: int = 10 * 1024 * 1024
@@ -544,6 +580,7 @@ class _Parser:
                 "results",
                 "events",
                 "tracing",
+                "revoke",
                 "tasks",
                 "timezone",
                 "schedules",
@@ -582,6 +619,7 @@ class _Parser:
             results=self.results(top.get("results", {}), env),
             events=self.events(top.get("events", {})),
             tracing=self.tracing(top.get("tracing", {})),
+            revoke=self.revoke(top.get("revoke", {})),
             accept=accept,
             max_body_size=max_body_size,
             celery_ingest=celery_ingest,
@@ -731,10 +769,11 @@ class _Parser:
         for name, spec in self.mapping(value, "queues").items():
             key = _join("queues", name)
             self.name(name, key, "a queue")
-            if name.startswith("amq.") or name.endswith(DLQ_SUFFIX):
+            if reserved_queue(name):
                 raise self.fail(
                     key,
-                    f"the name {name!r} is reserved ('amq.*' and '*{DLQ_SUFFIX}' are not allowed)",
+                    f"the name {name!r} is reserved ('amq.*', '*{DLQ_SUFFIX}', "
+                    f"'{REVOCATIONS_QUEUE}' and '{RATE_LIMIT_PREFIX}*' are not allowed)",
                 )
             spec = self.mapping(
                 spec if spec is not None else {},
@@ -1045,6 +1084,35 @@ class _Parser:
                 )
         return tuple(items)
 
+    def revoke(self, value: Any) -> RevokeSettings:
+        section = self.mapping(value, "revoke", ("expires", "max_ids"))
+        return RevokeSettings(
+            expires=self.typed(
+                section.get("expires", 86400.0),
+                "revoke.expires",
+                float,
+                f"seconds > 0 and at most {MAX_REVOKE_EXPIRES:.0f} (48.5 days, the longest delay)",
+                lambda v: 0 < v <= MAX_REVOKE_EXPIRES,
+            ),
+            max_ids=self.positive(section, "revoke", "max_ids", 100_000, int),
+        )
+
+    def rate_limit(self, value: Any, key: str) -> RateLimit:
+        """``"10/s"``, ``0`` (off), or ``{rate: "10/s", scope: worker|fleet, burst: N}``."""
+        if isinstance(value, dict):
+            spec = self.mapping(value, key, RATE_LIMIT_KEYS)
+            if "rate" not in spec:
+                raise self.fail(_join(key, "rate"), "is required (e.g. '10/s', '100/m', '2/h')")
+            rate, rate_key = spec["rate"], _join(key, "rate")
+            scope = self.choice(spec.get("scope", "worker"), _join(key, "scope"), SCOPES)
+            burst = self.positive(spec, key, "burst", 1, int)
+        else:
+            rate, rate_key, scope, burst = value, key, "worker", 1
+        try:
+            return rate_limit(rate, scope, burst)
+        except ValueError as exc:
+            raise self.fail(rate_key, str(exc)) from None
+
     def serialization(self, value: Any) -> tuple[frozenset[str], int, bool]:
         section = self.mapping(value, "serialization", ("accept", "max_body_size", "celery_ingest"))
         accept = self.seq(section.get("accept", [CONTENT_TYPE_JSON]), "serialization.accept")
@@ -1147,6 +1215,8 @@ class _Parser:
                         self.seq(spec["autoretry_for"], _join(key, "autoretry_for"))
                     )
                 )
+            if "rate_limit" in spec:
+                values["rate_limit"] = self.rate_limit(spec["rate_limit"], _join(key, "rate_limit"))
             policy = TaskPolicy(**values)
             if (
                 policy.soft_time_limit

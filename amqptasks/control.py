@@ -8,8 +8,12 @@ is the human spec and ``schema/control-v1.json`` the machine one; the server sid
 command does in a worker) is :mod:`amqptasks.worker.control`.
 
 :data:`COMMANDS` is the registry of what exists, shared by the CLI, this client and the
-server; a new command (``revoke``, ``rate-limit``...) is one :class:`CommandSpec` here and one
-handler there.
+server; a new command is one :class:`CommandSpec` here and one handler there.
+
+``revoke`` is the one command with a client side: :meth:`Control.revoke` first appends the
+revocation to the broker's revocations stream (:mod:`amqptasks.revocation`), confirmed, so
+that it holds for workers that are down or not started yet, and only then tells the running
+workers (who also follow the stream).
 
 The client publishes with the app's sync publisher, whose channel already consumes direct
 reply-to for results; :meth:`Control.deliver` takes the replies whose correlation id it is
@@ -18,15 +22,19 @@ waiting for (the app offers it every reply before the results collector).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .config import MAX_REVOKE_EXPIRES
 from .errors import BrokerError, DecodeError, UnroutableError
 from .protocol import CONTENT_TYPE_JSON, Properties, dumps, loads, new_id
-from .topology import CONTROL_EXCHANGE
+from .rate import SCOPES, parse_rate
+from .revocation import encode_revocation
+from .topology import CONTROL_EXCHANGE, REVOCATIONS_QUEUE
 from .transport.pika_publisher import REPLY_TO
 
 if TYPE_CHECKING:
@@ -39,6 +47,7 @@ __all__ = [
     "CommandSpec",
     "Control",
     "ControlReply",
+    "Option",
     "check_arguments",
     "decode_command",
     "decode_reply",
@@ -51,18 +60,48 @@ CONTROL_VERSION = 1
 _PREFIX = "control."
 
 
+#: How a value is read and checked: a non-empty string; seconds (a finite number >= 0; from
+#: the CLI's text too); a rate (``10/s``, ``100/m``, ``2/h``, ``0``); a boolean flag; one of
+#: a few words.
+KINDS = ("str", "seconds", "rate", "flag", "choice")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """A named argument a command may be given (the CLI's ``--name``); left out when unset."""
+
+    name: str
+    kind: str
+    help: str
+    choices: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class CommandSpec:
-    """One command: its name, its group (``inspect`` reads, ``control`` acts) and its
-    positional parameters (the last one takes one or more values when ``variadic``; those
-    named in ``integers`` are whole numbers of at least 1, strings otherwise)."""
+    """One command: its name, its group (``inspect`` reads, ``control`` acts), its
+    positional parameters (the last one takes one or more values when ``variadic``), how
+    each is read (``kinds``: ``(param, kind)`` pairs, kind ``str`` when not named, ``count`` a
+    whole number of at least 1, ``seconds``, ``rate``) and its named ``options``. ``stored``
+    commands keep their effect in the broker, so no worker answering is not a failure
+    (``revoke``)."""
 
     name: str
     group: str
     summary: str
     params: tuple[str, ...] = ()
     variadic: bool = False
-    integers: tuple[str, ...] = ()
+    kinds: tuple[tuple[str, str], ...] = ()
+    options: tuple[Option, ...] = ()
+    stored: bool = False
+
+    def kind(self, param: str) -> str:
+        for name, kind in self.kinds:
+            if name == param:
+                return kind
+        for option in self.options:
+            if option.name == param:
+                return option.kind
+        return "str"
 
 
 COMMANDS: dict[str, CommandSpec] = {
@@ -80,31 +119,116 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("shutdown", "control", "warm shutdown (running tasks finish, the rest return)"),
         CommandSpec("add-consumer", "control", "start consuming a declared queue", ("queue",)),
         CommandSpec("cancel-consumer", "control", "stop consuming a queue", ("queue",)),
-        CommandSpec("pool-grow", "control", "run N more tasks at once", ("n",), integers=("n",)),
+        CommandSpec(
+            "pool-grow", "control", "run N more tasks at once", ("n",), kinds=(("n", "count"),)
+        ),
         CommandSpec(
             "pool-shrink",
             "control",
             "run N fewer tasks at once (running tasks finish first)",
             ("n",),
-            integers=("n",),
+            kinds=(("n", "count"),),
         ),
         CommandSpec(
             "autoscale",
             "control",
             "grow the pool with the backlog up to MAX, shrink it when idle down to MIN",
             ("max", "min"),
-            integers=("max", "min"),
+            kinds=(("max", "count"), ("min", "count")),
+        ),
+        CommandSpec(
+            "revoke",
+            "control",
+            "revoked ids never start on any worker until the revocation expires",
+            ("ids",),
+            variadic=True,
+            options=(
+                Option(
+                    "terminate",
+                    "flag",
+                    "Also stop the task where it runs now (processes: the child is killed; "
+                    "async def: cancelled; threads: TaskRevoked at its next bytecode).",
+                ),
+                Option(
+                    "expires",
+                    "seconds",
+                    "Seconds the revocation holds (default: revoke.expires in the config).",
+                ),
+            ),
+            stored=True,
+        ),
+        CommandSpec(
+            "rate-limit",
+            "control",
+            "set a task's rate limit (10/s, 100/m, 2/h; 0 for none)",
+            ("task", "rate"),
+            kinds=(("rate", "rate"),),
+            options=(
+                Option(
+                    "scope",
+                    "choice",
+                    "worker: each worker on its own (default); fleet: all workers together.",
+                    SCOPES,
+                ),
+            ),
+        ),
+        CommandSpec(
+            "time-limit",
+            "control",
+            "set a task's soft and hard time limits in seconds (0 for none)",
+            ("task", "soft", "hard"),
+            kinds=(("soft", "seconds"), ("hard", "seconds")),
         ),
     )
 }
 
 
+def _value(name: str, key: str, kind: str, value: Any, choices: tuple[str, ...]) -> Any:
+    """``value`` checked (and read, when it is the CLI's text) as ``kind``."""
+    if kind == "flag":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: argument {key!r} must be true or false")
+        return value
+    if kind == "count":  # the CLI's text was read in check_arguments: the wire has integers
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{name}: argument {key!r} must be a whole number of at least 1, got {value!r}"
+            )
+        return value
+    if kind == "seconds":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{name}: {key.upper()} must be seconds, got {value!r}") from None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(f"{name}: argument {key!r} must be a number of seconds >= 0")
+        return float(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name}: argument {key!r} must be a non-empty string")
+    if kind == "rate":
+        try:
+            parse_rate(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {key.upper()}: {exc}") from None
+    if kind == "choice" and value not in choices:
+        raise ValueError(f"{name}: argument {key!r} must be one of {', '.join(choices)}")
+    return value
+
+
 def check_arguments(
-    name: str, arguments: Mapping[str, Any] | Sequence[str] | None
+    name: str,
+    arguments: Mapping[str, Any] | Sequence[str] | None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The arguments of command ``name`` as the wire carries them: from a mapping
-    (``{"queue": "q"}``) or from positional strings (the CLI). Raises ``ValueError`` naming
-    what is wrong."""
+    (``{"queue": "q"}``) or from positional strings (the CLI) plus named ``options`` (unset
+    ones as None). Raises ``ValueError`` naming what is wrong."""
     spec = COMMANDS.get(name)
     if spec is None:
         raise ValueError(f"unknown command {name!r} (known: {', '.join(COMMANDS)})")
@@ -123,35 +247,34 @@ def check_arguments(
                 wanted = " ".join(p.upper() for p in spec.params) or "no arguments"
                 raise ValueError(f"{name}: expected {wanted}, got {len(values)} value(s)")
             arguments = dict(zip(spec.params, values, strict=True))
-        for key in spec.integers:  # the CLI's strings: whole numbers, or said to be wrong
-            text = arguments[key]
-            try:
-                arguments[key] = int(text)
-            except ValueError:
-                raise ValueError(
-                    f"{name}: {key.upper()} must be a whole number, got {text!r}"
-                ) from None
+        for key, text in list(arguments.items()):
+            if spec.kind(key) == "count":  # the CLI's strings: whole numbers, or said to be wrong
+                try:
+                    arguments[key] = int(text)
+                except ValueError:
+                    raise ValueError(
+                        f"{name}: {key.upper()} must be a whole number, got {text!r}"
+                    ) from None
+    if options:
+        arguments = {**arguments, **options}
     out: dict[str, Any] = {}
+    options = {o.name: o for o in spec.options}
     for key, value in arguments.items():
-        if key not in spec.params:
+        if key not in spec.params and key not in options:
             raise ValueError(f"{name}: unknown argument {key!r}")
-        if key in spec.integers:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"{name}: argument {key!r} must be a whole number of at least 1, got {value!r}"
-                )
+        if key in options and value is None:
+            continue  # an option left unset
+        if spec.variadic and key == spec.params[-1]:
+            if not (
+                isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+            ):
+                raise ValueError(f"{name}: argument {key!r} must be a non-empty list of strings")
             out[key] = value
             continue
-        last = spec.variadic and key == spec.params[-1]
-        ok = (
-            isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
-            if last
-            else isinstance(value, str) and bool(value)
+        option = options.get(key)
+        out[key] = _value(
+            name, key, spec.kind(key), value, option.choices if option is not None else ()
         )
-        if not ok:
-            what = "a non-empty list of strings" if last else "a non-empty string"
-            raise ValueError(f"{name}: argument {key!r} must be {what}")
-        out[key] = value
     missing = [p for p in spec.params if p not in out]
     if missing:
         raise ValueError(f"{name}: missing argument(s) {', '.join(missing)}")
@@ -438,3 +561,107 @@ class Control:
             timeout=timeout,
             destination=destination,
         )
+
+    def revoke(
+        self,
+        ids: str | Iterable[str],
+        *,
+        terminate: bool = False,
+        expires: float | None = None,
+        timeout: float = 1.0,
+        destination: Sequence[str] | None = None,
+    ) -> dict[str, ControlReply]:
+        """Revoke task ``ids`` (one id or several): none of them starts on any worker — one
+        started later, or a task still waiting in the delay levels, included — for
+        ``expires`` seconds (default: the config's ``revoke.expires``; at most 48.5 days).
+
+        The revocation is appended to the broker's revocations stream first (confirmed;
+        ``BrokerError`` if it cannot be), so it holds whatever the workers do; then the running
+        workers are told, and each answers ``{"revoked": [...], "terminated": [...],
+        "expires": RFC 3339}``. ``terminate=True`` also stops a revoked task that is running
+        now (docs/control.md says what each pool can do); it is settled as REVOKED, never
+        retried. ``destination`` only chooses which workers answer (and terminate): the
+        revocation itself always holds fleet-wide.
+        """
+        wanted = [ids] if isinstance(ids, str) else list(ids)
+        if expires is None:
+            expires = self.app.settings.revoke.expires
+        if not (
+            isinstance(expires, (int, float))
+            and not isinstance(expires, bool)
+            and 0 < expires <= MAX_REVOKE_EXPIRES
+        ):
+            raise ValueError(
+                f"expires= must be seconds > 0 and at most {MAX_REVOKE_EXPIRES:.0f} (48.5 days), "
+                f"got {expires!r}"
+            )
+        arguments = check_arguments(
+            "revoke", {"ids": wanted, "terminate": terminate, "expires": float(expires)}
+        )
+        self.store_revocation(wanted, float(expires))
+        return self.broadcast("revoke", arguments, timeout=timeout, destination=destination)
+
+    def store_revocation(self, ids: Sequence[str], expires: float) -> None:
+        """Append the revocation of ``ids`` to the revocations stream (confirmed)."""
+        props = Properties(content_type=CONTENT_TYPE_JSON, message_id=new_id(), delivery_mode=2)
+        try:
+            self.app.publisher.publish(
+                "", REVOCATIONS_QUEUE, encode_revocation(ids, expires), props
+            )
+        except UnroutableError:
+            raise BrokerError(
+                f"the revocation was not stored: the stream {REVOCATIONS_QUEUE!r} does not "
+                "exist on the broker (run 'amqptasks topology apply', or start a worker: each "
+                "declares it)"
+            ) from None
+
+    def rate_limit(
+        self,
+        task: str,
+        rate: str | float,
+        *,
+        scope: str | None = None,
+        timeout: float = 1.0,
+        destination: Sequence[str] | None = None,
+    ) -> dict[str, ControlReply]:
+        """Set ``task``'s rate limit on the chosen workers from now on (``"10/s"``,
+        ``"100/m"``, ``"2/h"``; 0 for none); ``scope`` ``worker`` (the default) or
+        ``fleet``. Each answers ``{"task", "rate_limit": {...}, "was": {...}}``. Not kept
+        across a worker's restart (the decorator and the config decide then)."""
+        arguments = check_arguments("rate-limit", {"task": task, "rate": str(rate), "scope": scope})
+        return self.broadcast("rate-limit", arguments, timeout=timeout, destination=destination)
+
+    def time_limit(
+        self,
+        task: str,
+        soft: float,
+        hard: float,
+        *,
+        timeout: float = 1.0,
+        destination: Sequence[str] | None = None,
+    ) -> dict[str, ControlReply]:
+        """Set ``task``'s soft and hard time limits (seconds, 0 for none) on the chosen
+        workers, for the executions that start from now on. Each answers ``{"task",
+        "soft_time_limit", "time_limit"}``."""
+        arguments = check_arguments("time-limit", {"task": task, "soft": soft, "hard": hard})
+        return self.broadcast("time-limit", arguments, timeout=timeout, destination=destination)
+
+    def send(
+        self,
+        command: str,
+        arguments: Mapping[str, Any],
+        *,
+        destination: Sequence[str] | None = None,
+        timeout: float = 1.0,
+    ) -> dict[str, ControlReply]:
+        """Like :meth:`broadcast`, doing the client's part of a command first (``revoke``
+        stores its revocation): what the CLI calls."""
+        if command == "revoke":
+            return self.revoke(
+                arguments["ids"],
+                terminate=bool(arguments.get("terminate", False)),
+                expires=arguments.get("expires"),
+                timeout=timeout,
+                destination=destination,
+            )
+        return self.broadcast(command, arguments, timeout=timeout, destination=destination)

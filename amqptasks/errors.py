@@ -25,6 +25,7 @@ aio-pika, aiormq) are translated at the transport boundary with ``raise ... from
     │       └── PublishTimeout      no confirm within the configured bound
     ├── TaskNotRegistered           a task name the app does not know
     ├── TaskExpired                 a message whose ``expires`` passed before it started
+    ├── TaskRevoked                 a revoked task: not started, or stopped (``--terminate``)
     ├── Retry                       raised by ``task.retry()``: control flow, not a failure
     ├── SoftTimeLimitExceeded       raised inside a task at its soft time limit (catchable)
     ├── TimeLimitExceeded           a task outlived its hard time limit and was stopped
@@ -67,6 +68,7 @@ __all__ = [
     "TaskExpired",
     "TaskImportError",
     "TaskNotRegistered",
+    "TaskRevoked",
     "TimeLimitExceeded",
     "TopologyError",
     "UnroutableError",
@@ -222,6 +224,12 @@ class TaskNotRegistered(AmqpTasksError):
 class TaskExpired(AmqpTasksError):
     """The message's ``expires`` passed before the task started: it is not run, and lands in
     the dead-letter queue with reason ``expired``."""
+
+
+class TaskRevoked(AmqpTasksError):
+    """The task id was revoked: it is settled without running (state REVOKED), or, revoked
+    with ``terminate``, stopped while it ran. Raised inside a thread-pool task that is
+    terminated (at its next Python bytecode), so ``finally`` blocks still run."""
 
 
 class Retry(AmqpTasksError):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from .canvas import MAP_TASK, STARMAP_TASK, Signature, group
 from .config import TaskPolicy
 from .errors import Retry
+from .rate import rate_limit as parse_rate_limit
 
 if TYPE_CHECKING:
     from .results import AsyncResult
@@ -78,6 +79,11 @@ class Task:
     Policy arguments left as ``None`` are filled from the config's ``tasks`` section, then the
     built-in defaults (see :class:`amqptasks.config.TaskPolicy`). ``acks_early=True`` acks the
     message before running it (at-most-once); the default acks after the outcome is safe.
+
+    ``rate_limit="100/m"`` (``N/s``, ``N/m``, ``N/h``; ``0`` for none) limits how many start per
+    second, per worker unless ``rate_limit_scope="fleet"`` (all workers together);
+    ``rate_limit_burst`` lets that many start at once after a quiet spell (default 1). A bad
+    spelling raises ``ValueError`` here, at import time, naming the task.
     """
 
     def __init__(
@@ -98,6 +104,9 @@ class Task:
         soft_time_limit: float | None = None,
         time_limit: float | None = None,
         track_started: bool | None = None,
+        rate_limit: str | float | None = None,
+        rate_limit_scope: str | None = None,
+        rate_limit_burst: int | None = None,
     ) -> None:
         self.fn = fn
         self.sender = sender
@@ -107,6 +116,16 @@ class Task:
         backoff = (
             (1.0 if retry_backoff else 0.0) if isinstance(retry_backoff, bool) else retry_backoff
         )
+        limit = None
+        if rate_limit is not None:
+            try:
+                limit = parse_rate_limit(rate_limit, rate_limit_scope, rate_limit_burst)
+            except ValueError as exc:
+                raise ValueError(f"task {self.name}: rate_limit={rate_limit!r}: {exc}") from None
+        elif rate_limit_scope is not None or rate_limit_burst is not None:
+            raise ValueError(
+                f"task {self.name}: rate_limit_scope/rate_limit_burst need rate_limit="
+            )
         #: Only what the decorator set explicitly; the worker merges config and defaults.
         self.policy = TaskPolicy(
             max_retries=max_retries,
@@ -119,6 +138,7 @@ class Task:
             acks_early=acks_early,
             ignore_result=ignore_result,
             track_started=track_started,
+            rate_limit=limit,
         )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__

@@ -15,6 +15,12 @@ Events and control have an exchange each, derived too and declared with everythi
 docs/events.md) and :data:`CONTROL_EXCHANGE` (fanout: every worker's exclusive control queue
 hears every command, see docs/control.md).
 
+Revocations live in the broker too: :data:`REVOCATIONS_QUEUE` is a stream (``x-queue-type:
+stream``) every worker reads from its first offset when it starts and then follows, so a
+revoked task id never starts on any worker, one started after the revoke included
+(docs/control.md). Fleet-wide rate limits keep their tokens in a queue per task, named by
+:func:`rate_tokens_queue` / :func:`rate_lock_queue` (declared by the workers that need them).
+
 Everything is durable: RabbitMQ 4.x refuses transient non-exclusive queues, and persistent
 messages in a transient queue would not survive a restart anyway.
 """
@@ -22,6 +28,7 @@ messages in a transient queue would not survive a restart anyway.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +45,11 @@ __all__ = [
     "DLX_EXCHANGE",
     "EVENTS_EXCHANGE",
     "MAX_DELAY",
+    "RATE_LIMIT_PREFIX",
+    "RATE_LOCK_ARGUMENTS",
     "RESERVED_EXCHANGES",
+    "REVOCATIONS_ARGUMENTS",
+    "REVOCATIONS_QUEUE",
     "Binding",
     "Exchange",
     "ExchangeBinding",
@@ -50,6 +61,9 @@ __all__ = [
     "delay_seconds",
     "dlq_name",
     "quorum_arguments",
+    "rate_lock_queue",
+    "rate_tokens_queue",
+    "reserved_queue",
     "topic_matches",
 ]
 
@@ -67,6 +81,25 @@ DELAY_PREFIX = "amqptasks.delay"
 DELAY_DELIVER_EXCHANGE = "amqptasks.delay.deliver"
 #: Exchange names the config may not use: they are derived here.
 RESERVED_EXCHANGES = frozenset({DLX_EXCHANGE, EVENTS_EXCHANGE, CONTROL_EXCHANGE})
+#: The stream of revocations (docs/control.md). ``x-max-age`` is the longest a revocation may
+#: hold (the longest delay, 48.5 days, rounded up): RabbitMQ drops a segment only once all of
+#: it is older, so nothing goes sooner. Small segments let that happen at all (a segment is
+#: only dropped once the next one began; the default is 500 MB).
+REVOCATIONS_QUEUE = "amqptasks.revocations"
+REVOCATIONS_ARGUMENTS = (
+    ("x-queue-type", "stream"),
+    ("x-max-age", "49D"),
+    ("x-stream-max-segment-size-bytes", 1_000_000),
+)
+RATE_LIMIT_PREFIX = "amqptasks.ratelimit."
+#: A fleet rate limit's lock queue: the broker delivers only to one consumer at a time, which
+#: holds the one lock message and refills the tokens (docs/reliability.md); spare lock
+#: messages (each candidate brings one) are dropped beyond one.
+RATE_LOCK_ARGUMENTS = (
+    ("x-single-active-consumer", True),
+    ("x-max-length", 1),
+    ("x-overflow", "drop-head"),
+)
 
 Args = tuple[tuple[str, Any], ...]
 
@@ -74,6 +107,35 @@ Args = tuple[tuple[str, Any], ...]
 def dlq_name(queue: str) -> str:
     """The dead-letter queue of a work queue."""
     return queue + DLQ_SUFFIX
+
+
+def _task_part(task: str) -> str:
+    # A queue name has at most 255 bytes; a long task name is cut and made unique by a digest.
+    raw = task.encode()
+    if len(raw) <= 200:
+        return task
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return raw[:180].decode(errors="ignore") + "." + digest
+
+
+def rate_tokens_queue(task: str) -> str:
+    """The queue holding the fleet-wide rate-limit tokens of ``task``."""
+    return RATE_LIMIT_PREFIX + _task_part(task)
+
+
+def rate_lock_queue(task: str) -> str:
+    """The single-active-consumer queue that elects the one worker refilling ``task``'s
+    tokens."""
+    return RATE_LIMIT_PREFIX + _task_part(task) + ".lock"
+
+
+def reserved_queue(name: str) -> bool:
+    """Queue names the config may not use: derived here (``amq.*`` is the broker's)."""
+    return (
+        name.startswith(("amq.", RATE_LIMIT_PREFIX))
+        or name.endswith(DLQ_SUFFIX)
+        or name == REVOCATIONS_QUEUE
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +236,7 @@ class Topology:
         exchanges."""
         wanted = set(queues)
         wanted |= {dlq_name(q) for q in wanted}
-        wanted |= {q.name for q in self.queues if q.role == "delay"}
+        wanted |= {q.name for q in self.queues if q.role in ("delay", "revocations")}
         bindings = tuple(b for b in self.bindings if b.queue in wanted)
         exchange_names = {b.exchange for b in bindings}
         exchange_names |= {e.source for e in self.exchange_bindings}
@@ -413,6 +475,7 @@ def build_topology(
         dlq_args: Args = quorum_arguments(spec.replicas) if quorum else ()
         qs.append(Queue(dlq_name(spec.name), arguments=dlq_args, role="dead-letter"))
         bs.append(Binding(DLX_EXCHANGE, dlq_name(spec.name), spec.name))
+    qs.append(Queue(REVOCATIONS_QUEUE, arguments=REVOCATIONS_ARGUMENTS, role="revocations"))
     dex, dqs, dbs, dxbs = _delay_infrastructure(
         (s.name for s in specs), default_queue_type, replicas
     )

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from ..app import App
-from ..control import COMMANDS, CommandSpec, ControlReply, check_arguments, encode_reply
+from ..control import COMMANDS, CommandSpec, ControlReply, Option, check_arguments, encode_reply
 from . import config_option, friendly_errors, main, settings_for
 
 __all__ = ["command_group", "print_table"]
@@ -127,6 +127,38 @@ def _pool_text(result: dict[str, Any]) -> str:
     return f"pool {result['concurrency']}, prefetch {result['prefetch']} per consumer{bounds}"
 
 
+def _limit_text(limit: dict[str, Any] | None) -> str:
+    if not limit:
+        return "none"
+    burst = f", burst {limit['burst']}" if limit.get("burst", 1) != 1 else ""
+    return f"{limit['rate']} per {limit['scope']}{burst}"
+
+
+def _show_revoke(replies: dict[str, ControlReply]) -> None:
+    for name, r in replies.items():
+        res = r.result
+        stopped = f", terminated {', '.join(res['terminated'])}" if res["terminated"] else ""
+        click.echo(f"{name}: revoked {len(res['revoked'])} id(s) until {res['expires']}{stopped}")
+
+
+def _show_rate_limit(replies: dict[str, ControlReply]) -> None:
+    for name, r in replies.items():
+        res = r.result
+        click.echo(
+            f"{name}: {res['task']} rate limit {_limit_text(res['rate_limit'])} "
+            f"(was {_limit_text(res['was'])})"
+        )
+
+
+def _show_time_limit(replies: dict[str, ControlReply]) -> None:
+    for name, r in replies.items():
+        res = r.result
+        click.echo(
+            f"{name}: {res['task']} soft_time_limit {res['soft_time_limit']:g}s, time_limit "
+            f"{res['time_limit']:g}s (0: none)"
+        )
+
+
 def _show_plain(replies: dict[str, ControlReply]) -> None:
     for name, r in replies.items():
         result = r.result
@@ -148,6 +180,9 @@ SHOW: dict[str, Callable[[dict[str, ControlReply]], None]] = {
     "registered": _show_registered,
     "conf": _show_conf,
     "query-task": _show_query,
+    "revoke": _show_revoke,
+    "rate-limit": _show_rate_limit,
+    "time-limit": _show_time_limit,
 }
 
 
@@ -163,18 +198,27 @@ def run_command(
     destination: str | None,
     as_json: bool,
     config_path: str | None,
+    options: dict[str, Any] | None = None,
 ) -> None:
     """Send ``spec`` to the workers, print their answers, exit with the documented code."""
     try:
-        arguments = check_arguments(spec.name, values)
+        arguments = check_arguments(spec.name, values, options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     names = [d.strip() for d in (destination or "").split(",") if d.strip()] or None
     app = App(settings_for(config_path))
     try:
-        replies = app.control.broadcast(spec.name, arguments, destination=names, timeout=timeout)
+        try:
+            replies = app.control.send(spec.name, arguments, destination=names, timeout=timeout)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     finally:
         app.close()
+    if spec.stored and not as_json:
+        click.echo(
+            f"stored: {spec.name} holds for every worker, those started later included "
+            f"({len(arguments.get('ids', []))} id(s))"
+        )
     good = {n: r for n, r in replies.items() if r.ok}
     bad = {n: r for n, r in replies.items() if not r.ok}
     if as_json:
@@ -185,6 +229,9 @@ def run_command(
         for n, r in bad.items():
             click.echo(f"{n}: error {r.error_type}: {r.error_message}")
     missing = [n for n in names or () if n not in {r.hostname for r in replies.values()}]
+    if not replies and spec.stored and not names:
+        click.echo(f"no worker answered within {timeout}s (none running?)", err=True)
+        return  # kept in the broker: it holds when they start
     if not replies:
         click.echo(f"error: no worker answered within {timeout}s", err=True)
         sys.exit(1)
@@ -226,6 +273,7 @@ def _subcommand(spec: CommandSpec) -> click.Command:
         ),
         click.Option(["--json", "as_json"], is_flag=True, help="The answers as JSON."),
     ]
+    params += [_option(o) for o in spec.options]
 
     @friendly_errors
     def callback(**kw: Any) -> None:
@@ -233,12 +281,34 @@ def _subcommand(spec: CommandSpec) -> click.Command:
         for p in spec.params:
             value = kw.pop(p.replace("-", "_"))
             values.extend(value if isinstance(value, tuple) else [value])
+        options = {o.name: kw.pop(o.name.replace("-", "_")) for o in spec.options}
         run_command(
-            spec, values, kw["timeout"], kw["destination"], kw["as_json"], kw["config_path"]
+            spec,
+            values,
+            kw["timeout"],
+            kw["destination"],
+            kw["as_json"],
+            kw["config_path"],
+            {k: v for k, v in options.items() if v is not None and v is not False},
         )
 
     cmd = click.Command(spec.name, callback=callback, params=params, help=spec.summary + ".")
     return config_option(cmd)
+
+
+def _option(option: Option) -> click.Option:
+    flag = "--" + option.name
+    if option.kind == "flag":
+        return click.Option([flag], is_flag=True, default=False, help=option.help)
+    if option.kind == "seconds":
+        return click.Option(
+            [flag], type=click.FloatRange(min=0, min_open=True), default=None, help=option.help
+        )
+    if option.kind == "choice":
+        return click.Option(
+            [flag], type=click.Choice(option.choices), default=None, help=option.help
+        )
+    return click.Option([flag], default=None, help=option.help)
 
 
 @main.group()

@@ -323,13 +323,17 @@ async def _command(
             f"what they answer: {', '.join(COMMANDS)})",
         )
     try:
+        # send(), not broadcast(): it does the client's part first (a revoke is stored in the
+        # broker's revocations stream, so it holds for workers that are down or start later).
         replies = await asyncio.to_thread(
-            dash.app.control.broadcast, command, arguments, destination=destination, timeout=2.0
+            dash.app.control.send, command, arguments, destination=destination, timeout=2.0
         )
     except ValueError as exc:
         return _error(400, str(exc))
     except AmqpTasksError as exc:
         return _error(502, str(exc))
+    if not replies and COMMANDS[command].stored:
+        return web.json_response({"message": done, "replies": {}})  # kept by the broker
     if not replies:
         who = ", ".join(destination) if destination else "no worker"
         return _error(404, f"{who} did not answer within 2s")
@@ -368,10 +372,10 @@ async def rate_limit(request: web.Request) -> web.Response:
 
 async def time_limit(request: web.Request) -> web.Response:
     name = request.match_info["name"]
+    # As Celery's time_limit: both limits are set, one not given is none (0).
     args: dict[str, Any] = {"task": name}
     for key in ("soft", "hard"):
-        if request.query.get(key):
-            args[key] = request.query[key]
+        args[key] = request.query.get(key) or "0"
     return await _command(
         _dash(request),
         "time-limit",

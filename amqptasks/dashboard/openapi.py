@@ -252,7 +252,12 @@ def document() -> dict[str, Any]:
             "set a task's rate limit (Flower)",
             [
                 _path("name", "task name"),
-                _query("ratelimit", _STR, "e.g. 10/m", required=True),
+                _query(
+                    "ratelimit",
+                    {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(/[smh])?$"},
+                    "N/s, N/m, N/h, or 0 for none",
+                    required=True,
+                ),
                 _query("workername", _STR, "worker"),
             ],
             _COMMAND,
@@ -265,8 +270,8 @@ def document() -> dict[str, Any]:
             "set a task's time limits (Flower)",
             [
                 _path("name", "task name"),
-                _query("soft", _STR, "seconds"),
-                _query("hard", _STR, "seconds"),
+                _query("soft", {"type": "number", "minimum": 0}, "seconds (0 or absent: none)"),
+                _query("hard", {"type": "number", "minimum": 0}, "seconds (0 or absent: none)"),
                 _query("workername", _STR, "worker"),
             ],
             _COMMAND,

@@ -21,7 +21,7 @@ No type named in a result is ever imported: failures are re-raised as
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,13 +34,25 @@ from .store import ResultStore
 __all__ = ["AsyncResult", "GroupResult", "ResultBackend"]
 
 
-class ResultBackend:
-    """Where the handles of one application read results: rpc replies and the store."""
+#: ``revoke(ids, terminate=, expires=, timeout=)``: the application's ``control.revoke``.
+Revoke = Callable[..., Any]
 
-    def __init__(self, collector: ResultCollector, store: ResultStore | None, url: str) -> None:
+
+class ResultBackend:
+    """Where the handles of one application read results: rpc replies and the store; and
+    how they revoke (the application's control client, for ``AsyncResult.revoke``)."""
+
+    def __init__(
+        self,
+        collector: ResultCollector,
+        store: ResultStore | None,
+        url: str,
+        revoke: Revoke | None = None,
+    ) -> None:
         self.collector = collector
         self.store = store
         self.url = url
+        self.revoke = revoke
 
     def require_store(self, what: str) -> ResultStore:
         if self.store is None:
@@ -50,6 +62,12 @@ class ResultBackend:
                 "(one host) or redis://HOST:PORT/DB (many hosts)"
             )
         return self.store
+
+
+def _revoker(backend: ResultBackend | None, what: str) -> Revoke:
+    if backend is None or backend.revoke is None:
+        raise ResultsUnavailable(f"{what}: this handle has no application to revoke through")
+    return backend.revoke
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -206,6 +224,16 @@ class AsyncResult:
         if self._backend is not None and self._backend.store is not None:
             self._backend.store.forget([self.id])
 
+    def revoke(
+        self, *, terminate: bool = False, expires: float | None = None, timeout: float = 1.0
+    ) -> Any:
+        """Revoke this task (Celery's ``AsyncResult.revoke``): it never starts on any worker
+        until the revocation expires; ``terminate`` also stops it where it runs now. Returns
+        the workers' answers (``app.control.revoke``, docs/control.md)."""
+        return _revoker(self._backend, self.id)(
+            [self.id], terminate=terminate, expires=expires, timeout=timeout
+        )
+
 
 class GroupResult:
     """The results of a group, in order: ``get()`` returns the list of member results.
@@ -287,6 +315,14 @@ class GroupResult:
         for r in self.results:
             r.forget()
         # the group record expires with the store's expiry
+
+    def revoke(
+        self, *, terminate: bool = False, expires: float | None = None, timeout: float = 1.0
+    ) -> Any:
+        """Revoke every member (one revocation for all of them)."""
+        return _revoker(self._backend, f"group {self.id}")(
+            [r.id for r in self.results], terminate=terminate, expires=expires, timeout=timeout
+        )
 
     def save(self) -> None:
         """Store the member ids (done for you when the group is applied)."""

@@ -16,6 +16,11 @@ created after it, and a channel-wide (``global=true``) limit is refused by quoru
 each queue's consumer is cancelled and started again under the new limit — at once when the
 limit grows; when it shrinks, once the old consumer's deliveries still waiting for a slot are
 gone, so a shrunk worker never holds more than its new prefetch waiting.
+
+Features that read from the broker beside the work queues (the revocations stream, fleet-wide
+rate-limit tokens and their lock) get a :class:`SideChannel` of this connection: their own
+channel and QoS, never a publish (a resource alarm blocks a connection that publishes, and
+this one must keep acking).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from ..protocol import Properties
 from . import pika_fields  # noqa: F401  (float header values decoded as floats, not ints)
 from .refusal import refusal, refused
 
-__all__ = ["AckWindow", "Feed", "PikaConsumer", "PikaDelivery"]
+__all__ = ["AckWindow", "Feed", "PikaConsumer", "PikaDelivery", "SideChannel", "SideDelivery"]
 
 log = logging.getLogger("amqptasks.transport")
 
@@ -177,6 +182,115 @@ class PikaDelivery:
 DeliveryCallback = Callable[[PikaDelivery], None]
 
 
+class SideDelivery:
+    """A message on a :class:`SideChannel`: tag, body, headers, redelivered."""
+
+    __slots__ = ("body", "headers", "redelivered", "tag")
+
+    def __init__(self, method: Any, props: Any, body: bytes) -> None:
+        self.tag: int = method.delivery_tag
+        self.redelivered = bool(method.redelivered)
+        self.headers: dict[str, Any] = props.headers or {}
+        self.body = body
+
+
+class SideChannel:
+    """A channel of its own on the consuming connection (no publishing on it)."""
+
+    def __init__(self, consumer: PikaConsumer, channel: Any, loop: asyncio.AbstractEventLoop):
+        self._consumer = consumer
+        self._channel = channel
+        self._loop = loop
+        #: Resolved with the reason when the broker (or we) closed this channel.
+        self.closed: asyncio.Future[BaseException | None] = loop.create_future()
+        channel.add_on_close_callback(self._on_close)
+
+    def _on_close(self, _channel: Any, exc: BaseException) -> None:
+        _resolve(self.closed, exc)
+        if not isinstance(exc, pika.exceptions.ChannelClosedByClient):
+            self._consumer._on_side_channel_closed(_channel, exc)
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._channel.is_open)
+
+    async def _rpc(self, start: Callable[[Callable[[Any], None]], None]) -> Any:
+        done: asyncio.Future[Any] = self._loop.create_future()
+        start(lambda frame: _resolve(done, frame))
+        waiters: set[asyncio.Future[Any]] = {done, self.closed}
+        if self._consumer._closed is not None:
+            waiters.add(self._consumer._closed)
+        await asyncio.wait(
+            waiters, timeout=self._consumer.timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done.done():
+            reason = self.closed.result() if self.closed.done() else None
+            raise BrokerError(f"the broker closed the channel ({reason or 'or did not answer'})")
+        return done.result()
+
+    async def qos(self, prefetch: int) -> None:
+        channel = self._channel
+        await self._rpc(
+            lambda cb: channel.basic_qos(prefetch_count=prefetch, global_qos=False, callback=cb)
+        )
+
+    async def declare(
+        self, queue: str, arguments: dict[str, Any] | None = None, *, passive: bool = False
+    ) -> int:
+        """Declare a durable queue (or check one, ``passive``); its ready message count.
+
+        A queue that exists with other arguments raises :class:`TopologyError` saying which
+        (the channel is closed by the broker then).
+        """
+        channel = self._channel
+        try:
+            frame = await self._rpc(
+                lambda cb: channel.queue_declare(
+                    queue, passive=passive, durable=True, arguments=arguments, callback=cb
+                )
+            )
+        except BrokerError as exc:
+            if "PRECONDITION_FAILED" in str(exc):
+                raise TopologyError(
+                    f"queue {queue!r} differs from what we declare: {exc}"
+                ) from None
+            raise
+        return int(frame.method.message_count)
+
+    def consume(
+        self,
+        queue: str,
+        handler: Callable[[SideDelivery], None],
+        *,
+        arguments: dict[str, Any] | None = None,
+    ) -> str:
+        """Consume ``queue`` with manual acks; ``handler`` runs on the loop per message."""
+
+        def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+            handler(SideDelivery(method, props, body))
+
+        tag: str = self._channel.basic_consume(
+            queue, on_message, auto_ack=False, arguments=arguments
+        )
+        return tag
+
+    async def cancel(self, tag: str) -> None:
+        if self._channel.is_open:
+            await self._rpc(partial(_cancel, self._channel, tag))
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        if self._channel.is_open:
+            self._channel.basic_ack(tag, multiple=multiple)
+
+    def requeue(self, tag: int) -> None:
+        if self._channel.is_open:
+            self._channel.basic_nack(tag, multiple=False, requeue=True)
+
+    def close(self) -> None:
+        if self._channel.is_open:
+            self._channel.close()
+
+
 class PikaConsumer:
     """One consuming connection and channel: per-consumer QoS, manual acks."""
 
@@ -275,7 +389,7 @@ class PikaConsumer:
 
     def _on_side_channel_closed(self, _channel: Any, exc: BaseException) -> None:
         if self._conn is not None and self._conn.is_open:
-            log.error("a broadcast consumer's channel closed: %s", exc)
+            log.error("a side channel of the consuming connection closed: %s", exc)
 
     def _notify(self, exc: BaseException | None) -> None:
         callbacks, self._close_callbacks = self._close_callbacks, []
@@ -399,6 +513,14 @@ class PikaConsumer:
     def held(self) -> int:
         """Deliveries received and not settled yet (every queue): prefetch in use."""
         return len(self._window.pending)
+
+    async def side_channel(self) -> SideChannel:
+        """A new channel on this connection for a feature's own consumers."""
+        assert self._conn is not None and self._loop is not None, "connect() first"
+        opened: asyncio.Future[Any] = self._loop.create_future()
+        self._conn.channel(on_open_callback=lambda ch: _resolve(opened, ch))
+        channel = await asyncio.wait_for(opened, self.timeout)
+        return SideChannel(self, channel, self._loop)
 
     async def declare_exchange(self, name: str, kind: str) -> None:
         """Declare a durable exchange (idempotent): the worker's own event and control

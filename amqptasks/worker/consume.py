@@ -86,6 +86,9 @@ class ConsumeLoop:
         self.consumer: PikaConsumer | None = None
         #: Called each time every consumer is attached (the CLI prints "ready: consuming").
         self.on_ready: Callable[[], None] | None = None
+        #: Awaited after each connect, before any work queue is consumed (the revocations:
+        #: a worker must know them before it takes a task).
+        self.before_consume: list[Callable[[PikaConsumer], Awaitable[None]]] = []
         #: Awaited after each (re)attach with the new connection (the control server's queue).
         self.attach_hooks: list[Callable[[PikaConsumer], Awaitable[None]]] = []
         self._lost = asyncio.Event()
@@ -186,6 +189,8 @@ class ConsumeLoop:
             await declare_topology(self.url, self.settings.topology.subset(self.queues))
             self._declared = True
         consumer.add_close_callback(self._on_connection_lost)
+        for hook in self.before_consume:
+            await hook(consumer)
         for q in self.queues:
             await consumer.consume(q, self.on_delivery)
         for hook in self.attach_hooks:

@@ -9,10 +9,12 @@ answer goes to the command's ``reply_to`` through the worker's publisher (confir
 caller that is gone is logged at debug level).
 
 :data:`HANDLERS` maps each command of :data:`amqptasks.control.COMMANDS` to a coroutine
-``handler(worker, arguments) -> result``. A new command (``revoke``, ``rate-limit``,
-``pool-grow``...) is a spec there and a handler here, registered with :func:`handler`; the
-server needs no change. A handler raising :class:`CommandError` answers ``ok: false`` with its
-message; anything else it raises is logged and answered as ``InternalError``.
+``handler(worker, arguments) -> result``. A new command is a spec there and a handler here,
+registered with :func:`handler`; the server needs no change. ``rate-limit`` and ``time-limit``
+change ``Worker.policies`` (the one mapping every part reads) and tell the parts that cache
+from it (the fast path's task list, the throttle) to look again. A handler raising
+:class:`CommandError` answers ``ok: false`` with its message; anything else it raises is
+logged and answered as ``InternalError``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import os
 import resource
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
+from ..config import MAX_REVOKE_EXPIRES, TaskPolicy
 from ..control import (
     COMMANDS,
     Command,
@@ -36,6 +39,7 @@ from ..control import (
 )
 from ..events import rfc3339
 from ..protocol import CONTENT_TYPE_JSON, Properties
+from ..rate import RateLimit, rate_limit
 from ..topology import CONTROL_EXCHANGE
 from ..transport.pika_consumer import PikaConsumer
 
@@ -203,6 +207,8 @@ async def stats(worker: Worker, arguments: Mapping[str, Any]) -> Any:
             "published": s.events_published,
             "dropped": s.events_dropped,
         },
+        "revocations": worker.revocations.describe(),
+        "rate_limits": worker.throttle.describe(),
         "rusage": {
             "utime": usage.ru_utime,
             "stime": usage.ru_stime,
@@ -214,6 +220,8 @@ async def stats(worker: Worker, arguments: Mapping[str, Any]) -> Any:
 def _policy(worker: Worker, name: str) -> dict[str, Any]:
     policy = worker.policies[name]
     out: dict[str, Any] = {f.name: getattr(policy, f.name) for f in fields(policy)}
+    limit = policy.rate_limit
+    out["rate_limit"] = limit.describe() if limit is not None and limit.active else None
     # The decorator's exception classes and the config's class names, as names.
     classes = [c.__name__ for c in worker.tasks[name].autoretry_for]
     out["autoretry_for"] = classes + [n for n in policy.autoretry_for or () if n not in classes]
@@ -263,6 +271,7 @@ async def conf(worker: Worker, arguments: Mapping[str, Any]) -> Any:
             "heartbeat_interval": s.events.heartbeat_interval,
         },
         "results": {"ignore_result": s.results.ignore_result},
+        "revoke": {"expires": s.revoke.expires, "max_ids": s.revoke.max_ids},
         "serialization": {
             "accept": sorted(s.accept),
             "max_body_size": s.max_body_size,
@@ -360,3 +369,83 @@ async def autoscale(worker: Worker, arguments: Mapping[str, Any]) -> Any:
     except ValueError as exc:
         raise CommandError("BadArguments", str(exc)) from None
     return _pool(worker)
+
+
+@handler("revoke")
+async def revoke(worker: Worker, arguments: Mapping[str, Any]) -> Any:
+    """The ids never start here until the revocation expires (the client stored it in the
+    stream already, which this worker follows too); with ``terminate`` what runs is stopped."""
+    ids = list(dict.fromkeys(arguments["ids"]))
+    expires = arguments.get("expires", worker.settings.revoke.expires)
+    if not 0 < expires <= MAX_REVOKE_EXPIRES:
+        raise CommandError(
+            "BadArguments", f"expires must be > 0 and at most {MAX_REVOKE_EXPIRES:.0f} seconds"
+        )
+    until = time.time() + expires
+    worker.revocations.revoke(ids, until)
+    terminated = worker.revocations.terminate(ids) if arguments.get("terminate") else []
+    if terminated:
+        log.warning("control: terminated %s", ", ".join(terminated))
+    return {"revoked": ids, "terminated": terminated, "expires": rfc3339(until)}
+
+
+def _task(worker: Worker, name: str) -> TaskPolicy:
+    policy = worker.policies.get(name)
+    if policy is None:
+        known = ", ".join(sorted(worker.policies)) or "none"
+        raise CommandError(
+            "UnknownTask", f"task {name!r} is not registered on {worker.hostname} (known: {known})"
+        )
+    return policy
+
+
+def _set_policy(worker: Worker, name: str, policy: TaskPolicy) -> None:
+    """Change one task's policy from now on, and tell the parts that cache from it."""
+    worker.policies[name] = policy
+    worker.fast.refresh()
+    worker.throttle.refresh()
+
+
+def _limit(limit: RateLimit | None) -> dict[str, Any] | None:
+    return limit.describe() if limit is not None and limit.active else None
+
+
+@handler("rate-limit")
+async def rate_limit_command(worker: Worker, arguments: Mapping[str, Any]) -> Any:
+    name = arguments["task"]
+    policy = _task(worker, name)
+    was = policy.rate_limit
+    try:
+        new = rate_limit(
+            arguments["rate"],
+            arguments.get("scope") or (was.scope if was is not None and was.active else None),
+            was.burst if was is not None else None,
+        )
+    except ValueError as exc:
+        raise CommandError("BadArguments", f"rate-limit: {exc}") from None
+    _set_policy(worker, name, replace(policy, rate_limit=new))
+    log.warning("control: task %s rate limit %s (was %s)", name, new, was or "off")
+    return {"task": name, "rate_limit": _limit(new), "was": _limit(was)}
+
+
+@handler("time-limit")
+async def time_limit_command(worker: Worker, arguments: Mapping[str, Any]) -> Any:
+    name = arguments["task"]
+    policy = _task(worker, name)
+    soft, hard = arguments["soft"], arguments["hard"]
+    if soft and hard and soft >= hard:
+        raise CommandError(
+            "BadArguments", f"time-limit: soft ({soft:g}s) must be below hard ({hard:g}s)"
+        )
+    timeout = worker.settings.broker.consumer_timeout
+    if hard >= timeout:
+        raise CommandError(
+            "BadArguments",
+            f"time-limit: hard {hard:g}s is not below the broker's consumer_timeout "
+            f"({timeout:g}s, broker.consumer_timeout)",
+        )
+    _set_policy(worker, name, replace(policy, soft_time_limit=soft, time_limit=hard))
+    if (soft or hard) and not worker.tasks[name].is_async and worker.options.pool == "asyncio":
+        log.warning("task %s: --pool asyncio cannot enforce time limits of sync tasks", name)
+    log.warning("control: task %s soft_time_limit %gs, time_limit %gs", name, soft, hard)
+    return {"task": name, "soft_time_limit": soft, "time_limit": hard}

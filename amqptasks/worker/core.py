@@ -11,6 +11,8 @@ A worker is a few parts, each in its own module of this package:
 * :mod:`.observer` — what both paths tell about each delivery: the :mod:`.tracker` (what
   ``inspect`` reports) and, with events on, the :mod:`.events` emitter listen;
 * :mod:`.control` — the control queue and the inspect/control commands;
+* :mod:`.revoke` — revoked ids (the broker's revocations stream) and the hook that settles
+  them; :mod:`.throttle` — the rate-limit stage before the slot;
 * :mod:`.pool` / :mod:`.process_pool` — where task code runs and how limits are enforced.
 
 Concurrency: at most ``concurrency`` tasks run at once; ``prefetch = concurrency ×
@@ -52,9 +54,11 @@ from .pool import InlineRunner, ThreadRunner
 from .process_pool import ProcessRunner
 from .replies import ReplyMiddleware
 from .results import ResultsMiddleware, WorkflowMiddleware
+from .revoke import Revocations
 from .settle import Settler
 from .stats import Stats
 from .storecalls import StoreRunner
+from .throttle import Throttle
 from .tracing import TracingMiddleware
 from .tracker import Tracker
 from .workflow import Workflow
@@ -142,6 +146,7 @@ class Worker:
             name=f"{self.hostname} publisher",
             heartbeat=settings.broker.heartbeat,
         )
+        self.revocations = Revocations(settings.revoke, self.hostname, self.publisher.publish)
         store = self.app.store
         self.store = StoreRunner(store) if store is not None else None
         replies = ReplyMiddleware(self.publisher.publish, settings.results.ignore_result)
@@ -164,7 +169,8 @@ class Worker:
         if settings.tracing.enabled:
             tracing.require(settings.source)  # a config error at start, not at the first task
         self.middleware: list[Middleware] = [
-            # First: its span wraps every other hook (after_run runs in reverse).
+            self.revocations.middleware,  # first: a revoked id needs no store lookup
+            # Next: its span wraps every other hook that runs (after_run runs in reverse).
             *([TracingMiddleware()] if settings.tracing.enabled else []),
             replies,
             WorkflowMiddleware(workflow),
@@ -229,6 +235,14 @@ class Worker:
             )
             watching.append(self.events)
         self.pipeline.observer = self.settler.observer = Observers(watching)
+        self.throttle = self.pipeline.throttle = Throttle(
+            self.policies,
+            publish=self.publisher.publish,
+            exempt=self.revocations.revoked.__contains__,
+        )
+        self.revocations.bind(self.pipeline, self.fast)
+        self.revocations.on_revoked.append(self.throttle.release)
+        self.consuming.before_consume += [self.revocations.attach, self.throttle.attach]
         self.control = ControlServer(self)
         self.consuming.attach_hooks.append(self._attached)
         self._stop_task: asyncio.Task[None] | None = None
@@ -434,6 +448,7 @@ class Worker:
     async def _shutdown(self) -> None:
         self._stopping.set()
         await self.pool.close()
+        await self.throttle.close()
         await self.consuming.close()
         if self.store is not None:
             await self.store.close()

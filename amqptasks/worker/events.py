@@ -187,10 +187,10 @@ class EventEmitter(Observer):
         e["detail"] = preview_text(rejection.detail)
         self._emit(e)
 
-    def skipped(self, env: Envelope, queue: str, reason: str) -> None:
+    def skipped(self, env: Envelope, queue: str, reason: str, terminated: bool = False) -> None:
         e = self.source.task_event("task-revoked", env, queue)
         e["reason"] = reason
-        e["terminated"] = False
+        e["terminated"] = terminated
         self._emit(e)
 
     # -- worker events ---------------------------------------------------------------------------

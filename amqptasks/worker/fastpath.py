@@ -1,7 +1,8 @@
 """The synchronous fast path: the common delivery settled without creating an asyncio task.
 
-The common case — a sync task with no time limits, no early ack, no ``expires``/``eta``, no
-workflow links and no middleware wanting the message (e.g. no reply) — runs right on the loop
+The common case — a sync task with no time limits, no rate limit, no early ack, no
+``expires``/``eta``, no workflow links and no middleware wanting the message (e.g. no reply, no
+revoked id) — runs right on the loop
 (``--pool asyncio``) or goes straight to the thread pool (``threads``). Finished thread-pool
 calls come back to the loop through a :class:`~amqptasks.handoff.Handoff`, one loop wake-up per
 batch. A success is acked through the ack window; a failure joins the full pipeline's
@@ -9,6 +10,11 @@ batch. A success is acked through the ack window; a failure joins the full pipel
 
 Profiles showed asyncio task creation per delivery was a visible share of the no-op consume
 rate; this path is why the worker keeps up with a raw pika consumer.
+
+Which tasks may take it is decided from the policies once, and again by :meth:`FastPath.refresh`
+when ``control rate-limit`` / ``time-limit`` change a policy at run time. A thread-pool call
+records its thread, so a revoke with ``terminate`` reaches it as it reaches the pipeline's
+(:meth:`FastPath.terminate`: ``TaskRevoked`` at the thread's next bytecode, settled at once).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -24,20 +31,47 @@ from functools import partial
 from typing import Any
 
 from ..config import TaskPolicy
+from ..errors import TaskRevoked
 from ..handoff import Handoff
 from ..protocol import Envelope
 from ..tasks import BoundTask, Request, Task
 from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Context, Middleware, Outcome
 from .pipeline import Pipeline, log_failure, log_success
-from .pool import ThreadRunner
+from .pool import ThreadRunner, raise_in_thread
 
 __all__ = ["FastPath"]
 
 log = logging.getLogger("amqptasks.worker")
 
-#: A fast-path call in the thread pool: its delivery, envelope, task and start time.
-_FastCall = tuple[Delivery, Envelope, Task, float]
+
+class _Thread:
+    """Which thread runs a fast-path call (None before and after), for a terminate."""
+
+    __slots__ = ("ident", "lock", "stopped")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ident: int | None = None
+        self.stopped = False
+
+
+def _tracked(fn: Any, cell: _Thread, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with cell.lock:
+        if cell.stopped:
+            return None  # terminated before it started: settled already, never runs
+        cell.ident = threading.get_ident()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        with cell.lock:
+            cell.ident = None
+            if cell.stopped:  # a TaskRevoked injected as it returned must not hit the pool
+                raise_in_thread(threading.get_ident(), None)
+
+
+#: A fast-path call in the thread pool: its delivery, envelope, task, start time and thread.
+_FastCall = tuple[Delivery, Envelope, Task, float, _Thread]
 
 
 class FastPath:
@@ -55,16 +89,11 @@ class FastPath:
         self.pipeline = pipeline
         self.middleware = middleware
         self.policies = policies
+        self.all_tasks = tasks
+        self.pool = pool
         #: Tasks this path may run.
-        self.tasks: dict[str, Task] = {
-            name: t
-            for name, t in tasks.items()
-            if pool in ("asyncio", "threads")
-            and not t.is_async
-            and not policies[name].acks_early
-            and not policies[name].time_limit
-            and not policies[name].soft_time_limit
-        }
+        self.tasks: dict[str, Task] = {}
+        self.refresh()
         #: Middleware with a fast_success hook (e.g. the result store), asked after a success.
         self.finishers = [
             m for m in middleware if type(m).fast_success is not Middleware.fast_success
@@ -75,6 +104,22 @@ class FastPath:
         self.pending: dict[concurrent.futures.Future[Any], _FastCall] = {}
         self._finished: Handoff[concurrent.futures.Future[Any]] = Handoff()
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def refresh(self) -> None:
+        """Decide again which tasks may take this path (a policy changed at run time)."""
+        policies = self.policies
+        limit = policies.get
+        self.tasks = {
+            name: t
+            for name, t in self.all_tasks.items()
+            if self.pool in ("asyncio", "threads")
+            and not t.is_async
+            and (p := limit(name)) is not None
+            and not p.acks_early
+            and not p.time_limit
+            and not p.soft_time_limit
+            and not (p.rate_limit is not None and p.rate_limit.active)
+        }
 
     def run(self, delivery: Delivery, env: Envelope) -> bool:
         """Run ``env`` here if it qualifies; False sends it down the full pipeline."""
@@ -104,8 +149,9 @@ class FastPath:
             # thread picks it up the call is cancellable, so a warm shutdown can requeue it.
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            future = runner.executor.submit(task.fn, *args, **env.kwargs)
-            self.pending[future] = (delivery, env, task, start)
+            cell = _Thread()
+            future = runner.executor.submit(_tracked, task.fn, cell, args, env.kwargs)
+            self.pending[future] = (delivery, env, task, start, cell)
             future.add_done_callback(self._thread_finished)
             return True
         try:
@@ -126,9 +172,55 @@ class FastPath:
     def cancel_stale(self) -> None:
         """The connection died: calls not started yet from it are dropped (the broker gives
         their messages out again; starting them now would run them twice)."""
-        for future, (delivery, _env, _task, _start) in list(self.pending.items()):
+        for future, (delivery, _env, _task, _start, _cell) in list(self.pending.items()):
             if delivery.stale:
                 future.cancel()
+
+    def terminate(self, ids: set[str]) -> list[str]:
+        """Revoke with terminate: ``TaskRevoked`` in the thread of each running call of
+        ``ids`` at its next bytecode (a thread cannot be killed: a blocking C call such as
+        ``time.sleep`` finishes first), and its delivery settled as revoked at once; what the
+        thread returns later is discarded. Returns the ids reached."""
+        stopped = []
+        for future, (delivery, env, task, start, cell) in list(self.pending.items()):
+            if env.id not in ids:
+                continue
+            with cell.lock:
+                cell.stopped = True
+                if cell.ident is not None:
+                    raise_in_thread(cell.ident, TaskRevoked)
+            future.cancel()  # not started yet: it never will
+            del self.pending[future]
+            self.pipeline.slots.release()
+            stopped.append(env.id)
+            outcome = Outcome(
+                False,
+                exc=TaskRevoked(f"task {env.task}[{env.id}] was revoked and terminated"),
+                traceback="",
+                runtime=time.perf_counter() - start,
+                revoked=True,
+                terminated=True,
+            )
+            log.warning(
+                "task %s[%s] terminated after %.3fs: it was revoked (its thread gets "
+                "TaskRevoked at its next bytecode)",
+                env.task,
+                env.id,
+                outcome.runtime,
+                extra={"task_id": env.id, "task_name": env.task},
+            )
+            ctx = Context(env, task, delivery.queue, self.pipeline.hostname)
+            finish = self.pipeline.finish(
+                delivery,
+                env,
+                task,
+                self.policies[env.task],
+                ctx,
+                outcome,
+                datetime.now(timezone.utc),
+            )
+            self.pipeline.spawn(finish, delivery)
+        return stopped
 
     def _thread_finished(self, future: concurrent.futures.Future[Any]) -> None:
         """Done callback: runs in the pool thread (or on the loop when the call was
@@ -139,7 +231,10 @@ class FastPath:
 
     def _settle_finished(self) -> None:
         for future in self._finished.take():
-            delivery, env, task, start = self.pending.pop(future)
+            entry = self.pending.pop(future, None)
+            if entry is None:
+                continue  # terminated by a revoke: settled already
+            delivery, env, task, start, _cell = entry
             self.pipeline.slots.release()
             try:
                 if future.cancelled():  # never started: back to the queue (warm shutdown)

@@ -57,6 +57,10 @@ class Outcome:
     #: Set by an ``after_run`` hook whose part of settling failed (e.g. a workflow step that
     #: could not be published): the delivery is dead-lettered with (reason, detail), not acked.
     dead_letter: tuple[str, str] | None = None
+    #: The task id is revoked: settled as REVOKED (acked, no retry, no dead letter), whether
+    #: it never started or was stopped while it ran (``terminated``).
+    revoked: bool = False
+    terminated: bool = False
 
 
 @dataclass(slots=True)

@@ -10,7 +10,8 @@ A delivery's story, as the observer hears it::
 
     received -> started -> succeeded | failed (retried when ``outcome.retry_countdown``)
     received -> rejected (dead-lettered before it ran: expired while it waited, ...)
-    received -> skipped  (a ``should_run`` hook said no: a duplicate; later, revoked)
+    received -> skipped  (a ``should_run`` hook said no: a duplicate, a revoked id)
+    received -> started -> skipped (revoked with ``terminate`` while it ran)
     received -> returned (back to its queue unstarted: warm shutdown)
     rejected             (dead-lettered before it was taken: undecodable, unknown task, ...)
 
@@ -67,8 +68,9 @@ class Observer:
     def rejected(self, rejection: Rejection) -> None:
         """Dead-lettered without running (``rejection.reason``: ``expired``, ...)."""
 
-    def skipped(self, env: Envelope, queue: str, reason: str) -> None:
-        """Settled without running because a ``should_run`` hook said no."""
+    def skipped(self, env: Envelope, queue: str, reason: str, terminated: bool = False) -> None:
+        """Settled without running because a ``should_run`` hook said no — or, with
+        ``terminated``, stopped while it ran (a revoke with ``terminate``)."""
 
     def returned(self, env: Envelope, queue: str) -> None:
         """Given back to its queue without running (a warm shutdown began, or its connection
@@ -134,10 +136,10 @@ class Observers(Observer):
             except Exception:
                 _failed(o, "rejected")
 
-    def skipped(self, env: Envelope, queue: str, reason: str) -> None:
+    def skipped(self, env: Envelope, queue: str, reason: str, terminated: bool = False) -> None:
         for o in self.observers:
             try:
-                o.skipped(env, queue, reason)
+                o.skipped(env, queue, reason, terminated)
             except Exception:
                 _failed(o, "skipped")
 

@@ -1,10 +1,15 @@
 """The worker's one fixed pipeline for a delivery that does not take the fast path::
 
-    stopping? -> size -> decode -> lookup -> expiry -> not-yet-due? -> slot -> expiry again
-      -> should_run -> (early ack) -> before_run -> run -> retry decision -> after_run -> settle
+    stopping? -> size -> decode -> lookup -> expiry -> not-yet-due? -> rate limit -> slot
+      -> expiry again -> should_run -> (early ack) -> before_run -> run -> retry decision
+      -> after_run -> settle
 
-(``should_run`` may answer with a known outcome instead — a duplicate whose result is stored —
-which then goes through the retry-less rest of the pipeline as if the task had just run.)
+(``should_run`` may answer with a known outcome instead — a duplicate whose result is stored,
+a revoked id — which then goes through the retry-less rest of the pipeline as if the task had
+just run.) The rate-limit stage (:mod:`.throttle`) waits for the task's token *before* a
+concurrency slot is taken, so a throttled delivery never holds a slot while it waits; it only
+holds its place in the prefetch the user configured. A running call is registered while it
+runs, so a revoke with ``terminate`` can stop it (:meth:`Pipeline.terminate`).
 
 Each step either passes the delivery on or settles it (through :class:`.settle.Settler`), so a
 delivery is settled exactly once. Expiry is checked again once a concurrency slot is free: a
@@ -23,7 +28,7 @@ from typing import Any
 
 from ..celery_compat import decode_any
 from ..config import Settings, TaskPolicy
-from ..errors import ProtocolError, TaskExpired
+from ..errors import ProtocolError, TaskExpired, TaskRevoked
 from ..protocol import Envelope
 from ..tasks import Request, Task
 from ..topology import delay_seconds
@@ -35,6 +40,7 @@ from .retry import decide
 from .settle import Settler
 from .slots import Slots
 from .stats import Stats
+from .throttle import Throttle
 
 __all__ = ["Pipeline", "log_failure", "log_success"]
 
@@ -94,6 +100,9 @@ class Pipeline:
         self.inflight: set[asyncio.Task[Any]] = set()
         self.slots = Slots(concurrency)
         self.observer: Observer = Observer()  # events and inspect (set by the Worker)
+        self.throttle = Throttle()  # no rate limits (the Worker sets the real one)
+        #: Calls running now, by id() (a revoke with terminate stops them).
+        self.calls: dict[int, Call] = {}
 
     # -- tasks on the loop ----------------------------------------------------------------------
     def spawn(self, work: Any, delivery: Delivery) -> None:
@@ -168,6 +177,10 @@ class Pipeline:
                 await settler.ack(delivery)
             return
         self.observer.received(env, delivery.queue)
+        if env.task in self.throttle.limited and not await self.throttle.admit(env, self.stopping):
+            self.observer.returned(env, delivery.queue)
+            await settler.requeue(delivery)  # a warm shutdown began while it waited
+            return
         if not await self.slots.take(self.stopping):
             self.observer.returned(env, delivery.queue)
             await settler.requeue(delivery)
@@ -207,6 +220,21 @@ class Pipeline:
             self.slots.release()
         await self.finish(delivery, env, task, policy, ctx, outcome, now)
 
+    def terminate(self, ids: set[str], *, running: bool = True) -> list[str]:
+        """Stop the calls of task ``ids`` (a revoke with terminate); with ``running=False``
+        only those that have not started yet (a child process was not free): a revoked id
+        must not start. Returns the ids of the calls stopped."""
+        stopped = []
+        for call in list(self.calls.values()):
+            if (
+                call.request.id in ids
+                and not call.terminated
+                and (running or not call.started)
+                and call.stop()
+            ):
+                stopped.append(call.request.id)
+        return stopped
+
     async def _expired(self, delivery: Delivery, env: Envelope, when: str) -> None:
         assert env.expires is not None
         await self.settler.dead_letter(
@@ -225,6 +253,13 @@ class Pipeline:
     ) -> None:
         """Retry decision, ``after_run`` hooks, then settle: the one place a ran task's
         delivery is settled."""
+        if outcome.revoked:
+            self.observer.skipped(env, delivery.queue, "revoked", outcome.terminated)
+            await run_after(self.middleware, ctx, outcome)
+            if outcome.terminated:
+                self.stats.processed += 1
+            await self.settler.settle(delivery, env, policy, outcome, now)
+            return
         if (
             not outcome.ok
             and not outcome.preset
@@ -262,7 +297,29 @@ class Pipeline:
         call = Call(task, env.args, env.kwargs, request, soft=soft, hard=hard, expires=env.expires)
         runner = self.async_runner if task.is_async else self.runner
         assert runner is not None
-        outcome = await runner.run(call)
+        self.calls[id(call)] = call
+        try:
+            outcome = await runner.run(call)
+        finally:
+            self.calls.pop(id(call), None)
+        if call.terminated:
+            what = "terminated" if call.started else "not started"
+            log.warning(
+                "task %s[%s] %s after %.3fs: it was revoked",
+                env.task,
+                env.id,
+                what,
+                outcome.runtime,
+                extra={"task_id": env.id, "task_name": env.task},
+            )
+            return Outcome(
+                False,
+                exc=TaskRevoked(f"task {env.task}[{env.id}] was revoked ({what})"),
+                traceback="",
+                runtime=outcome.runtime,
+                revoked=True,
+                terminated=call.started,
+            )
         if outcome.ok:
             log_success(env, outcome.runtime, outcome.result)
         else:

@@ -15,6 +15,12 @@ asyncio        not enforced (the sync task blocks the  not enforced: the start-u
 processes      SIGALRM in the child raises             the child is killed (SIGKILL) and replaced
                ``SoftTimeLimitExceeded``
 =============  ======================================  ==========================================
+
+A revoke with ``terminate`` stops a running call the same way each pool can (:meth:`Call.stop`):
+an async task is cancelled; a thread gets :class:`~amqptasks.errors.TaskRevoked` raised at its
+next bytecode and the call returns at once (the thread runs on until it reacts); a child
+process is killed and replaced; a sync task inline on the loop cannot be reached (the loop is
+busy running it, so the command is handled only once it returned).
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
 
-from ..errors import SoftTimeLimitExceeded, TimeLimitExceeded
+from ..errors import SoftTimeLimitExceeded, TaskRevoked, TimeLimitExceeded
 from ..tasks import BoundTask, Request, Task
 from .middleware import Outcome
 
-__all__ = ["AsyncRunner", "Call", "InlineRunner", "Runner", "ThreadRunner"]
+__all__ = ["AsyncRunner", "Call", "InlineRunner", "Runner", "ThreadRunner", "raise_in_thread"]
 
 
 @dataclass(slots=True)
@@ -53,6 +59,26 @@ class Call:
     #: checks it again before starting the call.
     expires: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Set by the runner once the task's code started.
+    started: bool = False
+    #: Set by the runner while the call runs: stops it (a revoke with ``terminate``).
+    stopper: Callable[[], None] | None = None
+    #: Stopped by a revoke (or told not to start): whatever it returned, it is settled as
+    #: revoked.
+    terminated: bool = False
+
+    def stop(self) -> bool:
+        """Stop the call as its pool can (see the module docstring), or make sure it never
+        starts when it has not yet (a child process was not free); False when it cannot be
+        reached (already done, or inline on the loop)."""
+        if self.stopper is not None:
+            self.terminated = True
+            self.stopper()
+            return True
+        if not self.started:
+            self.terminated = True
+            return True
+        return False
 
     def arguments(self) -> tuple[Any, ...]:
         if self.task.bind:
@@ -81,13 +107,25 @@ class AsyncRunner:
 
     async def run(self, call: Call) -> Outcome:
         start = time.perf_counter()
-        coro = call.task.fn(*call.arguments(), **call.kwargs)
+        # A task of its own, so a revoke with terminate can cancel it alone.
+        job = asyncio.ensure_future(call.task.fn(*call.arguments(), **call.kwargs))
+        call.started = True
+        call.stopper = job.cancel
+        try:
+            return await self._run(call, job, start)
+        finally:
+            call.stopper = None
+
+    async def _run(self, call: Call, job: asyncio.Future[Any], start: float) -> Outcome:
         if not call.soft and not call.hard:
             try:
-                return Outcome(True, result=await coro, runtime=time.perf_counter() - start)
+                return Outcome(True, result=await job, runtime=time.perf_counter() - start)
+            except asyncio.CancelledError:
+                if call.terminated:  # the job was cancelled, not the worker's task
+                    return _failure(TaskRevoked(f"task {call.task.name} was terminated"), start)
+                raise
             except Exception as exc:
                 return _failure(exc, start)
-        job = asyncio.ensure_future(coro)
         soft = call.soft or call.hard
         done, _ = await asyncio.wait({job}, timeout=soft)
         soft_hit = not done
@@ -127,6 +165,7 @@ class InlineRunner:
 
     async def run(self, call: Call) -> Outcome:
         start = time.perf_counter()
+        call.started = True
         try:
             result = call.task.fn(*call.arguments(), **call.kwargs)
         except Exception as exc:
@@ -150,7 +189,9 @@ class _Running:
         self.thread_id: int | None = None
 
 
-def _raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> None:
+def raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Raise ``exc_type`` in thread ``thread_id`` at its next bytecode (None clears a pending
+    one)."""
     ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(thread_id), ctypes.py_object(exc_type) if exc_type else None
     )
@@ -189,7 +230,7 @@ class ThreadRunner:
             with running.lock:
                 running.thread_id = None
                 # A soft limit injected just as the task returned must not hit pool internals.
-                _raise_in_thread(threading.get_ident(), None)
+                raise_in_thread(threading.get_ident(), None)
 
     async def run(self, call: Call) -> Outcome:
         start = time.perf_counter()
@@ -202,16 +243,40 @@ class ThreadRunner:
             self.executor,
             partial(context.run, self._call, call.task.fn, call.arguments(), call.kwargs, running),
         )
+        call.started = True
+        call.stopper = partial(self._stop, future, running)
         try:
             if not call.soft and not call.hard:
                 result = await future
             else:
                 result = await self._limited(call, future, running)
+        except asyncio.CancelledError:
+            if call.terminated:  # _stop cancelled the wait, not the worker's task
+                return _failure(
+                    TaskRevoked(
+                        f"task {call.task.name} was terminated; its thread cannot be killed and "
+                        "gets TaskRevoked at its next Python bytecode"
+                    ),
+                    start,
+                    tb="",
+                )
+            raise
         except TimeLimitExceeded as exc:
             return _failure(exc, start, tb="")
         except Exception as exc:
             return _failure(exc, start, "".join(traceback.format_exception(exc)))
+        finally:
+            call.stopper = None
         return Outcome(True, result=result, runtime=time.perf_counter() - start)
+
+    @staticmethod
+    def _stop(future: asyncio.Future[Any], running: _Running) -> None:
+        """Revoke with terminate: TaskRevoked in the thread at its next bytecode, and stop
+        waiting for it (the delivery is settled now; the thread runs on until it reacts)."""
+        with running.lock:
+            if running.thread_id is not None:
+                raise_in_thread(running.thread_id, TaskRevoked)
+        future.cancel()
 
     async def _limited(self, call: Call, future: asyncio.Future[Any], running: _Running) -> Any:
         soft = call.soft or call.hard
@@ -221,7 +286,7 @@ class ThreadRunner:
         if call.soft:
             with running.lock:
                 if running.thread_id is not None:
-                    _raise_in_thread(running.thread_id, SoftTimeLimitExceeded)
+                    raise_in_thread(running.thread_id, SoftTimeLimitExceeded)
         if call.hard and call.hard > soft:
             done, _ = await asyncio.wait({future}, timeout=call.hard - soft)
             if done:

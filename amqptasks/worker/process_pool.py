@@ -11,6 +11,8 @@ through a broker-side delay, then the dead-letter queue). A dead or retired chil
 * ``max_memory_per_child`` (KiB): a child whose peak RSS passed it retires after its call;
 * :meth:`ProcessRunner.resize`: growing starts children at once; shrinking retires idle
   children at once and busy ones when their call returns (a running task is never killed).
+* revoke with ``terminate``: the parent SIGKILLs the child running the call and replaces it;
+  the call is settled as revoked (not as ``WorkerLost``, so not retried).
 
 The pipe carries pickles between our own processes only (never message bodies from the
 broker as such: the parent has already decoded and validated them).
@@ -32,9 +34,17 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
-from ..errors import Retry, SoftTimeLimitExceeded, TaskExpired, TimeLimitExceeded, WorkerLost
+from ..errors import (
+    Retry,
+    SoftTimeLimitExceeded,
+    TaskExpired,
+    TaskRevoked,
+    TimeLimitExceeded,
+    WorkerLost,
+)
 from ..tasks import BoundTask
 from .middleware import Outcome
 from .pool import Call
@@ -266,6 +276,9 @@ class ProcessRunner:
     async def run(self, call: Call) -> Outcome:
         assert self._idle is not None, "start() first"
         child = await self._idle.get()
+        if call.terminated:  # revoked while it waited for a child: it never starts
+            self._idle.put_nowait(child)
+            return Outcome(False, exc=TaskRevoked("revoked before it started"), traceback="")
         if call.expires is not None and datetime.now(timezone.utc) >= call.expires:
             self._give_back(child)  # never handed a call that is already too late
             return Outcome(
@@ -289,6 +302,8 @@ class ProcessRunner:
                 runtime=0.0,
             )
         receive = loop.run_in_executor(self._readers, child.conn.recv)
+        call.started = True
+        call.stopper = partial(self._kill, child)
         try:
             reply = await asyncio.wait_for(
                 asyncio.shield(receive), call.hard if call.hard else None
@@ -309,6 +324,19 @@ class ProcessRunner:
         except (EOFError, OSError):
             code = child.process.exitcode
             self._replace(child, kill=True)
+            if call.terminated:
+                log.warning(
+                    "child process %s killed: %s[%s] was revoked with terminate; replaced",
+                    child.process.pid,
+                    call.task.name,
+                    call.request.id,
+                )
+                return Outcome(
+                    False,
+                    exc=WorkerLost("terminated: the child process was killed"),
+                    traceback="",
+                    runtime=time.perf_counter() - start,
+                )
             log.error(
                 "child process %s died running %s[%s] (exit code %s)",
                 child.process.pid,
@@ -322,8 +350,13 @@ class ProcessRunner:
                 traceback="",
                 runtime=time.perf_counter() - start,
             )
+        finally:
+            call.stopper = None
         kind, retire = reply[0], reply[1]
-        if retire:
+        if call.terminated:
+            # Killed (or about to be) after it had answered: never hand it another call.
+            self._replace(child, kill=True)
+        elif retire:
             self._replace(child, kill=False)
         else:
             self._give_back(child)
@@ -341,6 +374,14 @@ class ProcessRunner:
         if exc_type == "SoftTimeLimitExceeded":
             failure = SoftTimeLimitExceeded(message)
         return Outcome(False, exc=failure, traceback=tb, runtime=runtime)
+
+    @staticmethod
+    def _kill(child: _Child) -> None:
+        """Revoke with terminate: the call's child dies now; ``run`` sees it go and replaces
+        it."""
+        if child.process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.process.pid or 0, signal.SIGKILL)
 
     def close(self) -> None:
         for child in list(self._all):

@@ -89,6 +89,7 @@ class ReplyMiddleware(Middleware):
                 error_type=getattr(exc, "exc_type", None) or type(exc).__name__,
                 error_message=str(exc),
                 traceback=outcome.traceback,
+                reason="revoked" if outcome.revoked else None,
             )
         await self._send(
             env.reply_to, env.correlation_id or env.id, reply, env.reply_format, outcome.exc

@@ -25,7 +25,16 @@ from typing import Any
 from ..config import TaskPolicy
 from ..dlq import REPLAY_HEADER
 from ..protocol import Envelope, dumps
-from ..results import FAILURE, READY_STATES, RETRY, STARTED, SUCCESS, ResultMeta, utcnow
+from ..results import (
+    FAILURE,
+    READY_STATES,
+    RETRY,
+    REVOKED,
+    STARTED,
+    SUCCESS,
+    ResultMeta,
+    utcnow,
+)
 from .middleware import Context, Middleware, Outcome, Rejection
 from .replies import REJECTION_ERRORS
 from .storecalls import StoreRunner
@@ -127,7 +136,20 @@ class ResultsMiddleware(Middleware):
 
     async def after_run(self, ctx: Context, outcome: Outcome) -> None:
         env = ctx.envelope
-        if outcome.preset or not self._keeps(env.task):
+        if not self._keeps(env.task):
+            return
+        if outcome.revoked:  # never started, or terminated: REVOKED, before the ack
+            await self.store.save(
+                self._meta(
+                    env,
+                    REVOKED,
+                    reason="revoked",
+                    error_type="TaskRevoked",
+                    error_message=str(outcome.exc) if outcome.exc else "revoked",
+                )
+            )
+            return
+        if outcome.preset:
             return
         if outcome.retry_countdown is not None:
             meta = self._meta(

@@ -89,7 +89,11 @@ class Settler:
         outcome: Outcome,
         now: datetime,
     ) -> None:
-        """Settle a delivery whose task ran: ack, retry copy then ack, or dead-letter."""
+        """Settle a delivery whose task ran: ack, retry copy then ack, or dead-letter (a
+        revoked one, ran or not, is acked: its REVOKED state is the record of it)."""
+        if outcome.revoked:
+            await self.ack(delivery)  # also after an early ack: the window acks a tag once
+            return
         if policy.acks_early:
             if not outcome.ok:
                 log.error(

@@ -96,7 +96,7 @@ class Tracker(Observer):
         what = "expired" if rejection.reason == "expired" else "rejected"
         self.stats.outcomes[env.task if env is not None else "(undecodable)", what] += 1
 
-    def skipped(self, env: Envelope, queue: str, reason: str) -> None:
+    def skipped(self, env: Envelope, queue: str, reason: str, terminated: bool = False) -> None:
         self.active.pop(id(env), None)
         self.reserved.pop(id(env), None)
         self.stats.outcomes[env.task, "revoked"] += 1

@@ -390,6 +390,41 @@ def test_workers_pages_controls_and_commands_the_workers_lack(
              message="w1 offline after its shutdown")  # fmt: skip
 
 
+def test_revoke_and_rate_limit_through_flowers_paths(cfg, worker_factory, dashboard_factory):
+    """A revoke from the dashboard is stored in the broker (it holds for a worker started
+    after it); a rate limit reaches the running worker."""
+    d = dashboard_factory(cfg)
+    sent = d.post("/api/task/async-apply/examples.tasks.add", {"args": [1, 2], "countdown": 3})
+    assert sent.status == 200, sent.text
+    task_id = sent.json()["task-id"]
+    revoked = d.post(f"/api/task/revoke/{task_id}")  # no worker is up: kept by the broker
+    assert revoked.status == 200, revoked.text
+    assert revoked.json()["message"] == f"Revoked '{task_id}'"
+    worker_factory(cfg, "-Q", "default", "-E", "-n", "w1@dash")
+    info = wait_for(
+        lambda: (
+            (a := d.get(f"/api/task/info/{task_id}")).status == 200
+            and a.json()["state"] == "REVOKED"
+            and a.json()
+        ),
+        timeout=30,
+        message="the revoked task settled as REVOKED when it came due",
+    )
+    assert "task-succeeded" not in [e["type"] for e in info["timeline"]]
+    limited = d.post("/api/task/rate-limit/examples.tasks.add?ratelimit=10/m")
+    assert limited.status == 200, limited.text
+    assert limited.json()["replies"]["w1@dash"]["rate_limit"]["rate"] == "10/m"
+    bad = d.post("/api/task/rate-limit/examples.tasks.add?ratelimit=fast")
+    assert bad.status == 400, bad.text
+    timed = d.post("/api/task/timeout/examples.tasks.add?hard=20")
+    assert timed.status == 200, timed.text
+    assert timed.json()["replies"]["w1@dash"] == {
+        "task": "examples.tasks.add",
+        "soft_time_limit": 0.0,
+        "time_limit": 20.0,
+    }
+
+
 def test_the_openapi_document_is_served_and_holds_against_the_real_server(
     cfg, worker_factory, dashboard_factory
 ):
@@ -421,8 +456,9 @@ def test_the_openapi_document_is_served_and_holds_against_the_real_server(
         if "/send-task/" in op.path or "/async-apply/" in op.path:
             # A route the schema cannot know (a routing key no queue binds) is a 400.
             excluded.append(positive_data_acceptance)
-        if op.path.split("/")[-2] in ("shrink", "autoscale"):
-            # MIN above MAX, or a shrink below one slot: a 400 the schema cannot express.
+        if op.path.split("/")[-2] in ("shrink", "autoscale", "rate-limit", "timeout"):
+            # MIN above MAX, a shrink below one slot, a task no worker has, a soft limit above
+            # the hard one: a 400 the schema cannot express.
             excluded.append(positive_data_acceptance)
         missing = {"revoke", "rate-limit", "timeout", "grow", "shrink", "autoscale"}
         command = op.path.split("/")[-2]

@@ -172,3 +172,58 @@ def gated(tag: str, gate: str, limit: float = 60.0) -> str:
         time.sleep(0.01)
     _record(f"done {tag}")
     return tag
+
+
+# -- revoke and rate limits ---------------------------------------------------------------------
+@app.task(name="testtasks.nap")
+async def nap(tag: str, seconds: float) -> str:
+    """An ``async def`` task that records being cancelled (a revoke with terminate)."""
+    import asyncio
+
+    _record(f"start {tag}")
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        _record(f"cancelled {tag}")
+        raise
+    _record(f"done {tag}")
+    return tag
+
+
+def _spin(tag: str, seconds: float) -> str:
+    from amqptasks.errors import TaskRevoked
+
+    _record(f"start {tag}")
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            sum(range(1000))
+    except TaskRevoked:
+        _record(f"revoked {tag}")
+        raise
+    _record(f"done {tag}")
+    return tag
+
+
+@app.task(name="testtasks.spin")
+def spin(tag: str, seconds: float) -> str:
+    """A pure-Python busy loop (a thread gets TaskRevoked in it at once), full pipeline."""
+    return _spin(tag, seconds)
+
+
+@app.task(name="testtasks.quiet_spin", ignore_result=True)
+def quiet_spin(tag: str, seconds: float) -> str:
+    """The same without a result: with nothing wanting it, it takes the fast path."""
+    return _spin(tag, seconds)
+
+
+@app.task(name="testtasks.tick", ignore_result=True)
+def tick(tag: str) -> str:
+    """Records when it started (rate-limit tests measure the pace from these)."""
+    _record(f"tick {tag} {time.time():.3f}")
+    return tag
+
+
+@app.task(name="testtasks.nothing", ignore_result=True)
+def nothing(tag: str = "") -> None:
+    """Does nothing (no ledger line: measuring how fast a rate limit lets tasks through)."""

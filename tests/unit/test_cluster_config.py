@@ -129,6 +129,9 @@ def test_default_queue_type_quorum_makes_every_queue_quorum(tmp_path: Path) -> N
     topo = load_config(path, env={}).topology
     assert topo.default_queue_type == "quorum" and topo.replicas == 3
     for q in topo.queues:
+        if q.name == "amqptasks.revocations":  # a stream: replicated on every node already
+            assert q.args["x-queue-type"] == "stream"
+            continue
         assert q.args["x-queue-type"] == "quorum", q.name
         assert q.args["x-quorum-initial-group-size"] == 3, q.name
     work = topo.queue("web_tasks")
@@ -155,7 +158,7 @@ def test_quorum_delay_levels_dead_letter_at_least_once() -> None:
 def test_classic_stays_the_default() -> None:
     topo = Settings.from_mapping({"queues": {"a": {}}}).topology
     assert topo.default_queue_type == "classic"
-    assert all("x-queue-type" not in q.args for q in topo.queues)
+    assert all("x-queue-type" not in q.args for q in topo.queues if q.role != "revocations")
 
 
 def test_a_queue_can_stay_classic_under_a_quorum_default(tmp_path: Path) -> None:

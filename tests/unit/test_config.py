@@ -11,12 +11,14 @@ import pytest
 from amqptasks.config import (
     DEFAULT_BROKER_URL,
     DEFAULT_CONFIG_PATH,
+    RevokeSettings,
     Settings,
     load_config,
     redact_url,
 )
 from amqptasks.errors import ConfigError
 from amqptasks.protocol import CONTENT_TYPE_JSON, CONTENT_TYPE_PICKLE
+from amqptasks.rate import OFF, RateLimit
 from amqptasks.routing import Route
 from amqptasks.topology import DLX_EXCHANGE
 
@@ -352,6 +354,68 @@ BAD = [
     ("section-not-a-mapping", BASE + "worker: [8]\n", "worker", "expected a mapping, got a list"),
     ("top-level-list", "- broker\n- queues\n", "<top level>", "expected a mapping, got a list"),
     ("non-string-key", "queues: {1: {}}\n", "queues", "keys must be strings, got 1"),
+    (
+        "rate-limit-spelling",
+        BASE + "tasks: {t: {rate_limit: 10/sec}}\n",
+        "tasks.t.rate_limit",
+        "expected a rate such as '10/s', '100/m' or '2/h' (or 0 for none), got '10/sec'",
+    ),
+    (
+        "rate-limit-mapping-rate",
+        BASE + "tasks: {t: {rate_limit: {rate: '-1/s', scope: fleet}}}\n",
+        "tasks.t.rate_limit.rate",
+        "got '-1/s'",
+    ),
+    (
+        "rate-limit-mapping-needs-rate",
+        BASE + "tasks: {t: {rate_limit: {scope: fleet}}}\n",
+        "tasks.t.rate_limit.rate",
+        "is required",
+    ),
+    (
+        "rate-limit-scope",
+        BASE + "tasks: {t: {rate_limit: {rate: 10/s, scope: cluster}}}\n",
+        "tasks.t.rate_limit.scope",
+        "expected one of worker, fleet, got a string 'cluster'",
+    ),
+    (
+        "rate-limit-burst",
+        BASE + "tasks: {t: {rate_limit: {rate: 10/s, burst: 0}}}\n",
+        "tasks.t.rate_limit.burst",
+        "expected a positive integer, got an integer 0",
+    ),
+    (
+        "rate-limit-unknown-key",
+        BASE + "tasks: {t: {rate_limit: {rate: 10/s, per: fleet}}}\n",
+        "tasks.t.rate_limit.per",
+        "unknown key (allowed here: rate, scope, burst)",
+    ),
+    (
+        "rate-limit-a-list",
+        BASE + "tasks: {t: {rate_limit: [10, s]}}\n",
+        "tasks.t.rate_limit",
+        "got list",
+    ),
+    (
+        "revoke-expires-too-long",
+        BASE + "revoke: {expires: 5000000}\n",
+        "revoke.expires",
+        "expected seconds > 0 and at most 4194303 (48.5 days, the longest delay)",
+    ),
+    ("revoke-max-ids", BASE + "revoke: {max_ids: 0}\n", "revoke.max_ids", "positive integer"),
+    ("revoke-unknown", BASE + "revoke: {expire: 5}\n", "revoke.expire", "unknown key"),
+    (
+        "reserved-revocations-queue",
+        BASE + "  amqptasks.revocations: {}\n",
+        "queues.amqptasks.revocations",
+        "is reserved",
+    ),
+    (
+        "reserved-rate-limit-queue",
+        BASE + "  amqptasks.ratelimit.x: {}\n",
+        "queues.amqptasks.ratelimit.x",
+        "is reserved",
+    ),
 ]
 
 
@@ -674,3 +738,27 @@ def test_events_section_defaults_and_values(tmp_path: Path) -> None:
     text = BASE + "events: {enabled: true, send_sent: true, heartbeat_interval: 0.5}\n"
     events = load_config(write(tmp_path, text), env={}).events
     assert (events.enabled, events.send_sent, events.heartbeat_interval) == (True, True, 0.5)
+
+
+def test_rate_limits_and_revoke_settings_from_yaml(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        BASE
+        + """\
+revoke: {expires: 3600, max_ids: 10}
+tasks:
+  a: {rate_limit: 100/m}
+  b: {rate_limit: {rate: 10/s, scope: fleet, burst: 5}}
+  c: {rate_limit: 0}
+  "d.*": {rate_limit: 2.5}
+""",
+    )
+    s = load_config(path, env={})
+    assert (s.revoke.expires, s.revoke.max_ids) == (3600.0, 10)
+    a, b, c, d = (s.task_policy(n).rate_limit for n in ("a", "b", "c", "d.x"))
+    assert a == RateLimit(100 / 60) and a.text == "100/m" and a.scope == "worker"
+    assert b == RateLimit(10.0, "fleet", 5) and str(b) == "10/s per fleet, burst 5"
+    assert c == OFF and not c.active  # explicitly off: overrides a decorator's None
+    assert d == RateLimit(2.5) and d.text == "150/m"
+    assert s.task_policy("other").rate_limit is None
+    assert load_config(write(tmp_path, BASE, "plain.yaml"), env={}).revoke == RevokeSettings()

@@ -79,10 +79,14 @@ def test_arguments_from_positionals_or_a_mapping() -> None:
         assert problem in str(err.value)
 
 
+#: A valid value for each kind of positional parameter (from the CLI's text).
+SAMPLE = {"str": "x", "count": "3", "seconds": "2.5", "rate": "10/m"}
+
+
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_encoded_commands_validate_and_decode_back(name: str) -> None:
     spec = COMMANDS[name]
-    values = ["3" if p in spec.integers else "x" for p in spec.params]
+    values = [SAMPLE[spec.kind(p)] for p in spec.params]
     cmd = Command(name, check_arguments(name, values), ("w1@host",))
     body = encode_command(cmd)
     assert errors(json.loads(body)) == []
@@ -120,3 +124,34 @@ def test_replies_validate_ok_or_error_and_decode_back() -> None:
     missing = json.loads(encode_reply(bad))
     del missing["error"]
     assert errors(missing)
+
+
+def test_revoke_rate_limit_and_time_limit_arguments_are_typed_on_the_wire() -> None:
+    assert check_arguments("revoke", ["a", "b"], {"terminate": True, "expires": 60}) == {
+        "ids": ["a", "b"],
+        "terminate": True,
+        "expires": 60.0,
+    }
+    assert check_arguments("revoke", {"ids": ["a"], "terminate": None}) == {"ids": ["a"]}
+    assert check_arguments("rate-limit", ["t", "100/m"], {"scope": "fleet"}) == {
+        "task": "t",
+        "rate": "100/m",
+        "scope": "fleet",
+    }
+    assert check_arguments("time-limit", ["t", "1.5", "0"]) == {
+        "task": "t",
+        "soft": 1.5,
+        "hard": 0.0,
+    }
+    for name, given, problem in [
+        ("revoke", {"ids": ["a"], "terminate": "yes"}, "'terminate' must be true or false"),
+        ("revoke", {"ids": ["a"], "expires": "soon"}, "EXPIRES must be seconds, got 'soon'"),
+        ("revoke", {"ids": ["a"], "expires": -1}, "'expires' must be a number of seconds >= 0"),
+        ("rate-limit", ["t", "10/sec"], "RATE: expected a rate such as '10/s'"),
+        ("rate-limit", {"task": "t", "rate": "1/s", "scope": "all"}, "one of worker, fleet"),
+        ("time-limit", ["t", "soon", "2"], "SOFT must be seconds, got 'soon'"),
+        ("time-limit", ["t", "1"], "expected TASK SOFT HARD, got 2 value(s)"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            check_arguments(name, given)
+        assert problem in str(err.value), (name, given, str(err.value))

@@ -252,3 +252,29 @@ def test_a_handle_without_reply_or_store_says_why_it_cannot_wait() -> None:
     result = AsyncResult("id-1", backend=ResultBackend(ResultCollector(), None, "rpc://"))
     with pytest.raises(ResultsUnavailable, match="rpc://"):
         result.get(timeout=0)
+
+
+def test_revoke_from_a_handle_goes_through_the_apps_control_with_its_ids() -> None:
+    """AsyncResult.revoke() / GroupResult.revoke() (Celery's) call the application's
+    control.revoke with their own id(s); a handle with nothing to revoke through says so."""
+    from amqptasks.errors import ResultsUnavailable
+    from amqptasks.results import GroupResult, ResultBackend
+
+    calls: list[tuple[list[str], dict[str, object]]] = []
+
+    def revoke(ids: list[str], **options: object) -> str:
+        calls.append((ids, options))
+        return "answers"
+
+    backend = ResultBackend(ResultCollector(), None, "rpc://", revoke=revoke)
+    one, two = AsyncResult("a", backend=backend), AsyncResult("b", backend=backend)
+    assert one.revoke(terminate=True, expires=60) == "answers"
+    assert GroupResult("g", [one, two], backend=backend).revoke() == "answers"
+    assert calls == [
+        (["a"], {"terminate": True, "expires": 60, "timeout": 1.0}),
+        (["a", "b"], {"terminate": False, "expires": None, "timeout": 1.0}),
+    ]
+    with pytest.raises(ResultsUnavailable, match="a: this handle has no application"):
+        AsyncResult("a").revoke()
+    with pytest.raises(ResultsUnavailable, match="group g"):
+        GroupResult("g", [one]).revoke()

@@ -304,6 +304,8 @@ def test_describe_summarises_the_delay_levels_in_one_line() -> None:
         "  b  role=work durable=true  x-dead-letter-exchange=amqptasks.dlx "
         "x-dead-letter-routing-key=b",
         "  b.dlq  role=dead-letter durable=true",
+        "  amqptasks.revocations  role=revocations durable=true  x-queue-type=stream "
+        "x-max-age=49D x-stream-max-segment-size-bytes=1000000",
         "bindings:",
         "  tasks --[a.#]--> a",
         f"  {DLX_EXCHANGE} --[a]--> a.dlq",
