@@ -289,8 +289,8 @@ def test_topology_show_and_apply_summarise_the_delay_levels(tmp_path, broker):
     assert applied.returncode == 0, applied.stderr
     lines = applied.stdout.splitlines()
     assert delay_line in lines and not [x for x in lines if x.startswith("declared ")]
-    assert lines[-1].endswith(": 109 objects")  # incl. the events and control exchanges
+    assert lines[-1].endswith(": 110 objects")  # incl. events, control, revocations
     assert broker.depth("amqptasks.delay.21") == 0  # declared all the same
     verbose = run_cli(cfg, "topology", "apply", "-v").stdout.splitlines()
-    assert len([x for x in verbose if x.startswith("declared ")]) == 109
+    assert len([x for x in verbose if x.startswith("declared ")]) == 110
     assert "declared queue amqptasks.delay.0" in verbose

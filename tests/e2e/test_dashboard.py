@@ -393,8 +393,10 @@ def test_workers_pages_controls_and_commands_the_workers_lack(
 def test_revoke_and_rate_limit_through_flowers_paths(cfg, worker_factory, dashboard_factory):
     """A revoke from the dashboard is stored in the broker (it holds for a worker started
     after it); a rate limit reaches the running worker."""
+    apply_topology(cfg)  # the delay levels and the revocations stream, before any worker
     d = dashboard_factory(cfg)
-    sent = d.post("/api/task/async-apply/examples.tasks.add", {"args": [1, 2], "countdown": 3})
+    # send-task: no worker is up yet to have registered the name (async-apply checks it).
+    sent = d.post("/api/task/send-task/examples.tasks.add", {"args": [1, 2], "countdown": 3})
     assert sent.status == 200, sent.text
     task_id = sent.json()["task-id"]
     revoked = d.post(f"/api/task/revoke/{task_id}")  # no worker is up: kept by the broker
