@@ -278,6 +278,11 @@ def check_arguments(
     missing = [p for p in spec.params if p not in out]
     if missing:
         raise ValueError(f"{name}: missing argument(s) {', '.join(missing)}")
+    if name == "time-limit" and out["soft"] and out["hard"] and out["soft"] >= out["hard"]:
+        # Said here, before the broadcast: every worker would refuse it anyway.
+        raise ValueError(
+            f"time-limit: SOFT ({out['soft']:g}s) must be below HARD ({out['hard']:g}s)"
+        )
     return out
 
 

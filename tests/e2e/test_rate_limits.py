@@ -237,11 +237,10 @@ def test_control_time_limit_makes_a_running_worker_enforce_a_new_limit(
         assert time.monotonic() - started < 5.0
         assert "done after" not in ledger_lines(ledger)
 
+        # Refused before it is sent (every worker would refuse it): a usage error.
         refused = run_cli(cfg, "control", "time-limit", "testtasks.busy", "5", "1")
-        assert refused.returncode == 1
-        assert "error BadArguments: time-limit: soft (5s) must be below hard (1s)" in (
-            refused.stdout
-        )
+        assert refused.returncode == 2
+        assert "time-limit: SOFT (5s) must be below HARD (1s)" in refused.stderr
         unknown = run_cli(cfg, "control", "rate-limit", "no.such.task", "1/s")
         assert unknown.returncode == 1 and "error UnknownTask: task 'no.such.task'" in (
             unknown.stdout

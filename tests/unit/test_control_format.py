@@ -73,6 +73,7 @@ def test_arguments_from_positionals_or_a_mapping() -> None:
         ("pool-shrink", {"n": "2"}, "'n' must be a whole number of at least 1, got '2'"),
         ("autoscale", {"max": 6, "min": True}, "'min' must be a whole number"),
         ("autoscale", ["6"], "expected MAX MIN, got 1 value"),
+        ("time-limit", ["t", "30", "10"], "SOFT (30s) must be below HARD (10s)"),
     ]:
         with pytest.raises(ValueError) as err:
             check_arguments(name, given)
@@ -87,6 +88,8 @@ SAMPLE = {"str": "x", "count": "3", "seconds": "2.5", "rate": "10/m"}
 def test_encoded_commands_validate_and_decode_back(name: str) -> None:
     spec = COMMANDS[name]
     values = [SAMPLE[spec.kind(p)] for p in spec.params]
+    if name == "time-limit":
+        values[-1] = "5"  # SOFT must be below HARD
     cmd = Command(name, check_arguments(name, values), ("w1@host",))
     body = encode_command(cmd)
     assert errors(json.loads(body)) == []
