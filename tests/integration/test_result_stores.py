@@ -105,6 +105,31 @@ def test_a_ready_record_is_not_hidden_by_a_late_started_or_retry(store: Any) -> 
     assert store.get(other) == success(other, 1)
 
 
+@pytest.mark.parametrize("one_statement", [True, False], ids=["json_each", "per-row"])
+def test_sqlite_batches_keep_order_and_the_ready_rule_either_way(
+    sqlite_store: SqliteStore, one_statement: bool
+) -> None:
+    # A batch is one json_each statement where SQLite has JSON1, one statement per row where
+    # it has not: both must apply a batch's rows in order, against rows saved before.
+    sqlite_store._json_each = one_statement
+    done, late, fresh = uid(), uid(), uid()
+    sqlite_store.save([success(done, 1)])
+    sqlite_store.save(
+        [
+            ResultMeta(id=done, status=STARTED),  # a READY record stays
+            ResultMeta(id=late, status=SUCCESS, result="first"),
+            ResultMeta(id=late, status=FAILURE, error_type="E", error_message="second"),
+            ResultMeta(id=fresh, status=STARTED),
+            ResultMeta(id=fresh, status=RETRY, retries=1),  # replaced within the batch
+        ]
+    )
+    assert sqlite_store.get_many([done, late, fresh]) == [
+        success(done, 1),
+        ResultMeta(id=late, status=SUCCESS, result="first"),
+        ResultMeta(id=fresh, status=RETRY, retries=1),
+    ]
+
+
 def test_a_non_ready_record_is_replaced(store: Any) -> None:
     tid = uid()
     store.save([ResultMeta(id=tid, status=STARTED, worker="a")])
