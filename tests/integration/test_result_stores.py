@@ -713,3 +713,44 @@ def test_opening_waits_for_a_writer_that_holds_the_file(tmp_path: Any, lock: str
         assert store.get("x") == success("x")
     finally:
         store.close()
+
+
+def test_store_runner_calls_done_only_after_the_record_is_stored(
+    sqlite_store_factory: StoreFactory,
+) -> None:
+    # The fast path acks from save_then's callback: done(None) must mean "readable in the
+    # store", and a store that cannot write must end in done(exc) — never done(None).
+    import asyncio
+
+    from amqptasks.worker.storecalls import StoreRunner
+
+    writer, reader = sqlite_store_factory(), sqlite_store_factory()
+    kept, lost = uid(), uid()
+
+    async def scenario() -> list[tuple[str, BaseException | None, ResultMeta | None]]:
+        runner = StoreRunner(writer, max_retry_delay=0.01)
+        runner.start()
+        seen: list[tuple[str, BaseException | None, ResultMeta | None]] = []
+        answered = asyncio.Event()
+
+        def done_for(tid: str) -> Callable[[BaseException | None], None]:
+            def done(exc: BaseException | None) -> None:
+                seen.append((tid, exc, reader.get(tid)))
+                answered.set()
+
+            return done
+
+        runner.save_then(success(kept, 1), done_for(kept))
+        await asyncio.wait_for(answered.wait(), 10)
+        writer.close()  # the outage: every write now fails, and is retried
+        answered.clear()
+        runner.save_then(success(lost, 2), done_for(lost))
+        await runner.close(timeout=0.2)  # gives up retrying: the callback gets the error
+        await asyncio.wait_for(answered.wait(), 10)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[0] == (kept, None, success(kept, 1))
+    assert seen[1][0] == lost
+    assert isinstance(seen[1][1], ResultStoreError), seen[1][1]
+    assert seen[1][2] is None
