@@ -27,7 +27,6 @@ import time
 import traceback
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from functools import partial
 from typing import Any
 
 from ..config import TaskPolicy
@@ -74,6 +73,29 @@ def _tracked(fn: Any, cell: _Thread, args: tuple[Any, ...], kwargs: dict[str, An
 _FastCall = tuple[Delivery, Envelope, Task, float, _Thread]
 
 
+class _Finishing:
+    """One success waiting for its finishers' ``done`` calls (a guard of one is held while
+    they are asked, so a finisher that answers at once cannot ack it early); the first
+    error wins."""
+
+    __slots__ = ("delivery", "env", "error", "fast", "waiting")
+
+    def __init__(self, fast: FastPath, delivery: Delivery, env: Envelope) -> None:
+        self.fast = fast
+        self.delivery = delivery
+        self.env = env
+        self.waiting = 1
+        self.error: BaseException | None = None
+
+    def done(self, exc: BaseException | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = exc
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.fast.finishing.discard(self)
+            self.fast._finished_after(self.delivery, self.env, self.error)
+
+
 class FastPath:
     """Decides whether a decoded delivery may skip the full pipeline, and runs it if so."""
 
@@ -99,7 +121,7 @@ class FastPath:
             m for m in middleware if type(m).fast_success is not Middleware.fast_success
         ]
         #: Successes whose finishers (a store write) are still running: acked when they end.
-        self.finishing: set[asyncio.Future[Any]] = set()
+        self.finishing: set[_Finishing] = set()
         #: Calls in the thread pool -> what settling them needs (loop thread only).
         self.pending: dict[concurrent.futures.Future[Any], _FastCall] = {}
         self._finished: Handoff[concurrent.futures.Future[Any]] = Handoff()
@@ -256,27 +278,31 @@ class FastPath:
         runtime = time.perf_counter() - start
         log_success(env, runtime, result)
         self.pipeline.observer.succeeded(env, delivery.queue, runtime, result)
-        waits = [w for m in self.finishers if (w := m.fast_success(env, result)) is not None]
-        if not waits:
+        if not self.finishers:
             delivery.ack_now()
             return
-        done = asyncio.ensure_future(waits[0]) if len(waits) == 1 else asyncio.gather(*waits)
-        self.finishing.add(done)
-        done.add_done_callback(partial(self._finished_after, delivery, env))
+        finishing = _Finishing(self, delivery, env)
+        self.finishing.add(finishing)
+        guard: BaseException | None = None
+        for m in self.finishers:
+            try:
+                if m.fast_success(env, result, finishing.done):
+                    finishing.waiting += 1
+            except Exception as exc:  # e.g. a record that cannot be built: back to the queue
+                guard = guard or exc
+        finishing.done(guard)  # the guard: acked here when no finisher took it
 
-    def _finished_after(self, delivery: Delivery, env: Envelope, done: asyncio.Future[Any]) -> None:
+    def _finished_after(self, delivery: Delivery, env: Envelope, exc: BaseException | None) -> None:
         """A success whose finishers ended: ack it, or — a result that could not be kept —
         give it back to its queue (it runs again; at-least-once, nothing lost)."""
-        self.finishing.discard(done)
-        exc = None if done.cancelled() else done.exception()
-        if not done.cancelled() and exc is None:
+        if exc is None:
             delivery.ack_now()
             return
         log.error(
             "the result of %s[%s] could not be stored (%s); it goes back to its queue",
             env.task,
             env.id,
-            exc or "cancelled",
+            exc,
         )
         self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
 

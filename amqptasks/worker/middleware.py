@@ -121,12 +121,17 @@ class Middleware:
     async def on_reject(self, rejection: Rejection) -> None:
         """Called when a message was dead-lettered without running, before its ack."""
 
-    def fast_success(self, envelope: Envelope, result: Any) -> Awaitable[None] | None:
+    def fast_success(
+        self, envelope: Envelope, result: Any, done: Callable[[BaseException | None], None]
+    ) -> bool:
         """The fast path's ``after_run`` for a success (a message no middleware ``wants``):
-        called on the loop, synchronously; an awaitable returned must complete before the
-        delivery is acked (e.g. the result being stored). Failures always go through the full
-        ``after_run`` hooks."""
-        return None
+        called on the loop, synchronously. True means the delivery must wait for this hook
+        (e.g. the result being stored): it is acked only once ``done(None)`` was called, and
+        given back to its queue on ``done(exc)``; call ``done`` exactly once, on the loop,
+        never before returning. A callback, not an awaitable: a future's done callback costs
+        one more loop pass before the ack. Failures always go through the full ``after_run``
+        hooks."""
+        return False
 
 
 async def run_should_run(middleware: list[Middleware], ctx: Context) -> bool:

@@ -19,7 +19,7 @@ run again when its SUCCESS is stored).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import TaskPolicy
@@ -91,10 +91,13 @@ class ResultsMiddleware(Middleware):
             or self._tracks_started(envelope.task)
         )
 
-    def fast_success(self, envelope: Envelope, result: Any) -> Awaitable[None] | None:
+    def fast_success(
+        self, envelope: Envelope, result: Any, done: Callable[[BaseException | None], None]
+    ) -> bool:
         if not self._keeps(envelope.task):
-            return None
-        return self.store.save(self._success(envelope, result))
+            return False
+        self.store.save_then(self._success(envelope, result), done)
+        return True
 
     def _tracks_started(self, task: str) -> bool:
         policy = self.policies.get(task)

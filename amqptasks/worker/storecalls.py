@@ -31,6 +31,10 @@ __all__ = ["StoreRunner"]
 log = logging.getLogger("amqptasks.worker")
 T = TypeVar("T")
 _SAVE = object()
+#: Called on the loop with None once a save is stored, or with the error that stopped it.
+Done = Callable[[BaseException | None], None]
+#: What a job reports to: a future the caller awaits, or a :data:`Done` callback.
+_Target = asyncio.Future[Any] | Done
 
 
 class StoreRunner:
@@ -39,9 +43,9 @@ class StoreRunner:
     def __init__(self, store: ResultStore, *, max_retry_delay: float = 5.0) -> None:
         self.store = store
         self.max_retry_delay = max_retry_delay
-        self._jobs: deque[tuple[Any, tuple[Any, ...], asyncio.Future[Any]]] = deque()
+        self._jobs: deque[tuple[Any, tuple[Any, ...], _Target]] = deque()
         self._cv = threading.Condition()
-        self._done: Handoff[tuple[asyncio.Future[Any], bool, Any]] = Handoff()
+        self._done: Handoff[tuple[_Target, bool, Any]] = Handoff()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._close_deadline = 0.0
@@ -58,6 +62,23 @@ class StoreRunner:
     def save(self, meta: ResultMeta) -> asyncio.Future[None]:
         """Write ``meta`` (with whatever else is queued now); resolves once it is stored."""
         return self._submit(_SAVE, (meta,))
+
+    def save_then(self, meta: ResultMeta, done: Done) -> None:
+        """Write ``meta`` like :meth:`save`, then call ``done(None)`` — or ``done(exc)`` if it
+        could not be stored — on the loop, in the very callback that takes the batch back.
+
+        Why not a future: each future's done callback is one more loop pass (behind a whole
+        turn of deliveries) and one handle per result; the fast path acks from ``done``, so
+        a result's ack goes out one loop turn after its batch lands. Never called before
+        this returns.
+        """
+        assert self._loop is not None, "start() first"
+        with self._cv:
+            if not self._closing:
+                self._jobs.append((_SAVE, (meta,), done))
+                self._cv.notify()
+                return
+        self._loop.call_soon(done, RuntimeError("the result store is closed"))
 
     def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run ``fn(*args)`` (a bound store method) on the store thread, in queue order."""
@@ -85,13 +106,18 @@ class StoreRunner:
         self.store.close()
 
     def _resolve(self) -> None:
-        for future, ok, value in self._done.take():
-            if future.done():
+        for target, ok, value in self._done.take():
+            if not isinstance(target, asyncio.Future):
+                try:
+                    target(None if ok else value)
+                except Exception:  # one bad callback must not strand the rest of the batch
+                    log.exception("a result store callback failed")
+            elif target.done():
                 continue
-            if ok:
-                future.set_result(value)
+            elif ok:
+                target.set_result(value)
             else:
-                future.set_exception(value)
+                target.set_exception(value)
 
     # -- store thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -105,8 +131,8 @@ class StoreRunner:
                 self._jobs.clear()
             self._execute(jobs)
 
-    def _execute(self, jobs: list[tuple[Any, tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+    def _execute(self, jobs: list[tuple[Any, tuple[Any, ...], _Target]]) -> None:
+        results: list[tuple[_Target, bool, Any]] = []
         i = 0
         while i < len(jobs):
             fn, args, future = jobs[i]

@@ -105,6 +105,31 @@ def test_a_ready_record_is_not_hidden_by_a_late_started_or_retry(store: Any) -> 
     assert store.get(other) == success(other, 1)
 
 
+@pytest.mark.parametrize("one_statement", [True, False], ids=["json_each", "per-row"])
+def test_sqlite_batches_keep_order_and_the_ready_rule_either_way(
+    sqlite_store: SqliteStore, one_statement: bool
+) -> None:
+    # A batch is one json_each statement where SQLite has JSON1, one statement per row where
+    # it has not: both must apply a batch's rows in order, against rows saved before.
+    sqlite_store._json_each = one_statement
+    done, late, fresh = uid(), uid(), uid()
+    sqlite_store.save([success(done, 1)])
+    sqlite_store.save(
+        [
+            ResultMeta(id=done, status=STARTED),  # a READY record stays
+            ResultMeta(id=late, status=SUCCESS, result="first"),
+            ResultMeta(id=late, status=FAILURE, error_type="E", error_message="second"),
+            ResultMeta(id=fresh, status=STARTED),
+            ResultMeta(id=fresh, status=RETRY, retries=1),  # replaced within the batch
+        ]
+    )
+    assert sqlite_store.get_many([done, late, fresh]) == [
+        success(done, 1),
+        ResultMeta(id=late, status=SUCCESS, result="first"),
+        ResultMeta(id=fresh, status=RETRY, retries=1),
+    ]
+
+
 def test_a_non_ready_record_is_replaced(store: Any) -> None:
     tid = uid()
     store.save([ResultMeta(id=tid, status=STARTED, worker="a")])
@@ -688,3 +713,44 @@ def test_opening_waits_for_a_writer_that_holds_the_file(tmp_path: Any, lock: str
         assert store.get("x") == success("x")
     finally:
         store.close()
+
+
+def test_store_runner_calls_done_only_after_the_record_is_stored(
+    sqlite_store_factory: StoreFactory,
+) -> None:
+    # The fast path acks from save_then's callback: done(None) must mean "readable in the
+    # store", and a store that cannot write must end in done(exc) — never done(None).
+    import asyncio
+
+    from amqptasks.worker.storecalls import StoreRunner
+
+    writer, reader = sqlite_store_factory(), sqlite_store_factory()
+    kept, lost = uid(), uid()
+
+    async def scenario() -> list[tuple[str, BaseException | None, ResultMeta | None]]:
+        runner = StoreRunner(writer, max_retry_delay=0.01)
+        runner.start()
+        seen: list[tuple[str, BaseException | None, ResultMeta | None]] = []
+        answered = asyncio.Event()
+
+        def done_for(tid: str) -> Callable[[BaseException | None], None]:
+            def done(exc: BaseException | None) -> None:
+                seen.append((tid, exc, reader.get(tid)))
+                answered.set()
+
+            return done
+
+        runner.save_then(success(kept, 1), done_for(kept))
+        await asyncio.wait_for(answered.wait(), 10)
+        writer.close()  # the outage: every write now fails, and is retried
+        answered.clear()
+        runner.save_then(success(lost, 2), done_for(lost))
+        await runner.close(timeout=0.2)  # gives up retrying: the callback gets the error
+        await asyncio.wait_for(answered.wait(), 10)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[0] == (kept, None, success(kept, 1))
+    assert seen[1][0] == lost
+    assert isinstance(seen[1][1], ResultStoreError), seen[1][1]
+    assert seen[1][2] is None
