@@ -357,3 +357,40 @@ def test_a_fleet_limit_holds_when_the_refilling_worker_is_killed(tmp_path, broke
     assert pace(after) <= 11.5  # the rate held across the failover
     # Nothing lost: every tag ran (one the dead worker had started may have run again).
     assert {t for t, _ in ticks(ledger)} == {f"t{i}" for i in range(100)}
+
+
+def test_control_rate_limit_on_a_task_that_had_none_takes_it_off_the_fast_path(
+    tmp_path, broker, worker_factory
+):
+    """A task without a limit runs on the fast path; a limit set at run time must reach it
+    (the fast path's cached task list is refreshed), and 0 lifts it again."""
+    cfg = write_config(tmp_path, broker)
+    ledger = tmp_path / "ledger"
+    worker_factory(cfg, "-Q", "default", "-n", "free@host", "-c", "4", ledger=ledger)
+    app = App(load_config(cfg, env={}))
+    try:
+        [before] = [
+            r["testtasks.tick"]["policy"]["rate_limit"]
+            for r in answers(cfg, "inspect", "registered").values()
+        ]
+        assert before is None
+        [reply] = answers(cfg, "control", "rate-limit", "testtasks.tick", "4/s").values()
+        assert reply["rate_limit"]["rate"] == "4/s" and reply["was"] is None
+        app.send_many([("testtasks.tick", (f"c{i}",), None) for i in range(13)], queue="default")
+        wait_for(lambda: len(ticks(ledger)) >= 13, timeout=30, message="13 ticks at 4/s")
+        limited = sorted(t for _tag, t in ticks(ledger))
+        # 13 starts at 4/s: about 3 s (the first token is there at once).
+        assert limited[-1] - limited[0] >= 12 / 4 - 0.5, limited
+
+        [reply] = answers(cfg, "control", "rate-limit", "testtasks.tick", "0").values()
+        assert reply["rate_limit"] is None and reply["was"]["rate"] == "4/s"
+        lifted_at = time.time()
+        app.send_many([("testtasks.tick", (f"d{i}",), None) for i in range(40)], queue="default")
+        wait_for(lambda: len(ticks(ledger)) >= 53, timeout=30, message="40 ticks, no limit")
+        free = sorted(t for tag, t in ticks(ledger) if tag.startswith("d"))
+    finally:
+        app.close()
+    print(f"\n13 ticks at 4/s over {limited[-1] - limited[0]:.2f}s; 40 without over "
+          f"{free[-1] - free[0]:.2f}s")  # fmt: skip
+    assert free[-1] - free[0] < 2.0  # at 4/s they would need about 10 s
+    assert free[0] >= lifted_at - 0.1

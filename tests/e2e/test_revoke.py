@@ -343,3 +343,41 @@ def test_a_revoked_id_never_runs_on_the_fast_path(tmp_path, broker, worker_facto
         assert "start no" not in ledger_lines(ledger)
     finally:
         app.close()
+
+
+def test_a_revocation_that_expired_no_longer_holds(tmp_path, broker, worker_factory):
+    """`--expires` is how long a revocation holds: a task that comes due after it ran, one
+    that comes due before it did not (both on the worker that heard the revoke, and on a
+    worker started after the short one expired, which reads the stream from the start)."""
+    cfg = write_config(tmp_path, broker)
+    ledger = tmp_path / "ledger"
+    events = revoked_events(broker)
+    first = worker_factory(cfg, "-Q", "default", "-n", "heard@host", "-E", ledger=ledger)
+    app = App(load_config(cfg, env={}))
+    try:
+        short = app.send_task("testtasks.record", ("short",), queue="default", countdown=4)
+        held = app.send_task("testtasks.record", ("held",), queue="default", countdown=4)
+        out = run_cli(cfg, "control", "revoke", short.id, "--expires", "1.5")
+        assert out.returncode == 0, out.stdout + out.stderr
+        out = run_cli(cfg, "control", "revoke", held.id, "--expires", "600")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert short.get(timeout=30) == "short"  # due at 4 s, its revocation ended at 1.5 s
+        wait_for(
+            lambda: any(e["id"] == held.id for e in events()), timeout=30, message="held revoked"
+        )
+        assert app.AsyncResult(held.id).state == "REVOKED"
+        first.stop()
+
+        # A worker started now reads both records: the short one is over, the other holds.
+        again = app.send_task("testtasks.record", ("again",), queue="default", countdown=2)
+        out = run_cli(cfg, "control", "revoke", again.id, "--expires", "600")
+        assert out.returncode == 0, out.stdout + out.stderr
+        second = worker_factory(cfg, "-Q", "default", "-n", "late@host", "-E", ledger=ledger)
+        assert "revocations: 2 id(s) revoked" in second.output()  # held and again, not short
+        wait_for(
+            lambda: any(e["id"] == again.id for e in events()), timeout=30, message="again revoked"
+        )
+    finally:
+        app.close()
+    lines = ledger_lines(ledger)
+    assert "done short" in lines and "start held" not in lines and "start again" not in lines
