@@ -92,7 +92,12 @@ def test_lock_holders_node_dies_another_scheduler_takes_over_no_tick_twice(
         cluster.kill(1)
         wait_for(lambda: b.active_at(), timeout=60, message="beat b takes over")
         takeover = b.active_at()[0] - killed_at
-        wait_for(lambda: len(b.fired()) >= 5, timeout=30, message="b fired 5 ticks")
+        # The new scheduler reads its state from a quorum queue whose leader was on the dead
+        # node: until the survivors elect one, basic.get fails (internal_error) and beat
+        # retries with its backoff. On a loaded 2-core box with three nodes that election
+        # has taken more than 30 s after a previous test's node kill; what is asserted is
+        # that b fires, and that no tick fires twice, not how soon.
+        wait_for(lambda: len(b.fired()) >= 5, timeout=120, message="b fired 5 ticks")
         cluster.restart(1)
         wait_for(lambda: len(b.fired()) >= 8, timeout=30, message="b keeps firing")
     finally:
