@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from . import canvas
-from .errors import CeleryUnsupported, ContentTypeRefused, DecodeError, EncodeError
+from .errors import CeleryUnsupported, ContentTypeRefused, DecodeError
 from .protocol import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_PICKLE,
@@ -47,6 +47,7 @@ from .protocol import (
     decode,
     dumps,
     encode,
+    json_message,
     parse_time,
 )
 from .protocol import message_id_of as _amqptasks_message_id_of
@@ -501,24 +502,8 @@ def encode_celery(envelope: Envelope) -> tuple[bytes, Properties]:
         eta=_iso(envelope.eta),
         expires=_iso(envelope.expires),
     )
-    body_obj = [list(envelope.args), envelope.kwargs, origin.get("embed")]
-    try:
-        body = dumps(body_obj)
-    except TypeError as exc:
-        raise EncodeError(
-            f"task {envelope.task!r} arguments are not JSON-serialisable: {exc}"
-        ) from exc
-    props = Properties(
-        content_type=CONTENT_TYPE_JSON,
-        content_encoding="utf-8",
-        message_id=envelope.id,
-        correlation_id=envelope.correlation_id or envelope.id,
-        reply_to=envelope.reply_to,
-        priority=envelope.priority,
-        headers=headers,
-        delivery_mode=2,
-    )
-    return body, props
+    body = [list(envelope.args), envelope.kwargs, origin.get("embed")]
+    return json_message(envelope, body, headers)
 
 
 def encode_any(envelope: Envelope) -> tuple[bytes, Properties]:

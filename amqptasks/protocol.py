@@ -52,6 +52,7 @@ __all__ = [
     "dumps",
     "encode",
     "encode_reply",
+    "json_message",
     "loads",
     "message_id_of",
     "new_id",
@@ -521,8 +522,17 @@ def encode(envelope: Envelope) -> tuple[bytes, Properties]:
     if envelope.parent_id is not None:
         obj["parent_id"] = envelope.parent_id
     obj.update(envelope.links)
+    return json_message(envelope, obj, envelope.headers or None)
+
+
+def json_message(
+    envelope: Envelope, body: Any, headers: dict[str, Any] | None
+) -> tuple[bytes, Properties]:
+    """``body`` as JSON with the properties every task message carries (persistent, the
+    envelope's ids, reply-to and priority): shared by this wire and Celery's
+    (``celery_compat.encode_celery``), which differ only in body and headers."""
     try:
-        body = dumps(obj)
+        data = dumps(body)
     except TypeError as exc:
         raise EncodeError(
             f"task {envelope.task!r} arguments are not JSON-serialisable: {exc}"
@@ -534,10 +544,10 @@ def encode(envelope: Envelope) -> tuple[bytes, Properties]:
         correlation_id=envelope.correlation_id or envelope.id,
         reply_to=envelope.reply_to,
         priority=envelope.priority,
-        headers=envelope.headers or None,
+        headers=headers,
         delivery_mode=2,
     )
-    return body, props
+    return data, props
 
 
 # -- what AMQP properties can carry -----------------------------------------------------------
