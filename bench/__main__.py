@@ -19,7 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import cluster, measure, measure_results, report
+from . import cluster, document, measure, measure_results, plots, report, scale
+from . import targets as tg
 from .broker import RUN_PREFIX, delete_run_vhosts, overview, wait_until_broker_idle
 from .frameworks import (
     ROOT,
@@ -43,6 +44,7 @@ PARTS = (
     "countdown",
     "results",
     "workflows",
+    "scale",
     "cluster",
 )
 #: What a run measures without --only: the cluster group starts a 3-node cluster, so it runs
@@ -90,6 +92,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--workflow-n", type=int, help="members of a group / chord, results read back by id"
     )
+    p.add_argument("--scale-n", type=int, help="messages per scale cell (published, drained)")
+    p.add_argument(
+        "--scale-processes", default="1,2,4", help="scale: amqptasks process counts (1,2,4)"
+    )
+    p.add_argument("--scale-queues", default="1,10,100", help="scale: queue counts (1,10,100)")
+    p.add_argument("--scale-repeats", type=int, default=1, help="runs per scale cell (1)")
     p.add_argument("--keep-logs", action="store_true", help="keep worker/client logs")
     p.add_argument(
         "--results-dir",
@@ -130,10 +138,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.fws = fws
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    try:
-        args.process_counts = [int(x) for x in args.processes.split(",") if x.strip()]
-    except ValueError:
-        p.error("--processes: comma-separated integers, e.g. 1,2")
+    args.process_counts = _counts(p, "--processes", args.processes)
+    scale_processes = _counts(p, "--scale-processes", args.scale_processes)
+    scale_queues = _counts(p, "--scale-queues", args.scale_queues)
+    if args.scale_repeats < 1:
+        p.error("--scale-repeats must be at least 1")
     q = args.quick
     args.sizes = measure.Sizes(
         consume=args.consume_n or (6_000 if q else 50_000),
@@ -144,11 +153,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
         countdowns=args.countdowns or (10_000 if q else 100_000),
         repeats=args.repeats,
         rss_repeats=args.rss_repeats,
-        window=args.consume_window or (0.6 if q else 3.0),
+        window=args.consume_window or (1.0 if q else 5.0),
         consume_max=100_000 if q else 400_000,
         workflow=args.workflow_n or (300 if q else 10_000),
+        scale=args.scale_n or (20_000 if q else 200_000),
+        scale_processes=tuple(scale_processes),
+        scale_queues=tuple(scale_queues),
+        scale_repeats=args.scale_repeats,
     )
     return args
+
+
+def _counts(p: argparse.ArgumentParser, option: str, text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{option}: comma-separated integers, e.g. 1,2")
+    if not counts or min(counts) < 1:
+        p.error(f"{option}: at least one count, each at least 1")
+    return counts
 
 
 def log(msg: str) -> None:
@@ -188,8 +211,7 @@ def show(results: report.Results, info: dict[str, str]) -> None:
     print()
     print(report.text_table(report.SUMMARY_HEADER, report.summary_rows(results)))
     print()
-    for name, measured, met in report.targets(results):
-        print(f"  target: {name}: {measured} ({met})")
+    print(report.text_table(tg.HEADER, [t.row() for t in tg.targets(results)]))
     print()
     costs = report.cost_rows(results)
     if costs:
@@ -212,9 +234,16 @@ def render(args: argparse.Namespace) -> int:
     show(results, data["machine"])
     if args.out:
         comment = args.comment.read_text().strip() if args.comment else ""
-        args.out.write_text(report.markdown(results, data["machine"], results.params, comment))
-        log(f"\nreport written to {args.out}")
+        write_report(args.out, results, data["machine"], comment)
     return 0
+
+
+def write_report(out: Path, results: report.Results, info: dict[str, str], comment: str) -> None:
+    """The markdown report at ``out`` and its plots next to it."""
+    drawn = plots.write(results, out)
+    log(drawn if isinstance(drawn, str) else f"plots: {', '.join(p.file for p in drawn)}")
+    out.write_text(document.markdown(results, info, results.params, comment, drawn))
+    log(f"\nreport written to {out}")
 
 
 def measure_all(args: argparse.Namespace, ctx: measure.Ctx, fws: list[Framework]) -> None:
@@ -231,7 +260,7 @@ def measure_all(args: argparse.Namespace, ctx: measure.Ctx, fws: list[Framework]
             bool(lat_parts),
             "latency / delay().get() / idle RSS (light load, one worker process)",
             measure.latency,
-            (ctx, fws, lat_parts),
+            (ctx, fws, lat_parts, args.quick),
         ),
         (
             "countdown" in args.parts,
@@ -243,6 +272,15 @@ def measure_all(args: argparse.Namespace, ctx: measure.Ctx, fws: list[Framework]
             "rss" in args.parts and args.sizes.rss_tasks > 0,
             f"RSS after {args.sizes.rss_tasks:,} tasks",
             measure.rss_after,
+            (ctx, fws),
+        ),
+        (
+            "scale" in args.parts,
+            "scale: amqptasks, "
+            f"{'/'.join(map(str, args.sizes.scale_processes))} processes × "
+            f"{'/'.join(map(str, args.sizes.scale_queues))} queues, "
+            f"{args.sizes.scale:,} messages a cell",
+            scale.scale,
             (ctx, fws),
         ),
         (
@@ -332,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "RSS after tasks": args.sizes.rss_tasks,
         "countdowns": args.sizes.countdowns,
         "workflow N": args.sizes.workflow,
+        "scale N": args.sizes.scale,
         "duration": f"{elapsed / 60:.1f} min",
     }
     show(results, info)
@@ -349,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None and interrupted:
         log(f"\ninterrupted: {out} not written (python -m bench --render {saved} --out FILE)")
     elif out is not None:
-        out.write_text(report.markdown(results, info, results.params))
-        log(f"\nreport written to {out}")
+        write_report(out, results, info, "")
     elif not args.quick:
         log(f"\n{DOC.relative_to(ROOT)} not rewritten (partial run); use --out FILE")
     if errors:

@@ -54,11 +54,15 @@ class WorkerSpec:
     store: str = ""
     seed: str = "noop"
     reads: bool = False
+    #: A cost variant of a plain configuration ("events", "metrics"): measured in the consume
+    #: group under its own figure (``consume1_events``...), so it never competes for the
+    #: contender's best no-op figure and its cost is set against the plain one.
+    variant: str = ""
 
 
 @dataclass
 class PublishSpec:
-    figure: str  # pub_loop_confirmed | pub_pipelined | pub_loop_unconfirmed
+    figure: str  # pub_loop_confirmed | pub_bulk | pub_loop_unconfirmed
     label: str
     args: list[str]
 
@@ -106,11 +110,16 @@ class Framework:
         raise NotImplementedError
 
     def latency_specs(self) -> list[WorkerSpec]:
-        """Configurations for publish→start latency, delay().get() and idle RSS."""
-        return [s for s in self.consume_specs(1) if s.quick][:1]
+        """Configurations for publish→start latency, delay().get() and idle memory: every
+        plain configuration of the one-process consume group (a contender's lowest-latency
+        configuration is not always its fastest: Dramatiq's ``--threads 1``), each
+        contender's best picked the same way, by median."""
+        return [s for s in self.consume_specs(1) if not s.variant]
 
     def rss_specs(self) -> list[WorkerSpec]:
-        return self.latency_specs()
+        """Configurations run through ``--rss-tasks`` tasks with memory sampled: a peer's
+        first configuration (its defaults, closest to how it is deployed)."""
+        return self.latency_specs()[:1]
 
     def countdown_spec(self) -> WorkerSpec:
         return self.latency_specs()[0]
@@ -182,13 +191,18 @@ class AmqpTasks(Framework):
     client = "bench.peers.amq_client"
     dead_queues = (f"{QUEUE}.dlq",)
 
-    def setup(self, procs: Procs, vh: VHost, workdir: Path) -> dict[str, str]:
+    def setup(
+        self, procs: Procs, vh: VHost, workdir: Path, queues: list[str] | None = None
+    ) -> dict[str, str]:
+        """The config (every queue of ``queues``, default the one bench queue; routes to the
+        first) and ``topology apply`` on ``vh``."""
+        queues = queues or [QUEUE]
         env = self.env(vh, workdir)
         config = {
             "broker": {"url": vh.url, "publish_timeout": 30},
             "imports": ["bench.peers.amq_tasks"],
-            "queues": {QUEUE: {}},
-            "routes": {"bench.*": {"queue": QUEUE}},
+            "queues": {q: {} for q in queues},
+            "routes": {"bench.*": {"queue": queues[0]}},
             "worker": {"concurrency": 8, "prefetch_multiplier": 32, "pool": "asyncio"},
             "results": {"ignore_result": False},
             "serialization": {"accept": ["application/json"]},
@@ -246,6 +260,7 @@ class AmqpTasks(Framework):
             + (", events on" if events else "")
             + (", metrics on" if metrics else "")
         )
+        variant = "events" if events else "metrics" if metrics else ""
         if processes > 1:
             label = f"{processes} × ({label})"
         if what:
@@ -261,28 +276,47 @@ class AmqpTasks(Framework):
             store=store,
             seed=seed,
             reads=reads,
+            variant=variant,
         )
 
     def consume_specs(self, processes: int) -> list[WorkerSpec]:
-        return [
-            self._spec(processes, "asyncio", 8, 32),
-            self._spec(processes, "asyncio", 256, 1, quick=False),
-            self._spec(processes, "threads", 8, 32),
-            # What publishing task and worker events costs (docs/events.md): the same
-            # configurations with --events (no listener bound: the worker's own cost).
-            self._spec(processes, "asyncio", 8, 32, events=True),
-            self._spec(processes, "threads", 8, 32, events=True),
-            # What --metrics-port costs (docs/metrics.md): the runtime histogram and the
-            # dead-letter counts on the delivery path; the rest is read at scrape time.
-            self._spec(processes, "asyncio", 8, 32, metrics=True),
-            self._spec(processes, "threads", 8, 32, metrics=True),
-        ]
+        # No "asyncio -c 256": the asyncio pool runs a sync no-op inline on the loop, so its
+        # -c changes nothing here (same prefetch, same code path): one configuration drawn
+        # twice would only give our best two draws.
+        specs = [self._spec(processes, "asyncio", 8, 32), self._spec(processes, "threads", 8, 32)]
+        if processes == 1:
+            specs += [
+                # What publishing task and worker events costs (docs/events.md): the same
+                # configurations with --events (no listener bound: the worker's own cost).
+                self._spec(1, "asyncio", 8, 32, events=True),
+                self._spec(1, "threads", 8, 32, events=True),
+                # What --metrics-port costs (docs/metrics.md): the runtime histogram and the
+                # dead-letter counts on the delivery path; the rest is read at scrape time.
+                self._spec(1, "asyncio", 8, 32, metrics=True, quick=False),
+                self._spec(1, "threads", 8, 32, metrics=True, quick=False),
+            ]
+        return specs
 
-    def latency_specs(self) -> list[WorkerSpec]:
-        return [self._spec(1, "asyncio", 8, 32), self._spec(1, "threads", 8, 32)]
+    def rss_specs(self) -> list[WorkerSpec]:
+        # Every pool: memory must stay flat whichever one a user picks (the processes pool:
+        # two children on two cores, prefetch 256 like the others).
+        return [
+            self._spec(1, "threads", 8, 32),
+            self._spec(1, "asyncio", 8, 32),
+            self._spec(1, "processes", 2, 128),
+        ]
 
     def countdown_spec(self) -> WorkerSpec:
         return self._spec(1, "threads", 8, 32)
+
+    def scale_spec(self, processes: int, queues: list[str]) -> WorkerSpec:
+        """The scale group's worker: ``processes`` × (asyncio pool, -c 8, prefetch 256),
+        each consuming every one of ``queues``."""
+        spec = self._spec(processes, "asyncio", 8, 32)
+        for argv in spec.argvs:
+            argv[argv.index("-Q") + 1] = ",".join(queues)
+        spec.label = f"{processes} × {len(queues)} queue(s); {spec.label}"
+        return spec
 
     redis_db = AMQPTASKS_DB
 
@@ -296,9 +330,10 @@ class AmqpTasks(Framework):
             ("rc_sqlite", "sqlite", "rnoop", "SQLite store"),
             ("rc_redis", "redis", "rnoop", "Redis store"),
         )
-        # The consume group's two best configurations (the threads pool is slower for
-        # no-ops; a store's writes are batched on their own thread either way).
-        pools = (("asyncio", 8, 32, True), ("asyncio", 256, 1, False))
+        # The consume group's best configuration (the threads pool is slower for no-ops; a
+        # store's writes are batched on their own thread either way; -c 256 would be the
+        # same configuration again: the asyncio pool runs sync tasks inline).
+        pools = (("asyncio", 8, 32, True),)
         return [
             (fig, self._spec(1, pool, c, m, quick=q, store=store, seed=seed, what=what))
             for fig, store, seed, what in kinds
@@ -317,11 +352,11 @@ class AmqpTasks(Framework):
 
     def publish_specs(self) -> list[PublishSpec]:
         return [
-            PublishSpec("pub_loop_confirmed", "send_task() loop, confirmed", ["--style", "loop"]),
+            PublishSpec("pub_loop_confirmed", "noop.delay() loop, confirmed", ["--style", "loop"]),
             PublishSpec(
-                "pub_pipelined",
-                "prepare() + publish_nowait(), window 1000, all confirmed",
-                ["--style", "pipelined", "--window", "1000"],
+                "pub_bulk",
+                "App.send_many() (= task.delay_many), window 1000, all confirmed",
+                ["--style", "bulk", "--window", "1000"],
             ),
         ]
 
@@ -556,6 +591,11 @@ class RawPika(Framework):
             PublishSpec(
                 "pub_loop_confirmed", "basic_publish loop, confirm_delivery", ["--confirm"]
             ),
+            PublishSpec(
+                "pub_bulk",
+                "SelectConnection, confirm_delivery, window 1000, all confirmed",
+                ["--style", "pipelined", "--window", "1000"],
+            ),
             PublishSpec("pub_loop_unconfirmed", "basic_publish loop, unconfirmed", []),
         ]
 
@@ -585,7 +625,7 @@ class RawAioPika(RawPika):
     def publish_specs(self) -> list[PublishSpec]:
         return [
             PublishSpec(
-                "pub_pipelined",
+                "pub_bulk",
                 "publisher_confirms, window 1000, all confirmed",
                 ["--style", "pipelined", "--window", "1000"],
             )

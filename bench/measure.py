@@ -34,9 +34,16 @@ class Sizes:
     countdowns: int
     repeats: int
     rss_repeats: int
-    window: float = 3.0  # seconds the consume measurement window should last at least
+    #: Seconds a throughput measurement (consume drain window, timed publish) lasts at
+    #: least: shorter runs of the fast contenders spread by ±30 % (an independent rerun).
+    window: float = 5.0
     consume_max: int = 400_000
     workflow: int = 10_000  # members of a group / chord (and results read back by id)
+    scale: int = 200_000  # messages per scale cell (published, then drained)
+    scale_processes: tuple[int, ...] = (1, 2, 4)
+    scale_queues: tuple[int, ...] = (1, 10, 100)
+    scale_repeats: int = 1
+    rss_warmup: float = 0.1  # fraction of --rss-tasks counted as warm-up
 
 
 @dataclass
@@ -171,7 +178,14 @@ def _wait_ready(vh: VHost, spec: WorkerSpec, workers: list[Proc], timeout: float
 
 
 def _tree_rss_mib(workers: list[Proc]) -> float:
+    """Summed VmRSS of the workers' process trees (for growth over time)."""
     return sum(w.tree_rss_kib() for w in workers) / 1024
+
+
+def _tree_pss_mib(workers: list[Proc]) -> float:
+    """Summed PSS of the workers' process trees: the memory figure compared between
+    contenders (a prefork pool's shared pages are counted once, not once per child)."""
+    return sum(w.tree_pss_kib() for w in workers) / 1024
 
 
 # -- consume ------------------------------------------------------------------------------------
@@ -218,6 +232,7 @@ class _Item:
     spec: WorkerSpec
     n: int
     done: int = 0
+    recalibrated: int = 0
     template: Template | None = None
     once: Callable[..., tuple[float, float]] | None = None
 
@@ -228,13 +243,18 @@ def consume(ctx: Ctx, frameworks: list[Framework], quick: bool, process_counts: 
     with ExitStack() as stack:
         prepared = prepare_all(ctx, stack, frameworks, "consume", "consume1", seed=True)
         items = [
-            _Item(p, f"consume{procs}", spec, ctx.sizes.consume)
+            _Item(p, _consume_fig(procs, spec), spec, ctx.sizes.consume)
             for procs in process_counts
             for p in prepared
             for spec in p.fw.consume_specs(procs)
             if spec.quick or not quick
         ]
         run_items(ctx, items)
+
+
+def _consume_fig(processes: int, spec: WorkerSpec) -> str:
+    """``consume1``, or ``consume1_events`` for a cost variant (its own figure)."""
+    return f"consume{processes}" + (f"_{spec.variant}" if spec.variant else "")
 
 
 def run_items(ctx: Ctx, items: list[_Item]) -> None:
@@ -269,18 +289,24 @@ def _consume_item(ctx: Ctx, item: _Item, calibrate: bool) -> None:
         item.done += 1
         return
     rate, window = res
-    # Too short a window measures the poll interval, not the worker: the first run then only
-    # calibrates N so that the window lasts --consume-window seconds.
+    # Too short a window measures the poll interval and the noise, not the worker: a run
+    # whose window is under --consume-window only calibrates N (the first run always may;
+    # a counted one too, when the rate rose since) and is not counted. Only N capped at
+    # consume_max lets a shorter window count (its window is reported with the figure).
     wanted = _consume_n(rate, spec, ctx.sizes)
-    if calibrate and window < ctx.sizes.window and wanted > item.n:
+    if window < ctx.sizes.window and wanted > item.n and item.recalibrated < 3:
         ctx.log(
             f"    {fw.name} {item.fig} [{spec.label}]: {rate:,.0f} tasks/s over {window:.2f}s "
-            f"with N={item.n:,} (calibration); N={wanted:,} from now"
+            f"with N={item.n:,} ({'calibration' if calibrate else 'window too short'}); "
+            f"N={wanted:,} from now"
         )
         item.n = wanted
+        item.recalibrated += 0 if calibrate else 1
+        if not calibrate:  # run it again now, so the repeat count stays what was asked
+            _consume_item(ctx, item, calibrate=False)
         return
     item.done += 1
-    ctx.results.add(item.fig, fw.name, fw.group, spec.label, rate, spec.note)
+    ctx.results.add(item.fig, fw.name, fw.group, spec.label, rate, spec.note, window=window)
     ctx.log(
         f"    {fw.name} {item.fig} [{spec.label}] #{item.done}: {rate:,.0f} tasks/s "
         f"(N={item.n:,}, window {window:.2f}s)"
@@ -338,25 +364,43 @@ def _consume_once(
 
 
 def publish(ctx: Ctx, frameworks: list[Framework]) -> None:
+    """Round-robin repeats like consume. N starts at ``--publish-n`` and grows (that run
+    not counted) until the timed part lasts at least the measuring window."""
     with ExitStack() as stack:
         prepared = prepare_all(ctx, stack, frameworks, "publish", "pub_loop_confirmed", False)
-        for r in range(ctx.sizes.repeats):  # round-robin, like consume
+        sizes: dict[tuple[str, str], int] = {}
+        for r in range(ctx.sizes.repeats):
             for p in prepared:
                 for spec in p.fw.publish_specs():
-                    fw = p.fw
-                    rate = _record(
-                        ctx, spec.figure, fw, spec.label, _publish_once, ctx, fw, p.vh, p.env, spec
-                    )
-                    if rate is not None:
-                        ctx.log(
-                            f"    {fw.name} {spec.figure} [{spec.label}] #{r + 1}: {rate:,.0f}/s"
-                        )
+                    _publish_item(ctx, p, spec, sizes, r)
+
+
+def _publish_item(
+    ctx: Ctx, p: Prepared, spec: PublishSpec, sizes: dict[tuple[str, str], int], r: int
+) -> None:
+    fw = p.fw
+    key = (fw.name, spec.label)
+    for _ in range(4):
+        n = sizes.get(key, ctx.sizes.publish)
+        rate = _try(ctx, spec.figure, fw, spec.label, _publish_once, ctx, fw, p.vh, p.env, spec, n)
+        if rate is None:
+            return
+        seconds = n / rate
+        wanted = int(rate * ctx.sizes.window * 1.2 / 1000 + 1) * 1000
+        if seconds >= ctx.sizes.window or wanted <= n:
+            break
+        ctx.log(
+            f"    {fw.name} {spec.figure} [{spec.label}]: {rate:,.0f}/s over {seconds:.2f}s "
+            f"with N={n:,} (window too short); N={wanted:,} from now"
+        )
+        sizes[key] = wanted
+    ctx.results.add(spec.figure, fw.name, fw.group, spec.label, rate, window=seconds)
+    ctx.log(f"    {fw.name} {spec.figure} [{spec.label}] #{r + 1}: {rate:,.0f}/s (N={n:,})")
 
 
 def _publish_once(
-    ctx: Ctx, fw: Framework, vh: VHost, env: dict[str, str], spec: PublishSpec
+    ctx: Ctx, fw: Framework, vh: VHost, env: dict[str, str], spec: PublishSpec, n: int
 ) -> float:
-    n = ctx.sizes.publish
     vh.purge(QUEUE)
     argv = fw.client_argv("publish", "--n", str(n), "--warmup", str(max(100, n // 10)), *spec.args)
     res = ctx.procs.run(f"{fw.name}-publish", argv, env, 60 + n / 200)
@@ -366,7 +410,9 @@ def _publish_once(
 # -- latency, delay().get(), idle RSS ------------------------------------------------------------
 
 
-def latency(ctx: Ctx, frameworks: list[Framework], parts: set[str]) -> None:
+def latency(ctx: Ctx, frameworks: list[Framework], parts: set[str], quick: bool) -> None:
+    """Every plain one-process configuration of each contender (``--quick``: those marked
+    quick), round-robin repeats."""
     fws = [fw for fw in frameworks if fw.latency_specs()]
     fig = "rss_idle" if "rss" in parts else "lat_p50"
     with ExitStack() as stack:
@@ -374,6 +420,8 @@ def latency(ctx: Ctx, frameworks: list[Framework], parts: set[str]) -> None:
         for r in range(ctx.sizes.repeats):  # round-robin, like consume
             for p in prepared:
                 for spec in p.fw.latency_specs():
+                    if quick and not spec.quick:
+                        continue
                     _try(
                         ctx, fig, p.fw, spec, _latency_once, ctx, p.fw, p.vh, p.env, spec, parts, r
                     )
@@ -397,13 +445,14 @@ def _latency_once(
         _wait_ready(vh, spec, workers)
         if "rss" in parts:
             time.sleep(2)
-            v = _tree_rss_mib(workers)
+            v = _tree_pss_mib(workers)
             ctx.results.add("rss_idle", fw.name, fw.group, spec.label, v, spec.note)
-            ctx.log(f"    {tag} idle RSS {v:.1f} MiB")
+            ctx.log(f"    {tag} idle memory {v:.1f} MiB (PSS)")
         if "latency" in parts:
-            both = _try(ctx, "lat_p50", fw, spec, _latency_samples, ctx, fw, env, lat_file)
-            if both is not None:
-                p50, p99 = both
+            vals = _try(ctx, "lat_p50", fw, spec, _latency_samples, ctx, fw, env, lat_file)
+            if vals is not None:
+                p50, p99 = percentile(vals, 50) * 1000, percentile(vals, 99) * 1000
+                ctx.results.add_samples("lat", fw.name, spec.label, [v * 1000 for v in vals])
                 ctx.results.add("lat_p50", fw.name, fw.group, spec.label, p50, spec.note)
                 ctx.results.add("lat_p99", fw.name, fw.group, spec.label, p99, spec.note)
                 ctx.log(f"    {tag} publish→start p50 {p50:.2f} ms, p99 {p99:.2f} ms")
@@ -427,10 +476,8 @@ def _latency_once(
         _stop(ctx, workers, spec.stop_grace)
 
 
-def _latency_samples(
-    ctx: Ctx, fw: Framework, env: dict[str, str], lat_file: Path
-) -> tuple[float, float]:
-    """One light-load run of the client; (p50, p99) in ms of what the tasks recorded."""
+def _latency_samples(ctx: Ctx, fw: Framework, env: dict[str, str], lat_file: Path) -> list[float]:
+    """One light-load run of the client; the latencies (s) the tasks recorded."""
     n = ctx.sizes.latency
     lat_file.write_text("")
     argv = fw.client_argv("latency", "--n", str(n), "--warmup", "50")
@@ -441,7 +488,7 @@ def _latency_samples(
         return vals if len(vals) >= n else None
 
     vals: list[float] = wait_until(samples, 30, 0.1, f"{n} latency samples")
-    return percentile(vals, 50) * 1000, percentile(vals, 99) * 1000
+    return vals
 
 
 # -- RSS after many tasks ----------------------------------------------------------------------
@@ -461,22 +508,58 @@ def _rss_fw(ctx: Ctx, fw: Framework) -> None:
         for spec in fw.rss_specs():
             label = f"{spec.label}; after {n:,} tasks"
             for r in range(ctx.sizes.rss_repeats):
-                v = _record(ctx, "rss_after", fw, label, _rss_once, ctx, vh, env, spec, template)
-                if v is not None:
-                    ctx.log(f"    {fw.name} [{label}] #{r + 1}: {v:.1f} MiB")
+                got = _try(ctx, "rss_after", fw, label, _rss_once, ctx, vh, env, spec, template)
+                if got is None:
+                    continue
+                pss, samples = got
+                warm, final = _rss_growth(samples, int(n * ctx.sizes.rss_warmup))
+                for fig, v in (
+                    ("rss_after", pss),
+                    ("rss_warm", warm),
+                    ("rss_final", final),
+                    ("rss_growth", final - warm),
+                ):
+                    ctx.results.add(fig, fw.name, fw.group, label, v, spec.note)
+                ctx.results.add_samples(
+                    "rss", fw.name, label + (f" #{r + 1}" if r else ""), samples
+                )
+                ctx.log(
+                    f"    {fw.name} [{label}] #{r + 1}: {pss:.1f} MiB PSS; RSS after warm-up "
+                    f"{warm:.1f} MiB, final {final:.1f} MiB, growth {final - warm:+.1f} MiB "
+                    f"({len(samples)} samples)"
+                )
+
+
+def _rss_growth(samples: list[list[float]], warmup_tasks: int) -> tuple[float, float]:
+    """(RSS at the first sample once ``warmup_tasks`` ran, RSS of the last sample)."""
+    warm = next((rss for done, rss in samples if done >= warmup_tasks), samples[-1][1])
+    return warm, samples[-1][1]
 
 
 def _rss_once(
     ctx: Ctx, vh: VHost, env: dict[str, str], spec: WorkerSpec, template: Template
-) -> float:
+) -> tuple[float, list[list[float]]]:
+    """Feed N tasks through one worker while sampling its tree's RSS about once a second;
+    (PSS once all ran, [[tasks executed, RSS MiB], ...])."""
     n = ctx.sizes.rss_tasks
     vh.purge(QUEUE)
     count_dir = Path(tempfile.mkdtemp(prefix="count-", dir=ctx.workdir))
     workers = _start(ctx, spec, env, {"BENCH_COUNT_DIR": str(count_dir)})
+    samples: list[list[float]] = []
+    last = 0.0
+
+    def sample(force: bool = False) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if force or now - last >= 1.0:
+            last = now
+            samples.append([float(_count_total(count_dir)), _tree_rss_mib(workers)])
+
     try:
         _wait_ready(vh, spec, workers)
+        sample(force=True)
         sent = 0
-        chunk = 20_000
+        chunk = min(20_000, max(1000, n // 10))
         deadline = time.monotonic() + 300 + n / 300
         while sent < n:  # keep the queue topped up while the worker drains it
             problem = _died(workers)
@@ -484,6 +567,7 @@ def _rss_once(
                 raise BenchError(problem)
             if time.monotonic() > deadline:
                 raise BenchError(f"only {sent} of {n} tasks fed in time")
+            sample()
             if vh.depth(QUEUE)[0] < 2 * chunk:
                 k = min(chunk, n - sent)
                 vh.publish_copies(QUEUE, template, k)
@@ -495,11 +579,16 @@ def _rss_once(
             problem = _died(workers)
             if problem:
                 raise BenchError(problem)
+            sample()
             return _count_total(count_dir) >= n
 
-        wait_until(finished, 120 + n / 300, 0.5, f"{n} executions")
+        wait_until(finished, 120 + n / 300, 0.2, f"{n} executions")
         time.sleep(1)
-        return _tree_rss_mib(workers)
+        sample(force=True)
+        done = _count_total(count_dir)
+        if done != n:
+            raise Invalid(f"{done} executions for {n} messages")
+        return _tree_pss_mib(workers), samples
     finally:
         _stop(ctx, workers, spec.stop_grace)
 
@@ -558,7 +647,7 @@ def _countdown_once(ctx: Ctx, fw: Framework, spec: WorkerSpec) -> tuple[float, f
                 if time.monotonic() > deadline:
                     raise BenchError(f"stats did not settle: {total} messages, {unacked} unacked")
                 time.sleep(3)
-            rss = _tree_rss_mib(workers)
+            rss = _tree_pss_mib(workers)
             executed = _count_total(count_dir)
             if executed:
                 raise Invalid(f"{executed} countdown tasks ran early")

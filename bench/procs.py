@@ -97,6 +97,21 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size of one process in KiB (``/proc/PID/smaps_rollup``; 0 if it is
+    gone): its private pages plus its share of the pages it shares. Summed over a process
+    tree it counts a page shared by a parent and its forked children once, where summed
+    VmRSS counts it once per process (a prefork pool would look N times as big)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -137,10 +152,18 @@ class Proc:
             return ""
 
     def tree_rss_kib(self) -> int:
-        """RSS of the process and all its descendants (multi-process pools are summed)."""
+        """VmRSS of the process and all its descendants, summed (shared pages counted once
+        per process: the growth of one process tree over time, not a size to compare)."""
         if not self.running():
             return 0
         return sum(rss_kib(p) for p in [self.pid, *descendants(self.pid)])
+
+    def tree_pss_kib(self) -> int:
+        """PSS of the process and all its descendants, summed: what the tree costs in memory,
+        comparable between a single process and a multi-process pool."""
+        if not self.running():
+            return 0
+        return sum(pss_kib(p) for p in [self.pid, *descendants(self.pid)])
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL the PID and its leftover descendants."""
@@ -192,7 +215,11 @@ class Procs:
         self, name: str, argv: list[str], env: dict[str, str], timeout: float
     ) -> dict[str, Any]:
         """Run a client to completion (killed after ``timeout`` s); return its BENCH-RESULT."""
-        p = self.start(name, argv, env)
+        return self.finish(self.start(name, argv, env), timeout)
+
+    def finish(self, p: Proc, timeout: float) -> dict[str, Any]:
+        """Wait for started client ``p`` (killed after ``timeout`` s); its BENCH-RESULT."""
+        name = p.name
         try:
             p.popen.wait(timeout)
         except subprocess.TimeoutExpired:

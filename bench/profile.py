@@ -4,7 +4,7 @@
   ``--store sqlite|redis``: tasks that keep their result, written to a fresh store) and
   record it with py-spy while it drains the queue;
 * ``publish`` / ``countdown``: record the benchmark client publishing N tasks (``--style loop``
-  or ``pipelined``; ``countdown`` publishes with a 600 s countdown).
+  or ``bulk``: ``App.send_many``; ``countdown`` publishes with a 600 s countdown).
 
 Writes a collapsed-stack file (and a flame graph SVG) under ``.amqptasks/bench/profiles/`` and
 prints the functions with the most samples, by own time and by inclusive time.
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", default="asyncio", choices=["asyncio", "threads"])
     p.add_argument("-c", "--concurrency", type=int, default=8)
     p.add_argument("--prefetch-multiplier", type=int, default=32)
-    p.add_argument("--style", default="pipelined", choices=["loop", "pipelined"])
+    p.add_argument("--style", default="bulk", choices=["loop", "bulk"])
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--events", action="store_true", help="worker: with --events")
     p.add_argument(

@@ -1,22 +1,23 @@
 """amqptasks client for the benchmarks: ``python -m bench.peers.amq_client MODE [options]``.
 
 Modes: ``seed`` (one message with the placeholder id), ``publish`` (``--style loop``: one caller,
-``App.send_task`` confirmed each time; ``--style pipelined``: ``App.prepare`` +
-``publisher.publish_nowait`` with at most ``--window`` unconfirmed), ``latency``, ``rpc``,
-``countdown``, ``workflows`` (``group(rnoop.s() ...)().get()`` and ``chord(...)(size.s())
-.get()`` of ``--n`` members), ``read`` (``app.AsyncResult(id).get()`` of every id in
-``--ids``). Config from ``$AMQPTASKS_CONFIG`` (and ``$AMQPTASKS_RESULT_BACKEND``) like any
-amqptasks program.
+``noop.delay()`` confirmed each time; ``--style bulk``: ``App.send_many`` — the public bulk
+API, ``task.delay_many`` is the same call — with at most ``--window`` unconfirmed),
+``latency``, ``rpc``, ``countdown``, ``workflows`` (``group(rnoop.s() ...)().get()`` and
+``chord(...)(size.s()).get()`` of ``--n`` members), ``read`` (``app.AsyncResult(id).get()`` of
+every id in ``--ids``), ``scale-publish`` (``send_many`` of ``--n`` no-ops spread round-robin
+over ``--queues``, started at ``--start-at`` so several publisher processes overlap). Config
+from ``$AMQPTASKS_CONFIG`` (and ``$AMQPTASKS_RESULT_BACKEND``) like any amqptasks program.
+Only the public API is timed: what a user's code would call.
 """
 
 from __future__ import annotations
 
-import collections
 import time
 from typing import Any
 
 from amqptasks import chord, group
-from bench.peers.amq_tasks import app, rnoop, size
+from bench.peers.amq_tasks import app, noop, rnoop, size
 from bench.peers.common import (
     LAST_IDS,
     PLACEHOLDER_ID,
@@ -44,19 +45,32 @@ def run_chord(n: int) -> Any:
     return chord(rnoop.s() for _ in range(n))(size.s()).get(timeout=WORKFLOW_TIMEOUT)
 
 
-def pipelined(name: str, n: int, window: int, **options: Any) -> None:
-    """Publish ``n`` tasks keeping up to ``window`` confirms outstanding; all confirmed on
-    return (a failed publish raises)."""
-    publisher = app.publisher
-    pending: collections.deque[Any] = collections.deque()
-    for _ in range(n):
-        p = app.prepare(name, reply_to=None, **options)
-        for exchange, key in p.destinations:
-            pending.append(publisher.publish_nowait(exchange, key, p.body, p.props))
-        while len(pending) >= window:
-            pending.popleft().result(publisher.timeout)
-    while pending:
-        pending.popleft().result(publisher.timeout)
+NOOP_CALL = ("bench.noop", (), None)
+
+
+def bulk(n: int, window: int, **options: Any) -> None:
+    """``n`` no-ops through ``App.send_many`` (every one confirmed on return)."""
+    app.send_many([NOOP_CALL] * n, window=window, **options)
+
+
+def scale_publish(n: int, queues: list[str], window: int, warmup: int, start_at: float) -> None:
+    """Warm up (``warmup`` no-ops to the first queue), wait for the barrier, then publish
+    ``n`` no-ops in chunks, round-robin over ``queues``; reports the wall-clock span so the
+    harness can time several publisher processes together, and how many it published."""
+    bulk(warmup, window, queue=queues[0])
+    chunk = max(1, min(window, n // len(queues)))
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    t0 = time.time()
+    sent = 0
+    i = 0
+    while sent < n:
+        k = min(chunk, n - sent)
+        bulk(k, window, queue=queues[i % len(queues)])
+        sent += k
+        i += 1
+    emit(t_start=t0, t_end=time.time(), published=sent + warmup)
 
 
 def main() -> None:
@@ -67,13 +81,15 @@ def main() -> None:
         app.send_task(f"bench.{args.task}", task_id=PLACEHOLDER_ID, ignore_result=True)
         emit(ok=True)
     elif args.mode == "publish" and args.style == "loop":
-        rate = timed(args.n, args.warmup, lambda _i: app.send_task("bench.noop"))
-        emit(rate=rate)
-    elif args.mode == "publish" and args.style == "pipelined":
-        pipelined("bench.noop", args.warmup, args.window)
+        emit(rate=timed(args.n, args.warmup, lambda _i: noop.delay()))
+    elif args.mode == "publish" and args.style == "bulk":
+        bulk(args.warmup, args.window)
         t0 = time.perf_counter()
-        pipelined("bench.noop", args.n, args.window)
+        bulk(args.n, args.window)
         emit(rate=args.n / (time.perf_counter() - t0))
+    elif args.mode == "scale-publish":
+        queues = [q for q in args.queues.split(",") if q]
+        scale_publish(args.n, queues, args.window, args.warmup, args.start_at)
     elif args.mode == "latency":
         latency_loop(
             args.n,
@@ -88,7 +104,7 @@ def main() -> None:
         )
     elif args.mode == "countdown":
         t0 = time.perf_counter()
-        pipelined("bench.later", args.n, args.window, countdown=args.countdown)
+        app.send_many([("bench.later", (), None)] * args.n, countdown=args.countdown)
         emit(rate=args.n / (time.perf_counter() - t0))
     elif args.mode == "workflows":
         emit(**workflows(args.n, args.warmup, run_group, run_chord, args.ids))

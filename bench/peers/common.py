@@ -4,8 +4,9 @@ Standard library only: this module is imported by the Celery and Dramatiq virtua
 
 * :func:`count` — what a no-op task does: one locked increment. A daemon thread (started on
   the first call in each process, fork-safe) writes the running total to
-  ``$BENCH_COUNT_DIR/<pid>`` every 0.2 s, so the harness can check that every message was
-  really *executed* (not dead-lettered or dropped) without touching the hot path.
+  ``$BENCH_COUNT_DIR/<pid>`` every 0.2 s (``$BENCH_COUNT_INTERVAL``), so the harness can
+  check that every message was really *executed* (not dead-lettered or dropped) without
+  touching the hot path.
 * :func:`record_latency` — publish→start: ``time.time() - sent`` appended to
   ``$BENCH_LAT_FILE`` (one line per sample, taken before any I/O).
 * :func:`emit` — a client's result, one ``BENCH-RESULT {json}`` line on stdout.
@@ -45,7 +46,7 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _flush_loop(path: str) -> None:
+def _flush_loop(path: str, interval: float) -> None:
     last = -1
     while True:
         value = _count
@@ -55,7 +56,7 @@ def _flush_loop(path: str) -> None:
                 f.write(str(value))
             os.replace(tmp, path)
             last = value
-        time.sleep(0.2)
+        time.sleep(interval)
 
 
 def _start_flusher() -> None:
@@ -65,7 +66,12 @@ def _start_flusher() -> None:
         _flusher = threading.Thread()  # counting disabled: never start again
         return
     path = os.path.join(directory, str(os.getpid()))
-    _flusher = threading.Thread(target=_flush_loop, args=(path,), name="bench-count", daemon=True)
+    # The scale group times its drain from these counts (not from queue depths: 100 queues
+    # would take 100 declares per sample), so it asks for a finer flush than the default.
+    interval = float(os.environ.get("BENCH_COUNT_INTERVAL", "0.2"))
+    _flusher = threading.Thread(
+        target=_flush_loop, args=(path, interval), name="bench-count", daemon=True
+    )
     _flusher.start()
 
 
@@ -222,4 +228,8 @@ def arg_parser(description: str) -> Any:
     p.add_argument("--countdown", type=float, default=600.0)
     p.add_argument("--task", default="noop", help="seed: which bench task (noop, rnoop)")
     p.add_argument("--ids", help="workflows: write the group's ids here; read: read them")
+    p.add_argument("--queues", default="", help="scale-publish: comma-separated queues")
+    p.add_argument(
+        "--start-at", type=float, default=0.0, help="scale-publish: wall-clock start (barrier)"
+    )
     return p

@@ -4,12 +4,14 @@
 ``basic_consume``, ``json.loads`` of the body, manual ``basic_ack`` (or batched acks with
 ``$BENCH_ACK_EVERY``) — that also answers
 ``reply_to`` and records ``sent`` stamps, so it serves every figure. Clients: ``seed``,
-``publish`` (``--confirm``: a confirm-mode channel, one publish confirmed at a time),
-``latency``, ``rpc`` (direct reply-to).
+``publish`` (``--confirm``: a confirm-mode channel, one publish confirmed at a time;
+``--style pipelined``: pika's ``SelectConnection`` keeping up to ``--window`` confirms
+outstanding — the raw ceiling for a bulk publish), ``latency``, ``rpc`` (direct reply-to).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -88,10 +90,78 @@ def consume() -> None:
     conn.close()
 
 
+def pipelined(n: int, warmup: int, window: int) -> float:
+    """Publish ``warmup + n`` persistent messages (mandatory) on a confirm-mode channel of a
+    ``SelectConnection``, keeping up to ``window`` unconfirmed; the rate of the last ``n``,
+    timed from the ``warmup``-th confirm to the last one (every one confirmed, none
+    returned)."""
+    total = n + warmup
+    data = body()
+    state: dict[str, Any] = {"sent": 0, "confirmed": 0, "t0": None, "t1": None, "error": None}
+    order: collections.deque[int] = collections.deque()
+    outstanding: set[int] = set()
+
+    def fail(conn: Any, why: str) -> None:
+        state["error"] = why
+        conn.close()
+
+    def fill(ch: Any) -> None:
+        while state["sent"] < total and state["sent"] - state["confirmed"] < window:
+            ch.basic_publish("", QUEUE, data, PERSISTENT_JSON, mandatory=True)
+            state["sent"] += 1
+            order.append(state["sent"])
+            outstanding.add(state["sent"])
+
+    def on_confirm(ch: Any, frame: Any) -> None:
+        method = frame.method
+        if isinstance(method, pika.spec.Basic.Nack):
+            fail(ch.connection, f"publish {method.delivery_tag} nacked")
+            return
+        tag = method.delivery_tag
+        if method.multiple:
+            while order and order[0] <= tag:
+                t = order.popleft()
+                if t in outstanding:
+                    outstanding.discard(t)
+                    state["confirmed"] += 1
+        elif tag in outstanding:
+            outstanding.discard(tag)
+            state["confirmed"] += 1
+        if state["t0"] is None and state["confirmed"] >= warmup:
+            state["t0"] = time.perf_counter()
+        if state["confirmed"] >= total:
+            state["t1"] = time.perf_counter()
+            ch.connection.close()
+        else:
+            fill(ch)
+
+    def on_channel(ch: Any) -> None:
+        ch.add_on_return_callback(lambda c, *_: fail(c.connection, "a publish was returned"))
+        ch.confirm_delivery(
+            lambda frame: on_confirm(ch, frame),
+            callback=lambda _f: ch.queue_declare(QUEUE, durable=True, callback=lambda _f: fill(ch)),
+        )
+
+    conn = pika.SelectConnection(
+        pika.URLParameters(URL),
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_open_error_callback=lambda c, exc: (state.update(error=repr(exc)), c.ioloop.stop()),
+        on_close_callback=lambda c, _reason: c.ioloop.stop(),
+    )
+    conn.ioloop.call_later(600, lambda: fail(conn, "not all confirmed within 600 s"))
+    conn.ioloop.start()
+    if state["error"] or state["t1"] is None:
+        raise SystemExit(f"pipelined publish failed: {state['error'] or 'connection closed'}")
+    return float(n / (state["t1"] - state["t0"]))
+
+
 def main() -> None:
     args = arg_parser(__doc__).parse_args()
     if args.mode == "consume":
         consume()
+        return
+    if args.mode == "publish" and args.style == "pipelined":
+        emit(rate=pipelined(args.n, args.warmup, args.window))
         return
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     ch = conn.channel()

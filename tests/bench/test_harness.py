@@ -20,7 +20,8 @@ from bench import stores
 
 pytestmark = pytest.mark.broker
 #: A measured cell: "25,370 (1 run)" or "24,028 [21,704–28,688]" (never "n/a").
-VALUE = r"\| ([\d,.]+) (?:\(1 run\)|\[[\d,.]+–[\d,.]+\])"
+VALUE = r"\| ([+\d,.]+) (?:\(1 run\)|\[[+\d,.]+–[+\d,.]+\])"
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -63,16 +64,32 @@ def test_quick_run_measures_reports_and_cleans_up(tmp_path, broker):
     # Every figure of the selected parts was measured for amqptasks (a number, not n/a).
     for figure in (
         "Consume no-op, 1 worker process (tasks/s)",
-        "Publish, confirmed, pipelined / bulk API (msg/s)",
+        "Consume no-op, 1 worker process, events on (tasks/s)",
+        "Publish, confirmed, one caller in a loop (msg/s)",
+        "Publish, confirmed, bulk (amqptasks: send_many; raw: pipelined confirms) (msg/s)",
         "Publish→start latency p50 (light load) (ms)",
         "delay().get() round trip p50 (ms)",
-        "Worker RSS, idle (MiB)",
+        "Worker memory, idle (PSS, all its processes) (MiB)",
         "Pending countdowns: unacked deliveries (msgs)",
     ):
         rows = [line for line in text.splitlines() if line.startswith(f"| {figure}")]
         assert any("| amqptasks |" in r and re.search(VALUE, r) for r in rows), f"{figure}: {rows}"
-    # The raw ceiling was measured in the same run.
-    assert re.search(r"\| raw-pika \| .*" + VALUE, text)
+    # The raw ceiling was measured in the same run: the bulk publish, and latency with every
+    # configuration of the consume group (one ack per message and batched acks).
+    bulk = "| Publish, confirmed, bulk (amqptasks: send_many; raw: pipelined confirms) (msg/s) |"
+    assert re.search(re.escape(bulk) + r" raw-pika \| SelectConnection.*" + VALUE, text)
+    lat = "| Publish→start latency p50 (light load) (ms) | raw-pika |"
+    for ack in ("manual ack", "acks batched"):
+        assert re.search(re.escape(lat) + f" [^|]*{ack}[^|]* " + VALUE, text), ack
+    # The targets table comes first; what needs a peer that did not run is not measured.
+    targets = text[text.index("## Targets") : text.index("## How to run")]
+    assert re.search(
+        r"\| Publish→start latency p50 ≤ 0\.9× Dramatiq's best \| [\d.]+ ms .*"
+        r"\| not measured \| — \| not measured \|",
+        targets,
+    ), targets
+    consume = next(x for x in targets.splitlines() if x.startswith("| Consume no-op, 1 process"))
+    assert "batched" in consume and re.search(r"\| [\d.]+× \| (met|not met) \|$", consume)
     # 500 pending countdowns live in the broker, not the worker: none unacked.
     unacked = next(
         line
@@ -85,11 +102,66 @@ def test_quick_run_measures_reports_and_cleans_up(tmp_path, broker):
     # The saved results render to the same report.
     saved = tmp_path / "results-latest.json"
     assert json.loads(saved.read_text())["machine"]
-    again = tmp_path / "again.md"
+    (tmp_path / "again").mkdir()
+    again = tmp_path / "again" / "report.md"  # same name: the plots are referenced by it
     rendered = _bench("--render", str(saved), "--out", str(again))
     assert rendered.returncode == 0, rendered.stderr
     assert again.read_text() == text
     # Nothing left behind: no run vhosts, no worker or client processes.
+    assert not [v["name"] for v in mgmt("GET", "/vhosts") if v["name"].startswith("bench-")]
+    assert _bench_processes() == []
+
+
+def test_rss_per_pool_and_the_scale_group_at_tiny_sizes(tmp_path, broker):
+    """RSS sampled through an N-task run for every amqptasks pool, and the scale group on a
+    2 × 2 grid: every cell measured, the cells not asked for (4 processes, 100 queues)
+    reported as not measured, the plots written next to the report (or said skipped)."""
+    report = tmp_path / "report.md"
+    run = _bench(
+        "--quick",
+        "--frameworks",
+        "amqptasks",
+        "--only",
+        "rss,scale",
+        "--repeats",
+        "1",
+        "--rss-tasks",
+        "3000",
+        "--scale-n",
+        "4000",
+        "--scale-processes",
+        "1,2",
+        "--scale-queues",
+        "1,10",
+        "--results-dir",
+        str(tmp_path),
+        "--out",
+        str(report),
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    text = report.read_text()
+    rss = text[text.index("### Worker RSS over 3,000 tasks") :]
+    for pool in ("threads", "asyncio", "processes"):
+        row = next(x for x in rss.splitlines() if x.startswith(f"| amqptasks | {pool} pool"))
+        assert len(re.findall(VALUE[2:], row)) == 4, row  # warm-up, final, growth, PSS
+        target = next(x for x in text.splitlines() if f"one worker, {pool} pool: RSS" in x)
+        assert re.search(r"\| (met|not met) \|$", target), target
+    scale = text[text.index("### Scale") :]
+    consume = scale[: scale.index("Publish, send_many")]
+    for procs in ("1", "2"):
+        row = next(x for x in consume.splitlines() if x.startswith(f"| {procs} |"))
+        cells = row.strip("|").split("|")[1:]
+        assert [bool(re.search(r"[\d,]+ \(1 run\)", c)) for c in cells] == [True, True, False]
+    assert "| 4 | not measured | not measured | not measured |" in consume
+    assert re.search(r"\| Scale: .* \| not measured \(10 of 18 cells\) \|", text)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plots skipped: matplotlib missing" in text
+    else:
+        for kind in ("scale", "rss"):
+            assert f"](report-{kind}.png)" in text
+            assert (tmp_path / f"report-{kind}.png").read_bytes()[:8] == PNG
     assert not [v["name"] for v in mgmt("GET", "/vhosts") if v["name"].startswith("bench-")]
     assert _bench_processes() == []
 
@@ -130,10 +202,14 @@ def test_quick_results_and_workflows_measure_every_store(tmp_path, broker):
     ):
         rows = [line for line in text.splitlines() if line.startswith(f"| {figure}")]
         assert any("| amqptasks |" in r and re.search(VALUE, r) for r in rows), f"{figure}: {rows}"
-    assert "### What results cost" in text
+    assert "### What a feature costs" in text
     costs = [line for line in text.splitlines() if line.startswith("| Consume no-op with results")]
     assert any("Redis store" in line and "%" in line for line in costs), costs
     assert "| the SQLite store costs ≤ 30 % of no-op consume throughput |" in text
+    # The read latency per store is printed in the targets table (Celery did not run).
+    for store in ("Redis", "SQLite"):
+        row = next(x for x in text.splitlines() if f"read latency p50, {store} store" in x)
+        assert re.search(r"\| [\d.]+ ms .*\| not measured \| — \| reported \|$", row), row
     # The ids of the group of 200 were read back one at a time by a fresh process.
     assert "200 results by id, fresh process" in text
     # The harness's Redis database is empty again; nothing is left running.
