@@ -567,9 +567,27 @@ class RawPika(Framework):
         return self.env(vh, workdir)
 
     def consume_specs(self, processes: int) -> list[WorkerSpec]:
+        # The ceiling for amqptasks is a batched one ("batched" in the label: the consume
+        # target picks among those): every 64 deliveries on a BlockingConnection, and once
+        # per event-loop turn on an AsyncioConnection (exactly the worker's own pattern).
+        kinds = (
+            ("BlockingConnection", "manual ack", {"BENCH_ACK_EVERY": "1"}, True),
+            (
+                "BlockingConnection",
+                "acks batched (multiple=True every 64)",
+                {"BENCH_ACK_EVERY": "64"},
+                processes == 1,
+            ),
+            (
+                "AsyncioConnection",
+                "acks batched (multiple=True once per loop turn)",
+                {"BENCH_ACK_STYLE": "turn"},
+                processes == 1,
+            ),
+        )
         specs = []
-        for every, what in ((1, "manual ack"), (64, "acks batched (multiple=True)")):
-            label = f"BlockingConnection, basic_consume, {what}, prefetch {PREFETCH}"
+        for conn, what, env, quick in kinds:
+            label = f"{conn}, basic_consume, {what}, prefetch {PREFETCH}"
             if processes > 1:
                 label = f"{processes} × ({label})"
             specs.append(
@@ -578,10 +596,10 @@ class RawPika(Framework):
                     label,
                     processes,
                     [self.client_argv("consume") for _ in range(processes)],
-                    env={"BENCH_PREFETCH": str(PREFETCH), "BENCH_ACK_EVERY": str(every)},
+                    env={"BENCH_PREFETCH": str(PREFETCH), **env},
                     consumers=processes,
                     prefetch_total=PREFETCH * processes,
-                    quick=every == 1 or processes == 1,
+                    quick=quick,
                 )
             )
         return specs

@@ -2,7 +2,8 @@
 
 ``consume`` is a plain ``BlockingConnection`` consumer — ``basic_qos($BENCH_PREFETCH)``,
 ``basic_consume``, ``json.loads`` of the body, manual ``basic_ack`` (or batched acks with
-``$BENCH_ACK_EVERY``) — that also answers
+``$BENCH_ACK_EVERY``; or, with ``$BENCH_ACK_STYLE=turn``, an ``AsyncioConnection`` acking
+``multiple=True`` once per event-loop turn, as amqptasks' worker does) — that also answers
 ``reply_to`` and records ``sent`` stamps, so it serves every figure. Clients: ``seed``,
 ``publish`` (``--confirm``: a confirm-mode channel, one publish confirmed at a time;
 ``--style pipelined``: pika's ``SelectConnection`` keeping up to ``--window`` confirms
@@ -40,6 +41,24 @@ def body(**fields: Any) -> bytes:
     return json.dumps({"task": "noop", **fields}).encode()
 
 
+def handle(ch: Any, props: Any, data: bytes) -> None:
+    """What every raw consumer does with a delivery: decode the JSON body, then record a
+    latency stamp, answer ``reply_to``, or count a no-op."""
+    obj = json.loads(data)
+    if "sent" in obj:
+        if obj.get("keep"):
+            record_latency(obj["sent"])
+    elif props.reply_to:
+        ch.basic_publish(
+            "",
+            props.reply_to,
+            json.dumps({"result": obj.get("value")}).encode(),
+            pika.BasicProperties(correlation_id=props.correlation_id),
+        )
+    else:
+        count()
+
+
 def consume() -> None:
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     ch = conn.channel()
@@ -50,19 +69,7 @@ def consume() -> None:
     state = {"last": 0, "acked": 0}
 
     def on_message(ch: Any, method: Any, props: Any, data: bytes) -> None:
-        obj = json.loads(data)
-        if "sent" in obj:
-            if obj.get("keep"):
-                record_latency(obj["sent"])
-        elif props.reply_to:
-            ch.basic_publish(
-                "",
-                props.reply_to,
-                json.dumps({"result": obj.get("value")}).encode(),
-                pika.BasicProperties(correlation_id=props.correlation_id),
-            )
-        else:
-            count()
+        handle(ch, props, data)
         tag = method.delivery_tag
         if every <= 1:
             ch.basic_ack(tag)
@@ -88,6 +95,48 @@ def consume() -> None:
     ch.basic_consume(QUEUE, on_message)
     ch.start_consuming()
     conn.close()
+
+
+def consume_per_turn() -> None:
+    """amqptasks' own ack pattern, raw: pika's ``AsyncioConnection`` on an asyncio loop, each
+    delivery handled in the frame callback, and one ``basic.ack multiple=True`` up to the
+    last tag per event-loop turn (scheduled with ``call_soon`` by the turn's first
+    delivery) — the ceiling for a worker that acks the way ours does."""
+    import asyncio
+
+    from pika.adapters.asyncio_connection import AsyncioConnection
+
+    loop = asyncio.new_event_loop()
+    prefetch = int(os.environ.get("BENCH_PREFETCH", "256"))
+    state = {"last": 0, "scheduled": False}
+
+    def flush(ch: Any) -> None:
+        state["scheduled"] = False
+        if ch.is_open:
+            ch.basic_ack(state["last"], multiple=True)
+
+    def on_message(ch: Any, method: Any, props: Any, data: bytes) -> None:
+        handle(ch, props, data)
+        state["last"] = method.delivery_tag
+        if not state["scheduled"]:
+            state["scheduled"] = True
+            loop.call_soon(flush, ch)
+
+    def on_channel(ch: Any) -> None:
+        ch.basic_qos(
+            prefetch_count=prefetch, callback=lambda _f: ch.basic_consume(QUEUE, on_message)
+        )
+
+    conn = AsyncioConnection(
+        pika.URLParameters(URL),
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_open_error_callback=lambda _c, exc: loop.stop(),
+        on_close_callback=lambda _c, _reason: loop.stop(),
+        custom_ioloop=loop,
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, conn.close)
+    loop.run_forever()
 
 
 def pipelined(n: int, warmup: int, window: int) -> float:
@@ -158,7 +207,10 @@ def pipelined(n: int, warmup: int, window: int) -> float:
 def main() -> None:
     args = arg_parser(__doc__).parse_args()
     if args.mode == "consume":
-        consume()
+        if os.environ.get("BENCH_ACK_STYLE") == "turn":
+            consume_per_turn()
+        else:
+            consume()
         return
     if args.mode == "publish" and args.style == "pipelined":
         emit(rate=pipelined(args.n, args.warmup, args.window))
