@@ -458,16 +458,28 @@ def _latency_once(
                 ctx.log(f"    {tag} publish→start p50 {p50:.2f} ms, p99 {p99:.2f} ms")
         if "rpc" in parts and fw.has_rpc:
             n = ctx.sizes.rpc
-            argv = fw.client_argv("rpc", "--n", str(n), "--warmup", "20")
+            secs = ctx.sizes.window
+            argv = fw.client_argv(
+                "rpc", "--n", str(n), "--warmup", "20", "--min-seconds", str(secs)
+            )
+            timeout = 60 + n * 0.1 + secs
             res = _try(
-                ctx, "rpc_p50", fw, spec, ctx.procs.run, f"{fw.name}-rpc", argv, env, 60 + n * 0.1
+                ctx, "rpc_p50", fw, spec, ctx.procs.run, f"{fw.name}-rpc", argv, env, timeout
             )
             if res is not None:
                 for key in ("p50", "p99"):
                     ctx.results.add(
                         f"rpc_{key}", fw.name, fw.group, spec.label, res[f"{key}_ms"], spec.note
                     )
-                ctx.results.add("rpc_rate", fw.name, fw.group, spec.label, res["rate"], spec.note)
+                ctx.results.add(
+                    "rpc_rate",
+                    fw.name,
+                    fw.group,
+                    spec.label,
+                    res["rate"],
+                    spec.note,
+                    window=res["n"] / res["rate"],
+                )
                 ctx.log(
                     f"    {tag} delay().get() p50 {res['p50_ms']:.2f} ms, "
                     f"p99 {res['p99_ms']:.2f} ms, {res['rate']:,.0f}/s"

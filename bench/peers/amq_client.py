@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from amqptasks import chord, group
-from bench.peers.amq_tasks import app, noop, rnoop, size
+from bench.peers.amq_tasks import app, echo, noop, rnoop, size
 from bench.peers.common import (
     LAST_IDS,
     PLACEHOLDER_ID,
@@ -99,9 +99,7 @@ def main() -> None:
         )
         emit(ok=True)
     elif args.mode == "rpc":
-        emit(
-            **round_trips(args.n, args.warmup, lambda i: app.send_task("bench.echo", (i,)).get(10))
-        )
+        emit(**round_trips(args.n, args.warmup, lambda i: echo.delay(i).get(10), args.min_seconds))
     elif args.mode == "countdown":
         t0 = time.perf_counter()
         app.send_many([("bench.later", (), None)] * args.n, countdown=args.countdown)

@@ -60,7 +60,11 @@ def main() -> None:
         )
         emit(ok=True)
     elif args.mode == "rpc":
-        emit(**round_trips(args.n, args.warmup, lambda i: t.echo.delay(i).get(timeout=10)))
+        emit(
+            **round_trips(
+                args.n, args.warmup, lambda i: t.echo.delay(i).get(timeout=10), args.min_seconds
+            )
+        )
     elif args.mode == "countdown":
         t0 = time.perf_counter()
         for _ in range(args.n):

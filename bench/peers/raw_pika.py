@@ -263,7 +263,7 @@ def main() -> None:
                 conn.process_data_events(time_limit=1)
             replies.clear()
 
-        emit(**round_trips(args.n, args.warmup, call))
+        emit(**round_trips(args.n, args.warmup, call, args.min_seconds))
     else:
         raise SystemExit(f"unknown mode {args.mode!r}")
     conn.close()
