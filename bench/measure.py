@@ -115,17 +115,6 @@ def _try(
         return None
 
 
-def _record(
-    ctx: Ctx, fig: str, fw: Framework, spec: WorkerSpec | str, fn: Callable[..., Any], *args: Any
-) -> Any:
-    """:func:`_try`, and the value recorded under ``fig``."""
-    value = _try(ctx, fig, fw, spec, fn, *args)
-    if value is not None:
-        label, note = _label_note(spec)
-        ctx.results.add(fig, fw.name, fw.group, label, value, note)
-    return value
-
-
 def per_framework(ctx: Ctx, fig: str, fw: Framework, fn: Callable[..., Any], *args: Any) -> None:
     """Run one framework's share of a group; a setup failure is recorded and the next
     framework goes on."""
