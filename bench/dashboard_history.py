@@ -23,6 +23,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -283,6 +284,7 @@ def run(n: int, repeats: int, fresh: bool, where: Path | None = None) -> int:
             proc.wait(5)
         out.close()
         mgmt("DELETE", f"/vhosts/{vhost}", ok=(404,))
+        shutil.rmtree(work, ignore_errors=True)  # the config (a password hash) and the log
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     return 1 if problems else 0

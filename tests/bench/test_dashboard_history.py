@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from broker_fixtures import ROOT, mgmt
@@ -49,3 +51,4 @@ def test_a_small_run_prints_every_query_s_figures_and_cleans_up(tmp_path, broker
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reused" in again.stdout
     assert not [v["name"] for v in mgmt("GET", "/vhosts") if v["name"].startswith("bench-dashhist")]
+    assert not list(Path(tempfile.gettempdir()).glob("bench-dashhist-*"))  # its work dirs
