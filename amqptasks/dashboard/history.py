@@ -14,6 +14,11 @@ Layout (``PRAGMA user_version`` = :data:`LAYOUT`; docs/dashboard.md explains eac
   once per task. Lists are ``ORDER BY ts DESC, seq DESC``: the ``(ts)`` index, or the
   ``(state, ts)``, ``(name, ts)``, ``(worker, ts)``, ``(queue, ts)`` index when filtered
   (each index implicitly ends with the rowid, so the order needs no sort step).
+* ``tasks_text`` (layout 2): an FTS5 trigram index of the name, args, kwargs, result and
+  exception, external content (the text stays in ``tasks``), for ``search``. Rows join it in
+  slices between batches (:meth:`History.index_pending`), not inside each batch; a search
+  scans the few newest rows it does not hold yet. A layout 1 file opens at once and is
+  indexed the same way.
 * ``workers``: the latest worker event of each worker.
 * ``minute_counts``: events by minute and state (the charts); ``task_totals`` and
   ``runtime_buckets``: counters since the file was created (``/metrics``).
@@ -30,6 +35,7 @@ the counters may count it twice.
 from __future__ import annotations
 
 import bisect
+import logging
 import sqlite3
 import threading
 import time
@@ -51,7 +57,9 @@ __all__ = [
     "TaskQuery",
 ]
 
-LAYOUT = 1
+log = logging.getLogger("amqptasks.dashboard")
+
+LAYOUT = 2
 STATE_OF = {
     "task-sent": "PENDING",
     "task-received": "RECEIVED",
@@ -70,6 +78,15 @@ READY_STATES = frozenset({"SUCCESS", "FAILURE", "REJECTED", "REVOKED", "EXPIRED"
 RUNTIME_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0)
 #: A counted list stops here ("10,000+"): counting a million rows is not worth a wait.
 COUNT_CAP = 10_000
+#: What a text search looks in (the trigram index ``tasks_text`` and the scan alike).
+SEARCHED = ("name", "args", "kwargs", "result", "exception")
+#: A text search with up to this many index hits reads exactly those rows; beyond, the text
+#: is common and a scan newest first fills the page within a few thousand rows.
+SEARCH_HITS = 20_000
+#: Rows indexed in one transaction; a busy ingest indexes once this many wait (or every
+#: INDEX_EVERY seconds), an idle one at once. Rows not indexed yet are scanned by a search.
+INDEX_SLICE = 20_000
+INDEX_EVERY = 2.0
 
 COLUMNS = (
     "id", "name", "state", "worker", "queue", "ts", "updated", "sent", "received",
@@ -82,6 +99,8 @@ _I = {c: i for i, c in enumerate(COLUMNS)}
  KWARGS, RESULT, EXCEPTION, TRACEBACK, REASON, DETAIL, RETRIES, RUNTIME, ETA, EXPIRES,
  ROOT_ID, PARENT_ID, GROUP_ID, CHORD_ID, EXCHANGE, ROUTING_KEY,
  TIMELINE) = range(len(COLUMNS))  # fmt: skip
+#: The row positions of the searchable text.
+_TEXT = tuple(_I[c] for c in SEARCHED)
 #: Kept in their columns, not repeated in the timeline.
 _BIG = frozenset({"v", "id", "task", "args", "kwargs", "result", "traceback", "root_id",
                   "parent_id", "group_id", "chord_id", "queue"})  # fmt: skip
@@ -126,6 +145,22 @@ CREATE TABLE IF NOT EXISTS runtime_buckets (
   PRIMARY KEY (name, bucket)
 ) WITHOUT ROWID;
 """
+_COLS = ", ".join(SEARCHED)
+#: The search index (layout 2): trigrams of the searchable text. External content
+#: (``content='tasks'``): the text is stored once, in ``tasks``; the index holds only the
+#: trigrams. Rows up to ``search_state.upto`` are in it: added in slices by
+#: :meth:`History.index_pending`, kept right by :meth:`History.apply` (a result arriving
+#: after its row was indexed) and :meth:`History.prune`. No triggers: a trigger runs for
+#: every row update and cost more than the index itself (docs/dashboard.md).
+_SEARCH_SCHEMA = f"""
+CREATE VIRTUAL TABLE IF NOT EXISTS tasks_text USING fts5(
+  {_COLS}, content='tasks', content_rowid='seq', tokenize='trigram'
+);
+CREATE TABLE IF NOT EXISTS search_state (
+  id INTEGER PRIMARY KEY CHECK (id = 0), upto INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO search_state VALUES (0, 0);
+"""
 
 _KEEP_LATER = ", ".join(
     f"{c} = coalesce(excluded.{c}, tasks.{c})"
@@ -161,11 +196,13 @@ class Applied:
 class TaskQuery:
     """One page of the task list; every filter is optional.
 
-    ``search`` matches a task id exactly, else a substring of the name, args or kwargs
-    (a scan in time order that stops when the page is full). ``since``/``until`` are RFC
-    3339 UTC texts compared with the first event's time. ``before`` is the ``(ts, seq)``
-    of the last row of the previous page (keyset paging: every page costs the same);
-    ``offset`` is Flower's paging (deep offsets cost a walk of the index).
+    ``search`` matches a task id exactly, else a substring (any case) of the name, args,
+    kwargs, result or exception: through the trigram index when it has few hits, else by a
+    scan newest first that stops when the page is full (common text fills it at once).
+    ``since``/``until`` are RFC 3339 UTC texts compared with the first event's time.
+    ``before`` is the ``(ts, seq)`` of the last row of the previous page (keyset paging:
+    every page costs the same); ``offset`` is Flower's paging (deep offsets cost a walk of
+    the index).
     """
 
     state: str | None = None
@@ -196,13 +233,19 @@ class History:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         conn = self._conn()
-        if conn.execute("PRAGMA user_version").fetchone()[0] > LAYOUT:
+        layout = conn.execute("PRAGMA user_version").fetchone()[0]
+        if layout > LAYOUT:
             raise ValueError(f"{self.path}: written by a newer amqptasks (layout > {LAYOUT})")
         # auto_vacuum must be set before the first table: freed pages can then be given
         # back to the file system (prune), not only reused.
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.executescript(_SCHEMA)
+        conn.executescript(_SEARCH_SCHEMA)  # a layout 1 file gets it, empty: upto = 0
         conn.execute(f"PRAGMA user_version = {LAYOUT}")
+        self._indexed_at = 0.0
+        waiting = self.unindexed()
+        if waiting > INDEX_SLICE:  # a file from before the index, or one closed mid-way
+            log.info("%s: %d tasks to add to the search index (in slices)", self.path, waiting)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -272,10 +315,14 @@ class History:
                     buckets[(label, b)] = buckets.get((label, b), 0) + 1
         for tid, lines in timelines.items():
             rows[tid][TIMELINE] = (b"\n".join(lines) + b"\n").decode()
+        searchable = [tid for tid, r in rows.items() if any(r[i] is not None for i in _TEXT)]
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            indexed = self._indexed_rows(conn, searchable)
             conn.executemany(_UPSERT, rows.values())
+            if indexed:
+                self._reindex(conn, indexed)
             conn.executemany(
                 "INSERT INTO workers (hostname, type, time, info) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(hostname) DO UPDATE SET type = excluded.type, "
@@ -306,6 +353,107 @@ class History:
             raise
         return Applied([(r[ID], r[NAME], r[STATE]) for r in rows.values()], list(workers), count)
 
+    @staticmethod
+    def _indexed_rows(conn: sqlite3.Connection, ids: list[str]) -> list[tuple[Any, ...]]:
+        """``(seq, text columns...)`` of the rows among ``ids`` the search index holds."""
+        if not ids:
+            return []
+        return conn.execute(
+            f"SELECT seq, {_COLS} FROM tasks WHERE id IN (SELECT value FROM json_each(?)) "
+            "AND seq <= (SELECT upto FROM search_state)",
+            (dumps(ids).decode(),),
+        ).fetchall()
+
+    @staticmethod
+    def _reindex(conn: sqlite3.Connection, before: list[tuple[Any, ...]]) -> None:
+        """Indexed rows whose text the batch changed: their old trigrams out, new ones in
+        (external content: FTS5 is told the old values, it cannot read them any more)."""
+        marks = dumps([r[0] for r in before]).decode()
+        after = {
+            r[0]: r
+            for r in conn.execute(
+                f"SELECT seq, {_COLS} FROM tasks WHERE seq IN (SELECT value FROM json_each(?))",
+                (marks,),
+            )
+        }
+        changed = [(old, after[old[0]]) for old in before if after.get(old[0], old) != old]
+        if changed:
+            conn.executemany(
+                f"INSERT INTO tasks_text(tasks_text, rowid, {_COLS}) "
+                f"VALUES ('delete', {', '.join('?' * (len(SEARCHED) + 1))})",
+                [old for old, _ in changed],
+            )
+            conn.executemany(
+                f"INSERT INTO tasks_text(rowid, {_COLS}) "
+                f"VALUES ({', '.join('?' * (len(SEARCHED) + 1))})",
+                [new for _, new in changed],
+            )
+
+    def _delete(self, conn: sqlite3.Connection, select: str, params: tuple[Any, ...]) -> int:
+        """Delete the rows ``select`` names (seq), their trigrams with them, in one
+        transaction; the index's mark never stays above the table's newest row (SQLite may
+        give a deleted newest seq to the next new row, which the index does not hold)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            seqs = [r[0] for r in conn.execute(select, params)]
+            if seqs:
+                marks = dumps(seqs).decode()
+                conn.execute(
+                    f"INSERT INTO tasks_text(tasks_text, rowid, {_COLS}) "
+                    f"SELECT 'delete', seq, {_COLS} FROM tasks "
+                    "WHERE seq IN (SELECT value FROM json_each(?)) "
+                    "AND seq <= (SELECT upto FROM search_state)",
+                    (marks,),
+                )
+                conn.execute(
+                    "DELETE FROM tasks WHERE seq IN (SELECT value FROM json_each(?))", (marks,)
+                )
+                conn.execute(
+                    "UPDATE search_state SET upto = "
+                    "min(upto, (SELECT coalesce(max(seq), 0) FROM tasks))"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return len(seqs)
+
+    def index_pending(self, *, idle: bool = True) -> int:
+        """Add rows not in the search index yet, up to :data:`INDEX_SLICE` in one
+        transaction: when ``idle`` (nothing waits to be ingested), when a slice's worth
+        waits, or :data:`INDEX_EVERY` s after the last slice. Returns the rows indexed."""
+        conn = self._conn()
+        upto = int(conn.execute("SELECT upto FROM search_state").fetchone()[0])
+        top = int(conn.execute("SELECT coalesce(max(seq), 0) FROM tasks").fetchone()[0])
+        waiting = top - upto
+        due = idle or waiting >= INDEX_SLICE or time.monotonic() - self._indexed_at > INDEX_EVERY
+        if waiting <= 0 or not due:
+            return 0
+        end = min(top, upto + INDEX_SLICE)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.execute(
+                f"INSERT INTO tasks_text(rowid, {_COLS}) SELECT seq, {_COLS} FROM tasks "
+                "WHERE seq > ? AND seq <= ?",
+                (upto, end),
+            )
+            conn.execute("UPDATE search_state SET upto = ?", (end,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._indexed_at = time.monotonic()
+        return int(cur.rowcount)
+
+    def unindexed(self) -> int:
+        """Rows (by seq) the search index does not hold yet."""
+        row = (
+            self._conn()
+            .execute("SELECT coalesce(max(seq), 0) - (SELECT upto FROM search_state) FROM tasks")
+            .fetchone()
+        )
+        return max(0, int(row[0]))
+
     def prune(self, now: float | None = None) -> int:
         """Delete what is beyond the retention time or the newest ``max_tasks``; give freed
         space back when a quarter of the file is free. Returns the tasks deleted."""
@@ -314,23 +462,20 @@ class History:
         conn = self._conn()
         deleted = 0
         while True:  # in slices: the writer lock is never held for long
-            cur = conn.execute(
-                "DELETE FROM tasks WHERE seq IN "
-                "(SELECT seq FROM tasks WHERE ts < ? ORDER BY ts LIMIT 20000)",
-                (cutoff,),
+            n = self._delete(
+                conn, "SELECT seq FROM tasks WHERE ts < ? ORDER BY ts LIMIT 20000", (cutoff,)
             )
-            deleted += cur.rowcount
-            if cur.rowcount < 20000:
+            deleted += n
+            if n < 20000:
                 break
         excess = self.count() - self.max_tasks
         while excess > 0:
-            cur = conn.execute(
-                "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks ORDER BY ts, seq LIMIT ?)",
-                (min(excess, 20000),),
+            n = self._delete(
+                conn, "SELECT seq FROM tasks ORDER BY ts, seq LIMIT ?", (min(excess, 20000),)
             )
-            deleted += cur.rowcount
-            excess -= cur.rowcount
-            if cur.rowcount == 0:
+            deleted += n
+            excess -= n
+            if n == 0:
                 break
         conn.execute("DELETE FROM minute_counts WHERE minute < ?", (cutoff[:16],))
         conn.execute("DELETE FROM workers WHERE time < ?", (cutoff,))
@@ -370,12 +515,30 @@ class History:
         if q.until:
             where.append("ts < ?")
             params.append(q.until)
-        if q.search:
-            where.append(
-                "(name LIKE ? ESCAPE '\\' OR args LIKE ? ESCAPE '\\' OR kwargs LIKE ? ESCAPE '\\')"
-            )
-            params += [_like(q.search)] * 3
         source = f"tasks INDEXED BY {self._index_for(q)}" if self._narrowed(q) else "tasks"
+        source_params: list[Any] = []
+        known_many = False
+        if q.search:
+            # Trigrams need 3 characters: shorter text is always scanned.
+            phrase = '"' + q.search.replace('"', '""') + '"' if len(q.search) >= 3 else None
+            hits = self._index_hits(phrase) if phrase is not None else None
+            like = "(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in SEARCHED) + ")"
+            likes = [_like(q.search)] * len(SEARCHED)
+            if phrase is not None and hits is not None and hits <= SEARCH_HITS:
+                # Few hits: exactly those rows, and the rows not indexed yet (the newest,
+                # scanned by seq). CROSS JOIN keeps the hits first.
+                source = (
+                    "(SELECT rowid AS hit FROM tasks_text WHERE tasks_text MATCH ? UNION ALL "
+                    f"SELECT seq FROM tasks WHERE seq > (SELECT upto FROM search_state) AND {like}"
+                    ") CROSS JOIN tasks ON tasks.seq = hit"
+                )
+                source_params = [phrase, *likes]
+            else:
+                # Common text (or under 3 characters): newest first until the page is full.
+                where.append(like)
+                params += likes
+                # Alone, a text the index holds more than COUNT_CAP times needs no count.
+                known_many = hits is not None and hits > COUNT_CAP and len(where) == 1
         count_sql = " AND ".join(where) or "1"
         page_where = list(where)
         page_params = list(params)
@@ -388,14 +551,17 @@ class History:
         rows = conn.execute(
             f"SELECT {_LIST_COLUMNS} FROM {source} WHERE {' AND '.join(page_where) or '1'} "
             f"ORDER BY {order} LIMIT ? OFFSET ?",
-            [*page_params, limit + 1, max(0, q.offset)],
+            [*source_params, *page_params, limit + 1, max(0, q.offset)],
         ).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        total = conn.execute(
-            f"SELECT count(*) FROM (SELECT 1 FROM {source} WHERE {count_sql} LIMIT ?)",
-            [*params, COUNT_CAP + 1],
-        ).fetchone()[0]
+        if known_many:
+            total = COUNT_CAP + 1
+        else:
+            total = conn.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM {source} WHERE {count_sql} LIMIT ?)",
+                [*source_params, *params, COUNT_CAP + 1],
+            ).fetchone()[0]
         out = [_list_row(r) for r in rows]
         return {
             "tasks": out,
@@ -403,6 +569,19 @@ class History:
             "capped": total > COUNT_CAP,
             "next": f"{rows[-1][6]},{rows[-1][0]}" if more and rows else None,
         }
+
+    def _index_hits(self, phrase: str) -> int:
+        """Rows of the trigram index holding ``phrase``, counted up to just past
+        :data:`SEARCH_HITS` and :data:`COUNT_CAP` (a common text is not counted through)."""
+        cap = max(SEARCH_HITS, COUNT_CAP) + 1
+        return int(
+            self._conn()
+            .execute(
+                "SELECT count(*) FROM (SELECT 1 FROM tasks_text WHERE tasks_text MATCH ? LIMIT ?)",
+                (phrase, cap),
+            )
+            .fetchone()[0]
+        )
 
     @staticmethod
     def _narrowed(q: TaskQuery) -> bool:

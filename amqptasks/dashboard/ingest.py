@@ -110,7 +110,9 @@ class Ingestor:
                 self._ready.set()
                 log.info("reading events from durable queue %r", self.queue)
                 while not self._stop.is_set():
-                    self._once(listener)
+                    busy = self._once(listener)
+                    # Between batches, in slices: nothing is acked later for it.
+                    self.history.index_pending(idle=not busy)
                     if time.monotonic() - last_prune > PRUNE_EVERY:
                         last_prune = time.monotonic()
                         self.stats.pruned += self.history.prune()
@@ -132,10 +134,11 @@ class Ingestor:
                 listener.close()
                 self.stats.connected = False
 
-    def _once(self, listener: EventListener) -> None:
+    def _once(self, listener: EventListener) -> bool:
+        """Fold what has arrived into one commit, then ack it; False when nothing had."""
         messages = listener.poll(0.2)
         if not messages:
-            return
+            return False
         while sum(len(m.body) for m in messages) < BATCH_EVENTS * 200:
             more = listener.poll(0)  # take what has already arrived into the same commit
             if not more:
@@ -168,6 +171,7 @@ class Ingestor:
         st.lag = _age(newest, now)
         if self.on_batch is not None:
             self.on_batch(applied)
+        return True
 
 
 def _age(rfc3339_text: str, now: float) -> float:

@@ -8,12 +8,21 @@ import re
 import shutil
 import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_fixtures import ROOT, amqptasks_exe, cli_env, wait_for, write_config
-from dashboard_fixtures import PASSWORD, USER, DashboardProcess, http
+from broker_fixtures import ROOT, amqptasks_exe, cli_env, ledger_lines, wait_for, write_config
+from dashboard_fixtures import (
+    PASSWORD,
+    SCHEDULES,
+    USER,
+    DashboardProcess,
+    expected_fires,
+    http,
+    put_dead_letters,
+)
 
 from amqptasks import App, load_config
 from amqptasks.dashboard.auth import hash_password, new_token
@@ -302,6 +311,95 @@ def test_metrics_need_credentials_unless_made_public(
     assert http(public.base, "GET", "/api/stats").status == 401
 
 
+def scrape(d: DashboardProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` parsed with prometheus-client's own parser: (sample, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = d.get("/metrics")
+    assert answer.status == 200, answer.text[:300]
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_and_charts_follow_what_ran(cfg, broker_user, worker_factory, dashboard_factory):
+    """3 successes and 1 failure of one task name, 2 workers, 5 messages waiting in a queue
+    no worker consumes, 1 undecodable events message: every metric family the dashboard
+    documents, and the charts' series, say exactly that."""
+    import pika
+
+    apply_topology(cfg)
+    d = dashboard_factory(cfg)
+    for name in ("w1@dash", "w2@dash"):
+        worker_factory(cfg, "-Q", "default", "-E", "-n", name)
+    wait_for(lambda: len(d.get("/api/workers?status=online").json()) == 2, message="2 online")
+    add = "examples.tasks.add"
+    app = App(load_config(cfg, env={}))
+    try:
+        ok = [app.send_task(add, (i, i), queue="default") for i in range(3)]
+        bad = app.send_task(add, (1, "x"), queue="default")  # TypeError: a FAILURE
+        for i in range(5):
+            app.send_task("testtasks.record", (f"waits {i}",), queue="web_tasks")
+        assert [r.get(timeout=20) for r in ok] == [0, 2, 4]
+    finally:
+        app.close()
+    conn = pika.BlockingConnection(pika.URLParameters(broker_user[2]))
+    try:
+        conn.channel().basic_publish("amqptasks.events", "task.bogus", b"not an events batch")
+    finally:
+        conn.close()
+
+    def settled() -> Any:
+        m = scrape(d)
+        done = (
+            m.get(("amqptasks_tasks_total", (("name", add), ("state", "SUCCESS")))) == 3
+            and m.get(("amqptasks_tasks_total", (("name", add), ("state", "FAILURE")))) == 1
+            and m.get(("amqptasks_queue_messages", (("queue", "web_tasks"),))) == 5
+            and m.get(("amqptasks_queue_messages", (("queue", "default.dlq"),))) == 1
+            and m.get(("amqptasks_dashboard_undecodable_messages_total", ())) == 1
+        )
+        return done and m
+
+    m = wait_for(settled, timeout=40, message="the counters and a queue sample after the run")
+    assert d.get(f"/api/task/info/{bad.id}").json()["state"] == "FAILURE"
+    states = {k[1][1][1] for k in m if k[0] == "amqptasks_tasks_total" and k[1][0][1] == add}
+    assert states == {"SUCCESS", "FAILURE"}
+    # Runtimes: one observation per finished task (the failure's too), cumulative buckets.
+    name = (("name", add),)
+    assert m[("amqptasks_task_runtime_seconds_count", name)] == 4
+    assert 0 < m[("amqptasks_task_runtime_seconds_sum", name)] < 20
+    buckets = sorted(
+        (float(dict(k[1])["le"]), v)
+        for k, v in m.items()
+        if k[0] == "amqptasks_task_runtime_seconds_bucket" and dict(k[1])["name"] == add
+    )
+    assert buckets[-1] == (float("inf"), 4)
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    # Workers: both online, each up.
+    assert m[("amqptasks_workers_online", ())] == 2
+    assert m[("amqptasks_worker_up", (("worker", "w1@dash"),))] == 1
+    assert m[("amqptasks_worker_up", (("worker", "w2@dash"),))] == 1
+    # Queue depths from the management API: 5 waiting, the work queue drained.
+    assert m[("amqptasks_queue_messages", (("queue", "default"),))] == 0
+    # The dashboard's own: 4 tasks in the history (the 5 waiting ones never ran: no events).
+    assert m[("amqptasks_dashboard_history_tasks", ())] == 4
+    assert m[("amqptasks_dashboard_events_total", ())] >= 4 * 3
+    assert 0 <= m[("amqptasks_dashboard_ingest_lag_seconds", ())] < 30
+    # The charts: per-minute counts sum to what ran; the depth series saw the 5 waiting.
+    charts = d.get("/api/charts").json()
+    sums: dict[str, int] = {}
+    for minute in charts["minutes"]:
+        for state, n in minute["counts"].items():
+            sums[state] = sums.get(state, 0) + n
+    assert sums == {"RECEIVED": 4, "STARTED": 4, "SUCCESS": 3, "FAILURE": 1}, sums
+    depth = charts["depth"]
+    assert depth and depth[-1]["queues"]["web_tasks"] == 5
+    assert depth[-1]["queues"]["default.dlq"] == 1
+    assert [p["time"] for p in depth] == sorted(p["time"] for p in depth)
+
+
 def test_sigkill_during_a_5000_task_run_loses_nothing(cfg, worker_factory, dashboard_factory):
     d = dashboard_factory(cfg)  # declares the durable events queue
     worker_factory(cfg, "-Q", "default", "-E", "-n", "w1@dash", "-c", "8")
@@ -356,6 +454,85 @@ def test_dead_letters_replay_and_purge_with_confirmation(cfg, worker_factory, da
     assert d.post("/api/dlq/default/purge", {"confirm": "default.dlq"}).json() == {"purged": 3}
     assert d.get("/api/dlq/default").json()["letters"] == []
     assert d.get("/api/dlq/nosuchqueue").status == 404
+
+
+def test_replay_selected_then_all_dead_letters_through_the_api(
+    tmp_path, broker, cfg, worker_factory, dashboard_factory
+):
+    """4 dead letters: replaying 2 selected puts exactly those 2 back on their queue (and
+    they run), the other 2 stay in the DLQ; replaying all empties it and they run too. Each
+    task runs once."""
+    apply_topology(cfg)
+    d = dashboard_factory(cfg)
+    tags = ["a", "b", "c", "d"]
+    ids = put_dead_letters(broker, "default", tags)
+    letters = wait_for(
+        lambda: len(x := d.get("/api/dlq/default").json()["letters"]) == 4 and x,
+        message="four dead letters",
+    )
+    assert {x["id"] for x in letters} == set(ids)
+    assert {x["reason"] for x in letters} == {"task-failed"}
+    picked, rest = [ids[0], ids[2]], [ids[1], ids[3]]
+    r = d.post("/api/dlq/default/replay", {"ids": picked})
+    assert r.status == 200 and r.json() == {"replayed": 2, "problems": [], "skipped": {}}
+    # No worker yet: the two wait on their work queue, the others are still dead letters.
+    assert broker.depth("default") == 2
+    assert sorted(x["id"] for x in d.get("/api/dlq/default").json()["letters"]) == sorted(rest)
+    ledger = tmp_path / "ran.log"
+    worker_factory(cfg, "-Q", "default", "-E", "-n", "w1@dash", ledger=ledger)
+    wait_for(lambda: {"done a", "done c"} <= set(ledger_lines(ledger)), message="a and c ran")
+    for task_id in picked:
+        wait_for(
+            lambda t=task_id: d.get(f"/api/task/info/{t}").json().get("state") == "SUCCESS",
+            message=f"{task_id} SUCCESS in the history",
+        )
+    assert broker.depth("default.dlq") == 2
+    assert not {"start b", "start d"} & set(ledger_lines(ledger))
+    r = d.post("/api/dlq/default/replay", {"all": True})
+    assert r.status == 200 and r.json() == {"replayed": 2, "problems": [], "skipped": {}}
+    assert d.get("/api/dlq/default").json()["letters"] == []
+    assert broker.depth("default.dlq") == 0
+    wait_for(lambda: {f"done {t}" for t in tags} <= set(ledger_lines(ledger)),
+             message="every replayed task ran")  # fmt: skip
+    assert sorted(line for line in ledger_lines(ledger) if line.startswith("done")) == [
+        f"done {t}" for t in tags
+    ]
+    # Neither 'ids' nor 'all', or both: a 400 naming the choice.
+    for body in ({}, {"ids": [ids[0]], "all": True}):
+        bad = d.post("/api/dlq/default/replay", body)
+        assert bad.status == 400 and "'ids' or 'all'" in bad.json()["error"]
+
+
+def test_the_schedules_api_shows_each_schedule_with_its_next_fire_times(
+    tmp_path, broker, broker_user, dashboard_factory
+):
+    cfg = write_config(
+        tmp_path,
+        broker,
+        broker={"url": broker_user[2], "publish_timeout": 10},
+        schedules=SCHEDULES,
+        dashboard={
+            "database": str(tmp_path / "dashboard.sqlite3"),
+            "basic_auth": [f"{USER}:{hash_password(PASSWORD)}"],
+        },
+    )
+    d = dashboard_factory(cfg)
+    before = datetime.now(timezone.utc)
+    answer = d.get("/api/schedules").json()
+    after = datetime.now(timezone.utc)
+    assert answer["source"] == str(cfg)
+    shown = {s["name"]: s for s in answer["schedules"]}
+    assert sorted(shown) == sorted(SCHEDULES)
+    for name, spec in SCHEDULES.items():
+        s = shown[name]
+        assert s["task"] == spec["task"]
+        assert s["timezone"] == spec.get("timezone", "UTC")
+        # A fire time can pass between the request and the clock read: either side's is right.
+        assert s["next"] in (expected_fires(name, before), expected_fires(name, after)), name
+    assert shown["every7m"]["timing"] == "every 7m from 2026-01-01T00:00:03Z"
+    assert shown["kathmandu"]["timing"] == "cron '7 9 * * *' (Asia/Kathmandu)"
+    # 09:07 in Kathmandu (UTC+5:45) is 03:22 UTC, every day.
+    assert {t[11:] for t in shown["kathmandu"]["next"]} == {"03:22:00Z"}
 
 
 def test_workers_pages_controls_and_commands_the_workers_lack(

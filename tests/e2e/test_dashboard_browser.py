@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_fixtures import write_config
-from dashboard_fixtures import PASSWORD, USER
+from broker_fixtures import ledger_lines, wait_for, write_config
+from dashboard_fixtures import PASSWORD, SCHEDULES, USER, expected_fires, put_dead_letters
 
 from amqptasks.dashboard.auth import hash_password
 
@@ -203,3 +204,109 @@ def test_without_worker_events_the_page_says_to_start_workers_with_E(
     page.goto(d.base + "/workers")
     page.wait_for_selector("#events-hint:not([hidden])", timeout=15_000)
     assert "amqptasks worker -E" in page.inner_text("#events-hint")
+
+
+def test_in_chromium_replay_selected_replay_all_purge_and_schedules(
+    tmp_path, broker, broker_user, worker_factory, dashboard_factory, browser
+):
+    """The dead-letter page's buttons: replay two selected (exactly those run, the rest
+    stay), replay all (asks first: dismissed, nothing happens), purge (asks first); and the
+    schedules page shows each schedule of the config with its next fire times."""
+    cfg = write_config(
+        tmp_path,
+        broker,
+        broker={"url": broker_user[2], "publish_timeout": 10},
+        events={"heartbeat_interval": 0.5},
+        schedules=SCHEDULES,
+        dashboard={
+            "database": str(tmp_path / "dashboard.sqlite3"),
+            "basic_auth": [f"{USER}:{hash_password(PASSWORD)}"],
+        },
+    )
+    d = dashboard_factory(cfg)
+    ledger = tmp_path / "ran.log"
+    worker_factory(cfg, "-Q", "default", "-E", "-n", "w1@dash", ledger=ledger)  # declares
+    tags = ["p1", "p2", "p3", "p4", "p5"]
+    ids = put_dead_letters(broker, "default", tags)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    login(page, d.base, PASSWORD)
+
+    def rows() -> list[str]:
+        return page.eval_on_selector_all(
+            "#app tbody tr[data-id]", "rs => rs.map(r => r.dataset.id)"
+        )
+
+    def letters() -> list[str]:
+        return sorted(x["id"] for x in d.get("/api/dlq/default").json()["letters"])
+
+    page.goto(d.base + "/dlq")
+    page.wait_for_function("() => document.querySelectorAll('tbody tr[data-id]').length == 5")
+    for message_id in ids[:2]:
+        page.check(f'tr[data-id="{message_id}"] input[type=checkbox]')
+    page.click("button:text-is('replay selected')")
+    page.wait_for_selector("#notice.ok")
+    assert page.inner_text("#notice") == "replayed 2"
+    page.wait_for_function("() => document.querySelectorAll('tbody tr[data-id]').length == 3")
+    assert sorted(rows()) == sorted(ids[2:]) == letters()
+    wait_for(lambda: {"done p1", "done p2"} <= set(ledger_lines(ledger)), message="p1, p2 ran")
+    assert not {"start p3", "start p4", "start p5"} & set(ledger_lines(ledger))
+
+    # "replay all" asks; dismissed, nothing moves.
+    asked: list[str] = []
+
+    def answer(accept: bool) -> None:
+        def handle(dialog: Any) -> None:
+            asked.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+
+        page.once("dialog", handle)
+
+    answer(False)
+    page.click("button:text-is('replay all')")
+    assert asked == ["Replay every dead letter of default.dlq?"]
+    assert letters() == sorted(ids[2:])
+    answer(True)
+    page.click("button:text-is('replay all')")
+    page.wait_for_function("() => document.querySelector('#notice')?.textContent == 'replayed 3'")
+    page.wait_for_function("() => document.querySelectorAll('tbody tr[data-id]').length == 0")
+    assert letters() == []
+    wait_for(lambda: {f"done {t}" for t in tags} <= set(ledger_lines(ledger)),
+             message="every replayed task ran")  # fmt: skip
+    done = sorted(line for line in ledger_lines(ledger) if line.startswith("done"))
+    assert done == [f"done {t}" for t in tags]  # each once
+    shoot(page, tmp_path, "dlq-replayed")
+
+    # Purge asks too; dismissed, the letters stay; accepted, they are gone.
+    doomed = put_dead_letters(broker, "default", ["x1", "x2"])
+    page.goto(d.base + "/dlq")
+    page.wait_for_function("() => document.querySelectorAll('tbody tr[data-id]').length == 2")
+    answer(False)
+    page.click("button.danger:text-is('purge')")
+    assert asked[-1] == "Delete every message in default.dlq? This cannot be undone."
+    assert letters() == sorted(doomed)
+    answer(True)
+    page.click("button.danger:text-is('purge')")
+    page.wait_for_function("() => document.querySelector('#notice')?.textContent == 'purged 2'")
+    page.wait_for_function("() => document.querySelectorAll('tbody tr[data-id]').length == 0")
+    assert letters() == []
+    assert not {"start x1", "start x2"} & set(ledger_lines(ledger))
+
+    # Schedules: one row per schedule of the config, its next three fire times (UTC).
+    before = datetime.now(timezone.utc)
+    page.goto(d.base + "/schedules")
+    page.wait_for_selector("#app tbody tr")
+    after = datetime.now(timezone.utc)
+    shown = page.eval_on_selector_all(
+        "#app tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.innerText))"
+    )
+    assert sorted(r[0] for r in shown) == sorted(SCHEDULES)
+    for name, task, _timing, zone, fires in shown:
+        assert task == SCHEDULES[name]["task"] and zone == SCHEDULES[name].get("timezone", "UTC")
+        assert fires in [
+            ", ".join(f.replace("T", " ").replace("Z", "") for f in expected_fires(name, t))
+            for t in (before, after)
+        ], name
+    shoot(page, tmp_path, "schedules")
+    assert errors == []

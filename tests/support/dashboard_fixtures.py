@@ -17,8 +17,10 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from broker_fixtures import AMQP_PORT, ROOT, Broker, amqptasks_exe, cli_env, mgmt
@@ -165,3 +167,70 @@ def broker_user(broker: Broker) -> Iterator[tuple[str, str, str]]:
         yield name, password, f"amqp://{name}:{password}@localhost:{AMQP_PORT}/{vh}"
     finally:
         mgmt("DELETE", f"/users/{name}", ok=(200, 204, 404))
+
+
+def put_dead_letters(
+    broker: Broker, queue: str, tags: list[str], routing_key: str = "task.default"
+) -> list[str]:
+    """Dead letters of ``testtasks.record(tag)`` in ``queue``'s DLQ, as a worker writes them
+    (routed by ``amqptasks.dlx`` with the work queue's name; reason, exception and the
+    original route ``tasks``/``routing_key`` in the headers), published with confirms; a
+    replayed one runs and records ``done <tag>`` in the worker's ledger.
+    Returns their message ids."""
+    import pika
+
+    ch = broker.channel()
+    ch.confirm_delivery()
+    ids = []
+    for tag in tags:
+        message_id = f"dead-{tag}-{uuid.uuid4().hex[:6]}"
+        body = json.dumps({"task": "testtasks.record", "args": [tag]}).encode()
+        ch.basic_publish(
+            "amqptasks.dlx",
+            queue,
+            body,
+            pika.BasicProperties(
+                message_id=message_id,
+                content_type="application/json",
+                headers={
+                    "x-amqptasks-reason": "task-failed",
+                    "x-amqptasks-exception": f"ValueError: {tag} failed once",
+                    "x-amqptasks-original-exchange": "tasks",
+                    "x-amqptasks-original-routing-key": routing_key,
+                },
+            ),
+            mandatory=True,
+        )
+        ids.append(message_id)
+    ch.close()
+    return ids
+
+
+#: Beat schedules of the schedules tests: an interval with a start, a cron in a zone with a
+#: 5:45 offset, and a plain UTC cron.
+SCHEDULES = {
+    "every7m": {"task": "examples.tasks.add", "args": [1, 2], "every": "7m",
+                "start": "2026-01-01T00:00:03Z"},
+    "kathmandu": {"task": "examples.tasks.add", "args": [2, 3], "cron": "7 9 * * *",
+                  "timezone": "Asia/Kathmandu"},
+    "quarter": {"task": "examples.web.sendmail", "args": ["a@b"], "cron": "*/15 * * * *"},
+}  # fmt: skip
+
+
+def expected_fires(name: str, now: datetime) -> list[str]:
+    """The next three fire times of ``SCHEDULES[name]`` after ``now``, by the arithmetic of
+    the config itself (interval: start + k x every; cron: croniter on the zone's wall
+    clock), as UTC text."""
+    from croniter import croniter
+
+    spec = SCHEDULES[name]
+    if "every" in spec:
+        start = datetime.fromisoformat(spec["start"].replace("Z", "+00:00"))
+        every = timedelta(minutes=int(spec["every"].rstrip("m")))
+        k = (now - start) // every + 1
+        fires = [start + (k + i) * every for i in range(3)]
+    else:
+        zone = ZoneInfo(spec.get("timezone", "UTC"))
+        it = croniter(spec["cron"], now.astimezone(zone).replace(tzinfo=None))
+        fires = [it.get_next(datetime).replace(tzinfo=zone) for _ in range(3)]
+    return [f.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") for f in fires]
