@@ -168,6 +168,7 @@ class App(Sender):
         self.results = ResultCollector()
         self._store: ResultStore | None = None
         self._store_loaded = False
+        self._backend: ResultBackend | None = None
         #: Inspect and control the workers (``app.control.ping()``).
         self.control = Control(self)
         self._router: Router | None = None
@@ -214,13 +215,18 @@ class App(Sender):
 
     @property
     def backend(self) -> ResultBackend:
-        """What result handles of this app read: its replies and its store."""
-        return ResultBackend(
-            self.results,
-            self.store,
-            redact_url(self.settings.results.backend),
-            revoke=self.control.revoke,
-        )
+        """What result handles of this app read: its replies and its store (built once per
+        store: every ``delay()`` hands it to its handle)."""
+        store = self.store
+        backend = self._backend
+        if backend is None or backend.store is not store:
+            backend = self._backend = ResultBackend(
+                self.results,
+                store,
+                redact_url(self.settings.results.backend),
+                revoke=self.control.revoke,
+            )
+        return backend
 
     def AsyncResult(self, task_id: str) -> ResultHandle:
         """The result of task ``task_id``, from any process (needs a store to be read)."""

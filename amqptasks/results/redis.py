@@ -37,7 +37,7 @@ from redis.retry import Retry
 from ..config import redact_url
 from ..errors import ResultStoreError
 from ..protocol import dumps, loads
-from .meta import READY_STATES, ResultMeta
+from .meta import READY_STATES, ResultMeta, StoredRecord
 from .store import DEFAULT_EXPIRES, ChordProgress, check_chord_member, check_expires
 
 __all__ = ["RedisStore"]
@@ -195,7 +195,7 @@ class RedisStore:
             ) from exc
 
     # -- records ---------------------------------------------------------------------------
-    def save(self, metas: Sequence[ResultMeta]) -> None:
+    def save(self, metas: Sequence[StoredRecord]) -> None:
         if not metas:
             return
         keys: list[str] = []

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import ResultStoreError
 from ..protocol import dumps, loads
-from .meta import READY_STATES, ResultMeta
+from .meta import READY_STATES, ResultMeta, StoredRecord
 from .store import DEFAULT_EXPIRES, ChordProgress, check_chord_member, check_expires
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
@@ -263,7 +263,7 @@ class SqliteStore:
         return None if self.expires is None else now + self.expires
 
     # -- records ---------------------------------------------------------------------------
-    def save(self, metas: Sequence[ResultMeta]) -> None:
+    def save(self, metas: Sequence[StoredRecord]) -> None:
         if not metas:
             return
         now = time.time()

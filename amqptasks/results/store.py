@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from .meta import READY_STATES, SUCCESS, ResultMeta
+from .meta import READY_STATES, SUCCESS, ResultMeta, StoredRecord
 
 __all__ = [
     "DEFAULT_EXPIRES",
@@ -72,8 +72,11 @@ class ResultStore(Protocol):
     #: Seconds each saved record (and group, and chord) lives; None keeps them forever.
     expires: float | None
 
-    def save(self, metas: Sequence[ResultMeta]) -> None:
+    def save(self, metas: Sequence[StoredRecord]) -> None:
         """Write a batch atomically (all or nothing), in order.
+
+        Each item is a :class:`ResultMeta` or an :class:`EncodedRecord` (the worker's fast
+        path): a store reads only ``.id``, ``.status`` and ``.to_json()``.
 
         A READY record is never replaced: neither by a non-ready one (a late STARTED or RETRY
         must not hide a SUCCESS) nor by another READY one (the first outcome wins; a duplicate

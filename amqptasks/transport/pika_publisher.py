@@ -13,6 +13,19 @@ Every publish is ``mandatory``: a ``basic.return`` (no queue bound) arrives befo
 ``basic.ack`` of the same message and turns that ack into :class:`UnroutableError`. A nack
 raises :class:`PublishNacked`; no confirm within the bound raises :class:`PublishTimeout`.
 
+One thread pays a hop that a raw client does not: a blocking confirmed publish went caller →
+I/O thread → caller (two wake-ups, ~13 % of a single-caller ``.delay()`` loop). So the first
+thread that publishes a task with no reply wanted gets a *direct* link of its own, with no
+thread behind it: its publishes are written and their confirms read by that thread itself,
+while it waits for them (:meth:`_Link.drive`). Everything that needs a reader when nobody
+waits — the direct reply-to consumer, publishes that want a reply, events, other threads —
+keeps the threaded link, so threaded callers stay safe. Publishes from one thread keep their
+order on its link; a publish that wants a reply (threaded link) and one that does not
+(direct) are two channels, which only matters inside one ``send_many`` mixing both kinds
+(every publish is confirmed before ``send_task`` returns). A direct link unused for
+:data:`DIRECT_IDLE` seconds is reopened before its next publish: nobody answered its
+heartbeats meanwhile.
+
 With several broker addresses (a cluster's nodes, :mod:`.failover`) a link is opened to the
 first that answers; when it is lost, what was unconfirmed fails ("may or may not have been
 delivered") and the next publish opens a link to the next address, within the same bound.
@@ -56,6 +69,15 @@ log = logging.getLogger("amqptasks.publisher")
 #: Called on the I/O thread with (correlation_id, body) for each direct reply-to message.
 ReplyHandler = Callable[[str | None, bytes], object]
 REPLY_TO = "amq.rabbitmq.reply-to"
+#: Seconds a direct link may sit unused before its next publish opens a fresh one instead.
+DIRECT_IDLE = 20.0
+#: Unused this long, a direct link first reads what the broker sent meanwhile (a close, say),
+#: so a publish is not written into a connection that is already gone.
+DIRECT_RECHECK = 0.05
+
+
+def _noop() -> None:
+    pass
 
 
 def to_pika(props: Properties) -> pika.BasicProperties:
@@ -99,9 +121,15 @@ class _Link:
         timeout: float,
         on_reply: ReplyHandler | None,
         heartbeat: int | None = None,
+        *,
+        threaded: bool = True,
     ) -> None:
         self.url = url
+        self.timeout = timeout
         self.on_reply = on_reply
+        #: False: no I/O thread; the one thread that uses the link drives it (:meth:`drive`).
+        self.threaded = threaded
+        self.last_used = time.monotonic()
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.closed = False
@@ -127,8 +155,44 @@ class _Link:
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_close,
         )
-        self.thread = threading.Thread(target=self._run, name="amqptasks-publisher", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        if not threaded:
+            self.conn.ioloop.activate_poller()  # what ioloop.start() does before its loop
+        if threaded:
+            self.thread = threading.Thread(
+                target=self._run, name="amqptasks-publisher", daemon=True
+            )
+            self.thread.start()
+
+    # -- direct links: driven by their caller -------------------------------------------------
+    def poll_now(self) -> None:
+        """Handle whatever the broker sent while nobody drove this (direct) link."""
+        ioloop = self.conn.ioloop
+        wake = ioloop.call_later(0, _noop)
+        try:
+            ioloop.poll()
+            ioloop.process_timeouts()
+        finally:
+            ioloop.remove_timeout(wake)
+
+    def drive(self, until: Callable[[], bool], timeout: float) -> bool:
+        """Run this (direct) link's I/O in the calling thread until ``until()`` holds or
+        ``timeout`` seconds pass; True when it holds. Only the link's owner may call it."""
+        if until():
+            return True
+        ioloop = self.conn.ioloop
+        wake = ioloop.call_later(max(timeout, 0.0), _noop)  # poll() returns by the deadline
+        deadline = time.monotonic() + timeout
+        try:
+            while not until():
+                if time.monotonic() >= deadline:
+                    return False
+                self._coalesce_output()
+                ioloop.poll()
+                ioloop.process_timeouts()
+        finally:
+            ioloop.remove_timeout(wake)
+        return True
 
     # -- I/O thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -333,6 +397,10 @@ class _Link:
 
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, rec: _Pending, body: bytes, props: pika.BasicProperties) -> None:
+        if not self.threaded:  # the owner's own thread: straight onto the channel
+            self.last_used = time.monotonic()
+            self._publish(rec, body, props)
+            return
         if not self._outbox.put((rec, body, props)) and not self.closed:
             return  # the I/O thread has a drain scheduled that will take this one too
         try:
@@ -352,10 +420,37 @@ class _Link:
                 # already: _on_close will stop the loop.
                 self.conn.close()
 
+        if self.thread is None:  # direct: close it here, then release the loop's sockets
+            with contextlib.suppress(Exception):
+                _close()
+                self.drive(lambda: self.conn.is_closed, 2.0)
+            self.closed = True
+            self._fail_all(self.error or BrokerError("publisher connection closed"))
+            with contextlib.suppress(Exception):
+                self.conn.ioloop.deactivate_poller()
+                self.conn.ioloop.close()
+            return
         if not self.closed:
             with contextlib.suppress(Exception):
                 self.conn.ioloop.add_callback_threadsafe(_close)
         self.thread.join(timeout=5)
+
+
+class _DrivenFuture(concurrent.futures.Future[None]):
+    """The confirm of a publish on a direct link: waiting for it runs the link's I/O (in the
+    owner's thread, the only one that waits for it: ``App`` waits for every publish it
+    starts before it returns)."""
+
+    def __init__(self, link: _Link) -> None:
+        super().__init__()
+        self._link = link
+
+    def result(self, timeout: float | None = None) -> None:
+        if not self.done():
+            limit = self._link.timeout if timeout is None else timeout
+            self._link.drive(self.done, limit)
+            timeout = 0
+        return super().result(timeout)
 
 
 class SyncPublisher:
@@ -381,13 +476,16 @@ class SyncPublisher:
         #: Links retired after a nack that still wait for their last confirms.
         self._retired: list[_Link] = []
         self._lock = threading.Lock()
+        #: The direct link (no I/O thread) and the one thread it belongs to.
+        self._direct: _Link | None = None
+        self._owner: threading.Thread | None = None
 
     @property
     def reply_to(self) -> str | None:
         """The reply-to address for results, or None when this publisher takes no replies."""
         return REPLY_TO if self.on_reply is not None else None
 
-    def _connected(self, deadline: float) -> _Link:
+    def _connected(self, deadline: float, direct: bool = False) -> _Link:
         """An open link, reconnecting (with backoff) until ``deadline`` if the broker is down
         or the last connection died: a publish waits a bounded time, then raises. A broker
         that refuses the login or the vhost raises :class:`BrokerRefused` at once.
@@ -397,32 +495,22 @@ class SyncPublisher:
         (a node that does not answer at all) gets its share of the remaining time, so the
         others are still tried before the deadline. The backoff sleep comes after a whole
         round of addresses failed, never between two of them.
+
+        ``direct``: the calling thread's own link (see the module docstring), opened and
+        replaced the same way but driven by this thread while it waits.
         """
         delay = 0.1
         tried = 0
         many = len(self.addresses) > 1
         while True:
-            with self._lock:
-                link = self._link
-                if link is not None and link.retiring and not link.closed:
-                    # Its last confirms are still due: it closes itself once they arrived.
-                    self._retired = [x for x in self._retired if not x.closed] + [link]
-                    link = self._link = _Link(
-                        link.url, self.name, self.timeout, self.on_reply, self.heartbeat
-                    )
-                if link is None or link.closed:
-                    if link is not None:
-                        link.close()
-                        if not link.retiring:
-                            self.addresses.failed(link.url)
-                    url = self.addresses.preferred
-                    link = self._link = _Link(
-                        url, self.name, self.timeout, self.on_reply, self.heartbeat
-                    )
+            link = self._direct_link() if direct else self._threaded_link()
             remaining = max(0.0, deadline - time.monotonic())
             left_in_round = len(self.addresses) - tried % len(self.addresses)
             share = max(remaining / left_in_round, min(remaining, 1.0)) if many else remaining
-            if not link.ready.wait(share):
+            opened = (
+                link.ready.wait(share) if link.threaded else link.drive(link.ready.is_set, share)
+            )
+            if not opened:
                 if not many or time.monotonic() >= deadline:
                     raise PublishTimeout(
                         f"could not open a channel to {self.addresses} within the publish "
@@ -436,6 +524,8 @@ class SyncPublisher:
                 with self._lock:
                     if self._link is link:
                         self._link = None
+                    if self._direct is link:
+                        self._direct = None
                 link.close()
                 self.addresses.failed(link.url)
                 tried += 1
@@ -461,6 +551,67 @@ class SyncPublisher:
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
 
+    def _threaded_link(self) -> _Link:
+        """The shared link (I/O thread): the current one, or a new one in its place."""
+        with self._lock:
+            link = self._link
+            if link is not None and link.retiring and not link.closed:
+                # Its last confirms are still due: it closes itself once they arrived.
+                self._retired = [x for x in self._retired if not x.closed] + [link]
+                link = self._link = _Link(
+                    link.url, self.name, self.timeout, self.on_reply, self.heartbeat
+                )
+            if link is None or link.closed:
+                if link is not None:
+                    link.close()
+                    if not link.retiring:
+                        self.addresses.failed(link.url)
+                url = self.addresses.preferred
+                link = self._link = _Link(
+                    url, self.name, self.timeout, self.on_reply, self.heartbeat
+                )
+            return link
+
+    def _direct_link(self) -> _Link:
+        """The owner thread's link: the current one, or a new one in place of one that was
+        lost, retired after a nack (closed at once: its owner is the only one who could
+        wait for its last confirms, and it already did) or idle too long."""
+        link = self._direct
+        if link is not None and not link.closed and not link.retiring:
+            idle = time.monotonic() - link.last_used
+            if idle > DIRECT_RECHECK:  # read what came meanwhile: a close, a nack...
+                link.poll_now()
+            if idle < DIRECT_IDLE and not link.closed and not link.retiring:
+                return link
+            link.retiring = True  # idle: its heartbeats went unanswered; start afresh
+        if link is not None:
+            link.close()
+            if not link.retiring:
+                self.addresses.failed(link.url)
+        url = link.url if link is not None and link.retiring else self.addresses.preferred
+        link = _Link(url, self.name, self.timeout, None, self.heartbeat, threaded=False)
+        with self._lock:
+            self._direct = link
+        return link
+
+    def _takes_direct(self, props: Properties, mandatory: bool) -> bool:
+        """May this publish go on the calling thread's direct link? Only a task publish that
+        wants no reply, from the thread that owns the direct link (the first to ask, or
+        anyone once that thread has ended)."""
+        if not mandatory or props.reply_to is not None:
+            return False
+        me = threading.current_thread()
+        owner = self._owner
+        if owner is me:
+            return True
+        with self._lock:
+            if self._owner is not None and self._owner.is_alive():
+                return False
+            old, self._direct, self._owner = self._direct, None, me
+        if old is not None:  # its thread ended: nobody else may drive it, so close it here
+            old.close()
+        return True
+
     def publish_nowait(
         self,
         exchange: str,
@@ -475,8 +626,11 @@ class SyncPublisher:
 
         ``mandatory=False`` is for messages nobody has to receive (events)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        link = self._connected(deadline)
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        direct = self._takes_direct(props, mandatory)
+        link = self._connected(deadline, direct)
+        future: concurrent.futures.Future[None] = (
+            _DrivenFuture(link) if direct else concurrent.futures.Future()
+        )
         rec = _Pending(future, exchange, routing_key, props.message_id, mandatory)
         link.submit(rec, body, to_pika(props))
         return future
@@ -499,10 +653,13 @@ class SyncPublisher:
         with self._lock:
             link, self._link = self._link, None
             retired, self._retired = self._retired, []
+            direct, self._direct = self._direct, None
         for old in retired:
             old.close()
         if link is not None:
             link.close()
+        if direct is not None:
+            direct.close()
 
 
 def wait(

@@ -33,6 +33,8 @@ from ..results import (
     STARTED,
     SUCCESS,
     ResultMeta,
+    StoredRecord,
+    encode_success,
     utcnow,
 )
 from .middleware import Context, Middleware, Outcome, Rejection
@@ -96,7 +98,20 @@ class ResultsMiddleware(Middleware):
     ) -> bool:
         if not self._keeps(envelope.task):
             return False
-        self.store.save_then(self._success(envelope, result), done)
+        try:  # the common case, encoded in one step (see EncodedRecord for why)
+            record: StoredRecord = encode_success(
+                envelope.id,
+                result,
+                task=envelope.task,
+                worker=self.hostname,
+                retries=envelope.retries,
+                parent_id=envelope.parent_id,
+                root_id=envelope.root_id,
+                group_id=envelope.links.get("group_id"),
+            )
+        except TypeError:  # not JSON-safe: _success stores the EncodeError FAILURE
+            record = self._success(envelope, result)
+        self.store.save_then(record, done)
         return True
 
     def _tracks_started(self, task: str) -> bool:

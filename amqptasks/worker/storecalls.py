@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..handoff import Handoff
-from ..results import ResultMeta, ResultStore
+from ..results import ResultStore, StoredRecord
 
 __all__ = ["StoreRunner"]
 
@@ -59,11 +59,11 @@ class StoreRunner:
         self._thread.start()
 
     # -- loop side ------------------------------------------------------------------------------
-    def save(self, meta: ResultMeta) -> asyncio.Future[None]:
+    def save(self, meta: StoredRecord) -> asyncio.Future[None]:
         """Write ``meta`` (with whatever else is queued now); resolves once it is stored."""
         return self._submit(_SAVE, (meta,))
 
-    def save_then(self, meta: ResultMeta, done: Done) -> None:
+    def save_then(self, meta: StoredRecord, done: Done) -> None:
         """Write ``meta`` like :meth:`save`, then call ``done(None)`` — or ``done(exc)`` if it
         could not be stored — on the loop, in the very callback that takes the batch back.
 

@@ -187,3 +187,30 @@ def test_a_stored_failure_raises_the_same_error_as_a_replied_one() -> None:
     err = remote_error(meta)
     assert isinstance(err, KeyError) and isinstance(err, TaskError)
     assert (err.exc_type, err.message, err.remote_traceback) == ("KeyError", "'k'", "tb")
+
+
+def test_an_encoded_success_is_the_record_to_json_would_write():
+    from amqptasks.results import ResultMeta, encode_success
+
+    for extra in ({}, {"parent_id": "p", "root_id": "r", "group_id": "g", "retries": 2}):
+        rec = encode_success("id1", {"a": [1, 2]}, task="t.add", worker="w@h", **extra)
+        back = ResultMeta.from_json(rec.to_json())
+        assert (rec.id, rec.status) == ("id1", "SUCCESS")
+        built = ResultMeta(
+            id="id1",
+            status="SUCCESS",
+            task="t.add",
+            worker="w@h",
+            result={"a": [1, 2]},
+            date_done=back.date_done,
+            **extra,
+        )
+        assert back == built and back.date_done is not None
+        assert back.date_done.tzinfo is not None
+
+
+def test_an_encoded_success_refuses_a_result_json_cannot_carry():
+    from amqptasks.results import encode_success
+
+    with pytest.raises(TypeError):
+        encode_success("id1", object(), task="t", worker="w")
