@@ -38,6 +38,7 @@ from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Context, Middleware, Outcome
 from .pipeline import Pipeline, log_failure, log_success
 from .pool import ThreadRunner, raise_in_thread
+from .slots import SyncWaiter
 
 __all__ = ["FastPath"]
 
@@ -124,6 +125,8 @@ class FastPath:
         self.finishing: set[_Finishing] = set()
         #: Calls in the thread pool -> what settling them needs (loop thread only).
         self.pending: dict[concurrent.futures.Future[Any], _FastCall] = {}
+        #: Deliveries waiting in the slot queue for a thread (loop thread only).
+        self.queued: dict[SyncWaiter, tuple[Delivery, Envelope]] = {}
         self._finished: Handoff[concurrent.futures.Future[Any]] = Handoff()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -153,9 +156,44 @@ class FastPath:
             or env.time_limit
             or env.soft_time_limit
             or any(m.wants(env) for m in self.middleware)
-            or not self.pipeline.slots.try_take()
         ):
             return False
+        slots = self.pipeline.slots
+        if slots.try_take():
+            self._start(delivery, env)
+            return True
+        if not isinstance(self.pipeline.runner, ThreadRunner):
+            return False
+        # Every thread busy: wait in the slot queue, in arrival order with the pipeline's
+        # waiters (see slots.py for why not the pipeline itself).
+        waiter = SyncWaiter(lambda: self._granted(waiter, delivery, env))
+        self.queued[waiter] = (delivery, env)
+        slots.enqueue(waiter)
+        return True
+
+    def _granted(self, waiter: SyncWaiter, delivery: Delivery, env: Envelope) -> None:
+        """A queued delivery's turn: start it — unless its connection died meanwhile (the
+        broker gives it out again) or something now wants it (a revoke, a new policy: the
+        full pipeline decides then)."""
+        self.queued.pop(waiter, None)
+        slots = self.pipeline.slots
+        try:
+            if delivery.stale:
+                slots.release()
+            elif self.pipeline.stopping.is_set():  # a warm shutdown began: not started now
+                slots.release()
+                self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
+            elif env.task not in self.tasks or any(m.wants(env) for m in self.middleware):
+                slots.release()
+                self.pipeline.spawn(self.pipeline.process(delivery, env), delivery)
+            else:
+                self._start(delivery, env)
+        except Exception:  # never strand the slot queue that called us
+            log.exception("starting %s[%s] failed; it returns to its queue", env.task, env.id)
+            self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
+
+    def _start(self, delivery: Delivery, env: Envelope) -> None:
+        """Run ``env`` with the slot taken: inline (asyncio pool) or in the thread pool."""
         task = self.tasks[env.task]
         self.pipeline.observer.began(env, delivery.queue)
         args: tuple[Any, ...] = env.args
@@ -175,21 +213,25 @@ class FastPath:
             future = runner.executor.submit(_tracked, task.fn, cell, args, env.kwargs)
             self.pending[future] = (delivery, env, task, start, cell)
             future.add_done_callback(self._thread_finished)
-            return True
+            return
         try:
             result = task.fn(*args, **env.kwargs)
         except Exception as exc:
             self.pipeline.slots.release()
             self._failed(delivery, env, task, start, exc, traceback.format_exc())
-            return True
+            return
         self.pipeline.slots.release()
         self._succeeded(delivery, env, start, result)
-        return True
 
     def cancel_pending(self) -> None:
-        """Warm shutdown: calls not started yet are requeued by their done callbacks."""
+        """Warm shutdown: calls not started yet are requeued by their done callbacks, and
+        deliveries still waiting for a slot go back to their queue."""
         for future in list(self.pending):
             future.cancel()
+        for waiter, (delivery, _env) in list(self.queued.items()):
+            if waiter.cancel():
+                del self.queued[waiter]
+                self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
 
     def cancel_stale(self) -> None:
         """The connection died: calls not started yet from it are dropped (the broker gives
@@ -197,6 +239,9 @@ class FastPath:
         for future, (delivery, _env, _task, _start, _cell) in list(self.pending.items()):
             if delivery.stale:
                 future.cancel()
+        for waiter, (delivery, _env) in list(self.queued.items()):
+            if delivery.stale and waiter.cancel():
+                del self.queued[waiter]
 
     def terminate(self, ids: set[str]) -> list[str]:
         """Revoke with terminate: ``TaskRevoked`` in the thread of each running call of

@@ -133,3 +133,49 @@ def test_a_waiter_calls_on_wait_the_fast_path_never_does():
         return len(calls)
 
     assert asyncio.run(main()) == 1
+
+
+def test_fast_path_waiters_queue_in_arrival_order_with_awaiting_ones():
+    from amqptasks.worker.slots import SyncWaiter
+
+    async def main() -> list[str]:
+        s = Slots(1)
+        stop = asyncio.Event()
+        assert s.try_take()
+        order: list[str] = []
+        s.enqueue(SyncWaiter(lambda: order.append("sync1")))
+
+        async def want(name: str) -> None:
+            assert await s.take(stop)
+            order.append(name)
+
+        a = asyncio.ensure_future(want("async"))
+        await asyncio.sleep(0)
+        s.enqueue(SyncWaiter(lambda: order.append("sync2")))
+        assert s.waiting == 3 and not s.try_take()
+        s.release()  # -> sync1, synchronously, holding the slot
+        assert order == ["sync1"] and s.busy == 1
+        s.release()  # -> the awaiting one
+        await a
+        s.release()  # -> sync2
+        assert s.busy == 1 and s.waiting == 0
+        return order
+
+    assert asyncio.run(main()) == ["sync1", "async", "sync2"]
+
+
+def test_a_fast_path_waiter_that_left_neither_runs_nor_holds_the_queue():
+    from amqptasks.worker.slots import SyncWaiter
+
+    s = Slots(1)
+    assert s.try_take()
+    ran: list[str] = []
+    gone = SyncWaiter(lambda: ran.append("gone"))
+    s.enqueue(gone)
+    assert gone.cancel() and s.waiting == 0
+    s.release()
+    assert ran == [] and s.busy == 0
+    assert s.try_take()  # the left waiter does not block the next taker
+    s.release()
+    s.enqueue(SyncWaiter(lambda: ran.append("now")))  # a slot is free: granted at once
+    assert ran == ["now"] and s.busy == 1
