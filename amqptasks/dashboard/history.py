@@ -519,8 +519,10 @@ class History:
         source_params: list[Any] = []
         known_many = False
         if q.search:
-            # Trigrams need 3 characters: shorter text is always scanned.
-            phrase = '"' + q.search.replace('"', '""') + '"' if len(q.search) >= 3 else None
+            # Trigrams need 3 characters: shorter text is always scanned, and so is text
+            # with a NUL (FTS5 ends its query string there: "unterminated string").
+            indexable = len(q.search) >= 3 and "\x00" not in q.search
+            phrase = '"' + q.search.replace('"', '""') + '"' if indexable else None
             hits = self._index_hits(phrase) if phrase is not None else None
             like = "(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in SEARCHED) + ")"
             likes = [_like(q.search)] * len(SEARCHED)
