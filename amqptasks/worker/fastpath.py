@@ -168,6 +168,7 @@ class FastPath:
         # waiters (see slots.py for why not the pipeline itself).
         waiter = SyncWaiter(lambda: self._granted(waiter, delivery, env))
         self.queued[waiter] = (delivery, env)
+        self.pipeline.observer.received(env, delivery.queue)  # reserved: inspect, events
         slots.enqueue(waiter)
         return True
 
@@ -177,25 +178,32 @@ class FastPath:
         full pipeline decides then)."""
         self.queued.pop(waiter, None)
         slots = self.pipeline.slots
+        observer = self.pipeline.observer
         try:
             if delivery.stale:
                 slots.release()
+                observer.returned(env, delivery.queue)
             elif self.pipeline.stopping.is_set():  # a warm shutdown began: not started now
                 slots.release()
+                observer.returned(env, delivery.queue)
                 self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
             elif env.task not in self.tasks or any(m.wants(env) for m in self.middleware):
                 slots.release()
                 self.pipeline.spawn(self.pipeline.process(delivery, env), delivery)
             else:
-                self._start(delivery, env)
+                self._start(delivery, env, received=True)
         except Exception:  # never strand the slot queue that called us
             log.exception("starting %s[%s] failed; it returns to its queue", env.task, env.id)
             self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
 
-    def _start(self, delivery: Delivery, env: Envelope) -> None:
-        """Run ``env`` with the slot taken: inline (asyncio pool) or in the thread pool."""
+    def _start(self, delivery: Delivery, env: Envelope, *, received: bool = False) -> None:
+        """Run ``env`` with the slot taken: inline (asyncio pool) or in the thread pool.
+        ``received``: it waited for the slot, and observers heard it was received then."""
         task = self.tasks[env.task]
-        self.pipeline.observer.began(env, delivery.queue)
+        if received:
+            self.pipeline.observer.started(env, delivery.queue)
+        else:
+            self.pipeline.observer.began(env, delivery.queue)
         args: tuple[Any, ...] = env.args
         if task.bind:
             request = Request(
@@ -228,9 +236,10 @@ class FastPath:
         deliveries still waiting for a slot go back to their queue."""
         for future in list(self.pending):
             future.cancel()
-        for waiter, (delivery, _env) in list(self.queued.items()):
+        for waiter, (delivery, env) in list(self.queued.items()):
             if waiter.cancel():
                 del self.queued[waiter]
+                self.pipeline.observer.returned(env, delivery.queue)
                 self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
 
     def cancel_stale(self) -> None:
@@ -239,9 +248,10 @@ class FastPath:
         for future, (delivery, _env, _task, _start, _cell) in list(self.pending.items()):
             if delivery.stale:
                 future.cancel()
-        for waiter, (delivery, _env) in list(self.queued.items()):
+        for waiter, (delivery, env) in list(self.queued.items()):
             if delivery.stale and waiter.cancel():
                 del self.queued[waiter]
+                self.pipeline.observer.returned(env, delivery.queue)
 
     def terminate(self, ids: set[str]) -> list[str]:
         """Revoke with terminate: ``TaskRevoked`` in the thread of each running call of
