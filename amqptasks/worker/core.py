@@ -149,7 +149,9 @@ class Worker:
         self.revocations = Revocations(settings.revoke, self.hostname, self.publisher.publish)
         store = self.app.store
         self.store = StoreRunner(store) if store is not None else None
-        replies = ReplyMiddleware(self.publisher.publish, settings.results.ignore_result)
+        replies = ReplyMiddleware(
+            self.publisher.publish, settings.results.ignore_result, self.tasks
+        )
         workflow = Workflow(
             self.app, self.publisher.publish, self.store, self.hostname, replies.reply_failure
         )

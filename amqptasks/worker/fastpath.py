@@ -1,11 +1,12 @@
 """The synchronous fast path: the common delivery settled without creating an asyncio task.
 
 The common case — a sync task with no time limits, no rate limit, no early ack, no
-``expires``/``eta``, no workflow links and no middleware wanting the message (e.g. no reply, no
-revoked id) — runs right on the loop
-(``--pool asyncio``) or goes straight to the thread pool (``threads``). Finished thread-pool
-calls come back to the loop through a :class:`~amqptasks.handoff.Handoff`, one loop wake-up per
-batch. A success is acked through the ack window; a failure joins the full pipeline's
+``expires``/``eta``, no workflow links beyond a group membership and no middleware wanting
+the message (e.g. no revoked id; a reply or a stored result is written by the middleware's
+``fast_success``) — runs right on the loop (``--pool asyncio``) or goes straight to the
+thread pool (``threads``). Finished thread-pool calls come back to the loop through a
+:class:`~amqptasks.handoff.Handoff`, one loop wake-up per batch. A success is acked through
+the ack window; a failure joins the full pipeline's
 :meth:`~.pipeline.Pipeline.finish` (retry decision, hooks, settle), so both paths settle alike.
 
 Profiles showed asyncio task creation per delivery was a visible share of the no-op consume
@@ -38,6 +39,7 @@ from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Context, Middleware, Outcome
 from .pipeline import Pipeline, log_failure, log_success
 from .pool import ThreadRunner, raise_in_thread
+from .results import continues
 from .slots import SyncWaiter
 
 __all__ = ["FastPath"]
@@ -75,26 +77,33 @@ _FastCall = tuple[Delivery, Envelope, Task, float, _Thread]
 
 
 class _Finishing:
-    """One success waiting for its finishers' ``done`` calls (a guard of one is held while
-    they are asked, so a finisher that answers at once cannot ack it early); the first
-    error wins."""
+    """One success going through its finishers one after another, in ``after_run`` order
+    (reversed middleware order: the result stored, then the caller answered), so a caller
+    that heard the reply finds the record in the store. Acked after the last; the first
+    error stops the chain and gives the delivery back."""
 
-    __slots__ = ("delivery", "env", "error", "fast", "waiting")
+    __slots__ = ("delivery", "env", "fast", "result", "steps")
 
-    def __init__(self, fast: FastPath, delivery: Delivery, env: Envelope) -> None:
+    def __init__(
+        self, fast: FastPath, delivery: Delivery, env: Envelope, result: Any, steps: list[Any]
+    ) -> None:
         self.fast = fast
         self.delivery = delivery
         self.env = env
-        self.waiting = 1
-        self.error: BaseException | None = None
+        self.result = result
+        self.steps = steps  # popped from the end
 
-    def done(self, exc: BaseException | None) -> None:
-        if exc is not None and self.error is None:
-            self.error = exc
-        self.waiting -= 1
-        if self.waiting == 0:
-            self.fast.finishing.discard(self)
-            self.fast._finished_after(self.delivery, self.env, self.error)
+    def next(self, exc: BaseException | None = None) -> None:
+        """Ask the next finisher (called again by its ``done``), or settle."""
+        while exc is None and self.steps:
+            m = self.steps.pop()
+            try:
+                if m.fast_success(self.env, self.result, self.next):
+                    return  # its done() calls next() on the loop, later
+            except Exception as e:  # e.g. a record that cannot be built: back to the queue
+                exc = e
+        self.fast.finishing.discard(self)
+        self.fast._finished_after(self.delivery, self.env, exc)
 
 
 class FastPath:
@@ -152,7 +161,8 @@ class FastPath:
             env.task not in self.tasks
             or delivery.redelivered  # may have run before: the pipeline asks the store first
             or env.expires is not None
-            or (env.eta is not None or env.links)
+            or env.eta is not None
+            or continues(env)
             or env.time_limit
             or env.soft_time_limit
             or any(m.wants(env) for m in self.middleware)
@@ -336,16 +346,10 @@ class FastPath:
         if not self.finishers:
             delivery.ack_now()
             return
-        finishing = _Finishing(self, delivery, env)
+        # self.finishers is in middleware order; steps pop from the end: after_run's order.
+        finishing = _Finishing(self, delivery, env, result, list(self.finishers))
         self.finishing.add(finishing)
-        guard: BaseException | None = None
-        for m in self.finishers:
-            try:
-                if m.fast_success(env, result, finishing.done):
-                    finishing.waiting += 1
-            except Exception as exc:  # e.g. a record that cannot be built: back to the queue
-                guard = guard or exc
-        finishing.done(guard)  # the guard: acked here when no finisher took it
+        finishing.next()
 
     def _finished_after(self, delivery: Delivery, env: Envelope, exc: BaseException | None) -> None:
         """A success whose finishers ended: ack it, or — a result that could not be kept —
@@ -354,7 +358,7 @@ class FastPath:
             delivery.ack_now()
             return
         log.error(
-            "the result of %s[%s] could not be stored (%s); it goes back to its queue",
+            "the result of %s[%s] could not be stored or answered (%s); it goes back to its queue",
             env.task,
             env.id,
             exc,

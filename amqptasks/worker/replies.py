@@ -13,11 +13,19 @@ is unroutable: logged at debug level; the task's outcome stands.
 The body is the documented reply (schema/reply-v1.json), or, for a Celery caller (a Celery
 protocol v2 message, or a workflow step published for one), what Celery's ``rpc://`` backend
 reads (:func:`amqptasks.celery_compat.encode_celery_reply`; docs/migration.md).
+
+A plain success is answered from the worker's fast path (:meth:`ReplyMiddleware.fast_success`)
+and acked once the reply's publish is confirmed, as the full pipeline does. Why: a message
+with ``reply_to`` used to take the full pipeline, and a group of 10,000 (each member wants
+its reply) ran at the pipeline's rate, a fifth of the fast path's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..celery_compat import encode_celery_reply, is_celery
 from ..protocol import (
@@ -31,6 +39,9 @@ from ..protocol import (
     reply_format_of,
 )
 from .middleware import Context, Middleware, Outcome, Publish, Rejection
+
+if TYPE_CHECKING:
+    from ..tasks import Task
 
 __all__ = ["REJECTION_ERRORS", "ReplyMiddleware"]
 
@@ -64,12 +75,49 @@ def _reply_format(rejection: Rejection) -> str:
 class ReplyMiddleware(Middleware):
     """Answers ``reply_to`` with the documented reply body (schema/reply-v1.json)."""
 
-    def __init__(self, publish: Publish, default_ignore: bool) -> None:
+    def __init__(
+        self, publish: Publish, default_ignore: bool, tasks: Mapping[str, Task] | None = None
+    ) -> None:
         self.publish = publish
         self.default_ignore = default_ignore
+        #: The worker's tasks (their ``ignore_result``), for the fast path's successes.
+        self.tasks = tasks
+        self._sending: set[asyncio.Future[None]] = set()
 
     def wants(self, envelope: Envelope) -> bool:
-        return envelope.reply_to is not None
+        # The fast path answers a success itself (fast_success); without the task table it
+        # cannot tell whether the task keeps its result, so the pipeline does it.
+        return envelope.reply_to is not None and self.tasks is None
+
+    def fast_success(
+        self, envelope: Envelope, result: Any, done: Callable[[BaseException | None], None]
+    ) -> bool:
+        if not envelope.reply_to or self.tasks is None:
+            return False
+        task = self.tasks.get(envelope.task)
+        ignore = task.ignore_result if task is not None else None
+        if self.default_ignore if ignore is None else ignore:
+            return False
+        reply = Reply(envelope.id, SUCCESS, envelope.task, result=result)
+        sending = asyncio.ensure_future(
+            self._send(
+                envelope.reply_to,
+                envelope.correlation_id or envelope.id,
+                reply,
+                envelope.reply_format,
+            )
+        )
+        self._sending.add(sending)
+
+        def sent(f: asyncio.Future[None]) -> None:
+            self._sending.discard(f)
+            if f.cancelled():  # the worker stopped first: back to the queue, answered later
+                done(RuntimeError("the reply was not sent: the worker stopped"))
+            else:
+                done(f.exception())
+
+        sending.add_done_callback(sent)
+        return True
 
     async def after_run(self, ctx: Context, outcome: Outcome) -> None:
         env = ctx.envelope
