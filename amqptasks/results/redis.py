@@ -38,7 +38,13 @@ from ..config import redact_url
 from ..errors import ResultStoreError
 from ..protocol import dumps, loads
 from .meta import READY_STATES, ResultMeta, StoredRecord
-from .store import DEFAULT_EXPIRES, ChordProgress, check_chord_member, check_expires
+from .store import (
+    DEFAULT_EXPIRES,
+    ChordMember,
+    ChordProgress,
+    check_chord_member,
+    check_expires,
+)
 
 __all__ = ["RedisStore"]
 
@@ -328,19 +334,56 @@ class RedisStore:
         return members
 
     def chord_add(self, chord_id: str, size: int, index: int, meta: ResultMeta) -> ChordProgress:
-        failed = check_chord_member(chord_id, size, index, meta)
-        args = [size, index, "1" if failed else "0", meta.to_json(), self._ttl_ms()]
-        try:
-            with self._errors(f"adding member {index} to chord {chord_id!r}"):
-                reply = self._chord_script(keys=[self._chord_key(chord_id)], args=args)
-        except ResultStoreError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, ResponseError) and str(cause).startswith("CHORDSIZE"):
-                stored = str(cause).split()[1]
-                raise ValueError(
+        [progress] = self.chord_add_many([(chord_id, size, index, meta)])
+        if isinstance(progress, ValueError):
+            raise progress
+        return progress
+
+    def chord_add_many(self, members: Sequence[ChordMember]) -> list[ChordProgress | ValueError]:
+        """Several :meth:`chord_add` calls, one script call each, in one round trip (a
+        pipeline without MULTI: each script is atomic on its own). A lost connection fails
+        them all (the caller retries; every call is idempotent per index)."""
+        out: list[ChordProgress | ValueError | None] = [None] * len(members)
+        pipe = self._client.pipeline(transaction=False)
+        sent: list[int] = []
+        for i, (chord_id, size, index, meta) in enumerate(members):
+            try:
+                failed = check_chord_member(chord_id, size, index, meta)
+            except ValueError as exc:
+                out[i] = exc
+                continue
+            args = [size, index, "1" if failed else "0", meta.to_json(), self._ttl_ms()]
+            self._chord_script(keys=[self._chord_key(chord_id)], args=args, client=pipe)
+            sent.append(i)
+        if sent:
+            if len(members) == 1:
+                chord_id, _size, index, _meta = members[0]
+                what = f"adding member {index} to chord {chord_id!r}"
+            else:
+                what = f"adding {len(sent)} chord member(s)"
+            with self._errors(what):
+                replies = pipe.execute(raise_on_error=False)
+            for i, reply in zip(sent, replies, strict=True):
+                out[i] = self._progress(members[i], reply)
+        return [p for p in out if p is not None]
+
+    def _progress(self, member: ChordMember, reply: Any) -> ChordProgress | ValueError:
+        chord_id, size, index, _meta = member
+        if isinstance(reply, ResponseError):
+            if str(reply).startswith("CHORDSIZE"):
+                stored = str(reply).split()[1]
+                return ValueError(
                     f"chord {chord_id!r} has size {stored}, not {size} (member {index})"
-                ) from None
-            raise
+                )
+            raise ResultStoreError(
+                f"result store {self._safe_url}: adding member {index} to chord "
+                f"{chord_id!r}: {reply}"
+            ) from reply
+        if isinstance(reply, Exception):
+            raise ResultStoreError(
+                f"result store {self._safe_url}: adding member {index} to chord "
+                f"{chord_id!r}: {reply}"
+            ) from reply
         recorded, done, failed_raw, body_sent, raws = reply
         failed_meta = None if failed_raw is None else self._decode(chord_id, failed_raw)
         results = None

@@ -30,7 +30,13 @@ from typing import Any
 from ..errors import ResultStoreError
 from ..protocol import dumps, loads
 from .meta import READY_STATES, ResultMeta, StoredRecord
-from .store import DEFAULT_EXPIRES, ChordProgress, check_chord_member, check_expires
+from .store import (
+    DEFAULT_EXPIRES,
+    ChordMember,
+    ChordProgress,
+    check_chord_member,
+    check_expires,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -418,57 +424,78 @@ class SqliteStore:
         return members
 
     def chord_add(self, chord_id: str, size: int, index: int, meta: ResultMeta) -> ChordProgress:
+        with self._write(f"adding member {index} to chord {chord_id!r}") as conn:
+            return self._chord_add(conn, chord_id, size, index, meta, time.time())
+
+    def chord_add_many(self, members: Sequence[ChordMember]) -> list[ChordProgress | ValueError]:
+        """Several :meth:`chord_add` calls in one transaction (one fsync); a member that is
+        refused (``ValueError``, checked before it writes anything) is answered alone."""
+        out: list[ChordProgress | ValueError] = []
+        now = time.time()
+        with self._write(f"adding {len(members)} chord member(s)") as conn:
+            for chord_id, size, index, meta in members:
+                try:
+                    out.append(self._chord_add(conn, chord_id, size, index, meta, now))
+                except ValueError as exc:
+                    out.append(exc)
+        return out
+
+    def _chord_add(
+        self,
+        conn: sqlite3.Connection,
+        chord_id: str,
+        size: int,
+        index: int,
+        meta: ResultMeta,
+        now: float,
+    ) -> ChordProgress:
         failed = check_chord_member(chord_id, size, index, meta)
         body = meta.to_json().decode()
-        now = time.time()
-        with self._write(f"adding member {index} to chord {chord_id!r}") as conn:
-            row = conn.execute(
-                "SELECT size, done, failed_index, body_sent, expires_at FROM chords WHERE id = ?",
-                (chord_id,),
-            ).fetchone()
-            if row is not None and row[4] is not None and row[4] <= now:
-                # Expired but not purged yet: it is gone as far as anyone can tell.
-                conn.execute("DELETE FROM chord_members WHERE chord_id = ?", (chord_id,))
-                conn.execute("DELETE FROM chords WHERE id = ?", (chord_id,))
-                row = None
-            if row is None:
-                conn.execute("INSERT INTO chords (id, size) VALUES (?, ?)", (chord_id, size))
-                row = (size, 0, None, None, None)
-            elif row[0] != size:
-                raise ValueError(
-                    f"chord {chord_id!r} has size {row[0]}, not {size} (member {index})"
-                )
-            done, failed_index, body_sent = int(row[1]), row[2], row[3]
-            recorded = (
-                conn.execute(
-                    "INSERT OR IGNORE INTO chord_members (chord_id, idx, meta) VALUES (?, ?, ?)",
-                    (chord_id, index, body),
-                ).rowcount
-                == 1
+        row = conn.execute(
+            "SELECT size, done, failed_index, body_sent, expires_at FROM chords WHERE id = ?",
+            (chord_id,),
+        ).fetchone()
+        if row is not None and row[4] is not None and row[4] <= now:
+            # Expired but not purged yet: it is gone as far as anyone can tell.
+            conn.execute("DELETE FROM chord_members WHERE chord_id = ?", (chord_id,))
+            conn.execute("DELETE FROM chords WHERE id = ?", (chord_id,))
+            row = None
+        if row is None:
+            conn.execute("INSERT INTO chords (id, size) VALUES (?, ?)", (chord_id, size))
+            row = (size, 0, None, None, None)
+        elif row[0] != size:
+            raise ValueError(f"chord {chord_id!r} has size {row[0]}, not {size} (member {index})")
+        done, failed_index, body_sent = int(row[1]), row[2], row[3]
+        recorded = (
+            conn.execute(
+                "INSERT OR IGNORE INTO chord_members (chord_id, idx, meta) VALUES (?, ?, ?)",
+                (chord_id, index, body),
+            ).rowcount
+            == 1
+        )
+        if recorded:
+            done += 1
+            if failed and failed_index is None:
+                failed_index = index
+            conn.execute(
+                "UPDATE chords SET done = ?, failed_index = ?, expires_at = ? WHERE id = ?",
+                (done, failed_index, self._expires_at(now), chord_id),
             )
-            if recorded:
-                done += 1
-                if failed and failed_index is None:
-                    failed_index = index
-                conn.execute(
-                    "UPDATE chords SET done = ?, failed_index = ?, expires_at = ? WHERE id = ?",
-                    (done, failed_index, self._expires_at(now), chord_id),
+        failed_raw = None
+        if failed_index is not None:
+            failed_raw = conn.execute(
+                "SELECT meta FROM chord_members WHERE chord_id = ? AND idx = ?",
+                (chord_id, failed_index),
+            ).fetchone()[0]
+        raws: list[object] = []
+        if done == size and failed_index is None:
+            raws = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT meta FROM chord_members WHERE chord_id = ? ORDER BY idx",
+                    (chord_id,),
                 )
-            failed_raw = None
-            if failed_index is not None:
-                failed_raw = conn.execute(
-                    "SELECT meta FROM chord_members WHERE chord_id = ? AND idx = ?",
-                    (chord_id, failed_index),
-                ).fetchone()[0]
-            raws: list[object] = []
-            if done == size and failed_index is None:
-                raws = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT meta FROM chord_members WHERE chord_id = ? ORDER BY idx",
-                        (chord_id,),
-                    )
-                ]
+            ]
         return ChordProgress(
             done=done,
             size=size,

@@ -31,6 +31,7 @@ from .meta import READY_STATES, SUCCESS, ResultMeta, StoredRecord
 
 __all__ = [
     "DEFAULT_EXPIRES",
+    "ChordMember",
     "ChordProgress",
     "ResultStore",
     "check_chord_member",
@@ -40,6 +41,8 @@ __all__ = [
 
 #: Seconds a record lives unless configured otherwise (``results.expires``): one day.
 DEFAULT_EXPIRES = 86400.0
+#: One ``chord_add`` call's arguments: (chord_id, size, index, meta).
+ChordMember = tuple[str, int, int, ResultMeta]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +126,11 @@ class ResultStore(Protocol):
         decide who sends the body with :meth:`chord_mark_body_sent`, not from ``complete``.
         """
         ...
+
+    # Optional: ``chord_add_many(members: Sequence[ChordMember]) -> list[ChordProgress |
+    # ValueError]`` — several chord_add calls in one round trip or transaction, each with the
+    # same meaning; a member refused with ValueError is answered alone. The worker's store
+    # thread uses it for the chord adds queued together when the store has it.
 
     def chord_mark_body_sent(self, chord_id: str, token: str | None = None) -> bool:
         """Set the chord's body-sent flag; True for the call that set it, False after.

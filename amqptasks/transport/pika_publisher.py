@@ -33,6 +33,7 @@ delivered") and the next publish opens a link to the next address, within the sa
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -44,6 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
+import pika.adapters.asyncio_connection
 import pika.exceptions
 import pika.frame
 import pika.spec
@@ -60,6 +62,7 @@ from ..errors import (
 from ..handoff import Handoff
 from ..protocol import Properties
 from .failover import Addresses
+from .pika_consumer import connect_failure
 from .refusal import refusal, refused
 
 __all__ = ["ReplyHandler", "SyncPublisher"]
@@ -98,7 +101,7 @@ class _Pending:
 
     def __init__(
         self,
-        future: concurrent.futures.Future[None],
+        future: concurrent.futures.Future[None] | asyncio.Future[None],
         exchange: str,
         routing_key: str,
         message_id: str | None,
@@ -112,7 +115,9 @@ class _Pending:
 
 
 class _Link:
-    """One connection + confirm channel, driven by its own thread until it closes."""
+    """One connection + confirm channel, driven by its own thread until it closes — or, with
+    ``loop``, by that asyncio loop (pika's ``AsyncioConnection``: the worker's publisher,
+    :mod:`.pika_async`), whose callers call :meth:`submit` on the loop's thread."""
 
     def __init__(
         self,
@@ -123,12 +128,18 @@ class _Link:
         heartbeat: int | None = None,
         *,
         threaded: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.on_reply = on_reply
+        #: The asyncio loop that runs this link's I/O (None: a thread, or the owner, does).
+        self.loop = loop
         #: False: no I/O thread; the one thread that uses the link drives it (:meth:`drive`).
-        self.threaded = threaded
+        self.threaded = threaded and loop is None
+        #: Resolved (on ``loop``) together with :attr:`ready`: open, or failed to open.
+        self.opened: asyncio.Future[None] | None = None
+        self._coalescing = False
         self.last_used = time.monotonic()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -149,13 +160,23 @@ class _Link:
         params.blocked_connection_timeout = timeout
         if heartbeat:
             params.heartbeat = heartbeat
+        self.thread: threading.Thread | None = None
+        if loop is not None:
+            self.opened = loop.create_future()
+            self.conn = pika.adapters.asyncio_connection.AsyncioConnection(
+                params,
+                on_open_callback=self._on_open,
+                on_open_error_callback=self._on_open_error,
+                on_close_callback=self._on_close,
+                custom_ioloop=loop,
+            )
+            return
         self.conn = pika.SelectConnection(
             params,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_close,
         )
-        self.thread: threading.Thread | None = None
         if not threaded:
             self.conn.ioloop.activate_poller()  # what ioloop.start() does before its loop
         if threaded:
@@ -163,6 +184,17 @@ class _Link:
                 target=self._run, name="amqptasks-publisher", daemon=True
             )
             self.thread.start()
+
+    def _set_ready(self) -> None:
+        """Open (or failed to open, or closed): wake whoever waits for the link."""
+        self.ready.set()
+        if self.opened is not None and not self.opened.done():
+            self.opened.set_result(None)
+
+    def _stop_io(self) -> None:
+        """The link is finished: stop its own I/O loop (never an asyncio loop it was lent)."""
+        if self.loop is None:
+            self.conn.ioloop.stop()
 
     # -- direct links: driven by their caller -------------------------------------------------
     def poll_now(self) -> None:
@@ -222,10 +254,10 @@ class _Link:
 
     def _on_confirm_ok(self, _frame: Any) -> None:
         if self.on_reply is None:
-            self.ready.set()
+            self._set_ready()
             return
         self.channel.basic_consume(
-            REPLY_TO, self._on_reply_message, auto_ack=True, callback=lambda _f: self.ready.set()
+            REPLY_TO, self._on_reply_message, auto_ack=True, callback=lambda _f: self._set_ready()
         )
 
     def _on_reply_message(self, _ch: Any, _method: Any, props: Any, body: bytes) -> None:
@@ -240,11 +272,13 @@ class _Link:
         self.error = (
             refused(self.url, reason)
             if reason is not None
-            else BrokerError(f"cannot connect to broker {redact_url(self.url)}: {exc}")
+            else BrokerError(
+                f"cannot connect to broker {redact_url(self.url)}: {connect_failure(exc)}"
+            )
         )
         self.closed = True
-        self.ready.set()
-        self.conn.ioloop.stop()
+        self._set_ready()
+        self._stop_io()
 
     def _on_close(self, _conn: Any, exc: BaseException) -> None:
         self.closed = True
@@ -255,8 +289,8 @@ class _Link:
                 "the message may or may not have been delivered"
             )
         )
-        self.ready.set()
-        self.conn.ioloop.stop()
+        self._set_ready()
+        self._stop_io()
 
     def _on_channel_close(self, _ch: Any, exc: BaseException) -> None:
         self.closed = True
@@ -266,7 +300,12 @@ class _Link:
             self._fail_all(self.error)
         else:
             self.error = BrokerError(f"publisher channel closed: {exc}")
-            self._fail_all(BrokerError(f"publisher channel closed before the confirm: {exc}"))
+            self._fail_all(
+                BrokerError(
+                    f"publisher channel closed before the confirm ({exc}); the message may "
+                    "or may not have been delivered"
+                )
+            )
         if self.conn.is_open:
             self.conn.close()
 
@@ -390,6 +429,10 @@ class _Link:
             buffers.clear()
             buffers.append(joined)
 
+    def _coalesce_turn(self) -> None:
+        self._coalescing = False
+        self._coalesce_output()
+
     def _fail_outbox(self, exc: BaseException) -> None:
         for rec, _body, _props in self._outbox.take():
             if not rec.future.done():
@@ -397,9 +440,13 @@ class _Link:
 
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, rec: _Pending, body: bytes, props: pika.BasicProperties) -> None:
-        if not self.threaded:  # the owner's own thread: straight onto the channel
+        if not self.threaded:  # the owner's own thread (or loop): straight onto the channel
             self.last_used = time.monotonic()
             self._publish(rec, body, props)
+            if self.loop is not None and not self._coalescing:
+                # Before the loop's next poll writes them: every frame of this turn, one send.
+                self._coalescing = True
+                self.loop.call_soon(self._coalesce_turn)
             return
         if not self._outbox.put((rec, body, props)) and not self.closed:
             return  # the I/O thread has a drain scheduled that will take this one too
@@ -413,13 +460,19 @@ class _Link:
     def close(self) -> None:
         def _close() -> None:
             if self.conn.is_closed:
-                self.conn.ioloop.stop()
+                self._stop_io()
             elif not self.conn.is_closing:
                 # Open, or still opening: pika then aborts the connect and closes the socket
                 # (stopping the loop instead leaked the half-connected socket). Closing
                 # already: _on_close will stop the loop.
                 self.conn.close()
 
+        if self.loop is not None:  # the loop's callbacks finish the close; fail what waits now
+            with contextlib.suppress(Exception):
+                _close()
+            self.closed = True
+            self._fail_all(self.error or BrokerError("publisher connection closed"))
+            return
         if self.thread is None:  # direct: close it here, then release the loop's sockets
             with contextlib.suppress(Exception):
                 _close()

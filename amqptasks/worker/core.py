@@ -38,7 +38,7 @@ from ..errors import AmqpTasksError, BrokerError, TopologyError
 from ..events import EventSource
 from ..tasks import Task
 from ..topology import EVENTS_EXCHANGE
-from ..transport.aio import AsyncPublisher
+from ..transport.pika_async import AsyncPikaPublisher
 from ..transport.pika_consumer import PikaConsumer
 from .autoscale import Pool
 from .builtins import builtin_tasks
@@ -140,7 +140,7 @@ class Worker:
             name: t.policy.merged(settings.task_policy(name)).merged(limits).merged(DEFAULT_POLICY)
             for name, t in self.tasks.items()
         }
-        self.publisher = AsyncPublisher(
+        self.publisher = AsyncPikaPublisher(
             settings.broker.urls,
             timeout=settings.broker.publish_timeout,
             name=f"{self.hostname} publisher",
@@ -224,7 +224,7 @@ class Worker:
         self.events: EventEmitter | None = None
         if settings.events.enabled if options.events is None else options.events:
             self.events = EventEmitter(
-                AsyncPublisher(
+                AsyncPikaPublisher(
                     settings.broker.urls,
                     timeout=settings.broker.publish_timeout,
                     name=f"{self.hostname} events",

@@ -39,7 +39,7 @@ from ..events import (
 )
 from ..protocol import CONTENT_TYPE_JSON, Envelope, Properties
 from ..topology import EVENTS_EXCHANGE
-from ..transport.aio import AsyncPublisher
+from ..transport.pika_async import AsyncPikaPublisher
 from .middleware import Outcome, Rejection
 from .observer import Observer
 from .settle import failure_reason
@@ -68,7 +68,7 @@ class EventEmitter(Observer):
 
     def __init__(
         self,
-        publisher: AsyncPublisher,
+        publisher: AsyncPikaPublisher,
         source: EventSource,
         stats: Stats,
         snapshot: Snapshot,

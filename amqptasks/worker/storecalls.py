@@ -24,13 +24,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..handoff import Handoff
-from ..results import ResultStore, StoredRecord
+from ..results import ChordProgress, ResultMeta, ResultStore, StoredRecord
 
 __all__ = ["StoreRunner"]
 
 log = logging.getLogger("amqptasks.worker")
 T = TypeVar("T")
 _SAVE = object()
+_CHORD_ADD = object()
 #: Called on the loop with None once a save is stored, or with the error that stopped it.
 Done = Callable[[BaseException | None], None]
 #: What a job reports to: a future the caller awaits, or a :data:`Done` callback.
@@ -79,6 +80,15 @@ class StoreRunner:
                 self._cv.notify()
                 return
         self._loop.call_soon(done, RuntimeError("the result store is closed"))
+
+    def chord_add(
+        self, chord_id: str, size: int, index: int, meta: ResultMeta
+    ) -> asyncio.Future[ChordProgress]:
+        """``store.chord_add`` on the store thread; adds queued together go out as one
+        ``chord_add_many`` (one round trip, one transaction) when the store has it — the
+        members of a big chord finish together, and one Redis round trip each was the chord's
+        wall time."""
+        return self._submit(_CHORD_ADD, (chord_id, size, index, meta))
 
     def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run ``fn(*args)`` (a bound store method) on the store thread, in queue order."""
@@ -146,6 +156,12 @@ class StoreRunner:
                 if ok:
                     self.saved += len(batch)
                 i = j
+            elif fn is _CHORD_ADD:
+                j = i
+                while j < len(jobs) and jobs[j][0] is _CHORD_ADD:
+                    j += 1
+                results.extend(self._chord_adds(jobs[i:j]))
+                i = j
             else:
                 ok, value = self._attempt(fn, args)
                 results.append((future, ok, value))
@@ -157,6 +173,20 @@ class StoreRunner:
         if wake and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 self._loop.call_soon_threadsafe(self._resolve)
+
+    def _chord_adds(
+        self, batch: list[tuple[Any, tuple[Any, ...], _Target]]
+    ) -> list[tuple[_Target, bool, Any]]:
+        many = getattr(self.store, "chord_add_many", None)
+        if many is None:
+            return [(f, *self._attempt(self.store.chord_add, args)) for _, args, f in batch]
+        ok, value = self._attempt(many, ([args for _, args, _ in batch],))
+        if not ok:
+            return [(f, False, value) for _, _, f in batch]
+        return [
+            (f, not isinstance(v, BaseException), v)
+            for (_, _, f), v in zip(batch, value, strict=True)
+        ]
 
     def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
         delay = 0.05

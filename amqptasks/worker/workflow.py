@@ -108,8 +108,8 @@ class Workflow:
         meta = ResultMeta(
             id=env.id, status="SUCCESS", task=env.task, result=result, date_done=utcnow()
         )
-        progress = await store.call(
-            store.store.chord_add, membership["id"], membership["size"], membership["index"], meta
+        progress = await store.chord_add(
+            membership["id"], membership["size"], membership["index"], meta
         )
         if progress.failed is not None or not progress.complete or progress.results is None:
             return
@@ -123,8 +123,8 @@ class Workflow:
         self, env: Envelope, membership: dict[str, Any], meta: ResultMeta, token: str
     ) -> None:
         store = self._require_store(env)
-        progress = await store.call(
-            store.store.chord_add, membership["id"], membership["size"], membership["index"], meta
+        progress = await store.chord_add(
+            membership["id"], membership["size"], membership["index"], meta
         )
         failed = progress.failed
         if failed is None or failed.id != env.id:

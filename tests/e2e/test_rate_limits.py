@@ -87,8 +87,14 @@ class Unacked:
     def _run(self) -> None:
         while not self._stop.wait(0.25):
             consumers = mgmt("GET", f"/consumers/{self.vhost}") or []
+            # A consumer the broker has not gathered channel stats for yet comes with
+            # ``"channel_details": []`` (an empty list, not an object): not countable yet.
             names = {
-                c["channel_details"]["name"] for c in consumers if c["queue"]["name"] == self.queue
+                c["channel_details"]["name"]
+                for c in consumers
+                if isinstance(c.get("channel_details"), dict)
+                and isinstance(c.get("queue"), dict)
+                and c["queue"]["name"] == self.queue
             }
             channels = mgmt("GET", f"/vhosts/{self.vhost}/channels") or []
             for ch in channels:

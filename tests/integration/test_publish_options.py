@@ -23,6 +23,7 @@ from broker_fixtures import Broker, write_config
 from amqptasks import App, PublishError, load_config
 from amqptasks.protocol import Properties
 from amqptasks.transport.aio import AsyncPublisher, declare_topology
+from amqptasks.transport.pika_async import AsyncPikaPublisher
 from amqptasks.transport.pika_publisher import SyncPublisher
 
 #: A good publish after a bad one must be confirmed well inside this; the publish timeout is
@@ -223,14 +224,16 @@ def test_sync_publisher_stays_healthy_after_a_frame_fails_to_build(
     assert broker.depth("q") == 22
 
 
+@pytest.mark.parametrize("publisher", [AsyncPublisher, AsyncPikaPublisher])
 @pytest.mark.parametrize(("exchange", "key", "props"), UNENCODABLE)
 def test_async_publisher_stays_healthy_and_raises_a_publish_error(
-    broker: Broker, exchange: str, key: str, props: Properties
+    broker: Broker, exchange: str, key: str, props: Properties, publisher: Any
 ) -> None:
+    """The app's asyncio publisher (aio-pika) and the worker's (pika on the loop) alike."""
     _queue(broker)
 
     async def main() -> None:
-        pub = AsyncPublisher(broker.url, timeout=10)
+        pub = publisher(broker.url, timeout=10)
         try:
             await pub.publish("", "q", b"first", Properties())
             with pytest.raises(PublishError, match="nothing was published"):

@@ -18,6 +18,7 @@ from amqptasks import BrokerError, BrokerRefused
 from amqptasks.protocol import Properties
 from amqptasks.topology import Queue, Topology
 from amqptasks.transport.aio import AsyncPublisher, DeadLetterSession, declare_topology
+from amqptasks.transport.pika_async import AsyncPikaPublisher
 from amqptasks.transport.pika_publisher import SyncPublisher
 from amqptasks.transport.refusal import refusal, refused
 
@@ -143,7 +144,7 @@ def test_found_through_the_cause_chain_and_redacted(broker: Broker) -> None:
     assert refusal(err) == reason
 
 
-def test_a_publish_without_write_permission_is_refused_by_both_publishers(
+def test_a_publish_without_write_permission_is_refused_by_every_publisher(
     broker: Broker, user: str
 ) -> None:
     url = _url(broker, f"{user}:pw")
@@ -166,3 +167,16 @@ def test_a_publish_without_write_permission_is_refused_by_both_publishers(
             await apub.close()
 
     asyncio.run(main())
+
+    async def worker_side() -> None:
+        wpub = AsyncPikaPublisher(url, timeout=10)
+        try:
+            for _ in range(2):  # as the sync publisher: the same answer again, at once
+                start = time.monotonic()
+                with pytest.raises(BrokerRefused, match="refused the publish: ACCESS_REFUSED"):
+                    await wpub.publish("amq.topic", "k", b"x", Properties())
+                assert time.monotonic() - start < 2
+        finally:
+            await wpub.close()
+
+    asyncio.run(worker_side())

@@ -370,6 +370,82 @@ def test_chord_add_refuses_bad_calls(store: Any) -> None:
     assert store.chord_add(chord_id, 3, 0, success("m0")).done == 1  # nothing else counted
 
 
+def test_chord_add_many_answers_like_one_call_per_member(store: Any) -> None:
+    """The worker's batched form: each member's answer is the one chord_add would give, in
+    order; a refused member gets its ValueError and the others are still recorded."""
+    chord_id, other = uid(), uid()
+    answers = store.chord_add_many(
+        [
+            (chord_id, 3, 0, success("m0", "a")),
+            (chord_id, 4, 1, success("m1", "wrong size")),  # refused: the chord has 3
+            (other, 1, 0, success("o0", "only")),  # another chord in the same batch
+            (chord_id, 3, 1, success("m1", "b")),
+            (chord_id, 3, 1, success("m1", "dup")),  # a duplicate within the batch
+            (chord_id, 3, 5, success("m5")),  # refused: no index 5
+            (chord_id, 3, 2, success("m2", "c")),
+        ]
+    )
+    assert [type(a).__name__ for a in answers] == [
+        "ChordProgress",
+        "ValueError",
+        "ChordProgress",
+        "ChordProgress",
+        "ChordProgress",
+        "ValueError",
+        "ChordProgress",
+    ]
+    assert "has size 3, not 4" in str(answers[1]) and "0..2, got 5" in str(answers[5])
+    assert [(a.recorded, a.done) for a in (answers[0], answers[3], answers[4], answers[6])] == [
+        (True, 1),
+        (True, 2),
+        (False, 2),
+        (True, 3),
+    ]
+    assert answers[2].complete and answers[2].results == ["only"]
+    assert answers[6].complete and answers[6].results == ["a", "b", "c"]
+    assert store.chord_add(chord_id, 3, 0, success("m0")).done == 3  # nothing else counted
+
+
+def test_chord_add_many_from_8_threads_counts_exactly(factory: StoreFactory) -> None:
+    """Batches from several clients at once keep chord_add's guarantees."""
+    stores = [factory(), factory()]
+    chord_id = uid()
+    plan = chord_plan(seed=9)
+    calls: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def run(worker: int) -> None:
+        store = stores[worker % 2]
+        mine = plan[worker::8]
+        barrier.wait()
+        for start in range(0, len(mine), 7):
+            batch = [(chord_id, SIZE, i, success(f"{chord_id}-{i}", i)) for i in mine[start:][:7]]
+            for (_c, _s, index, _m), progress in zip(
+                batch, store.chord_add_many(batch), strict=True
+            ):
+                won = progress.complete and store.chord_mark_body_sent(chord_id)
+                ok = progress.results == list(range(SIZE)) if progress.complete else True
+                with lock:
+                    calls.append(
+                        {
+                            "index": index,
+                            "recorded": progress.recorded,
+                            "done": progress.done,
+                            "complete": progress.complete,
+                            "won": won,
+                            "results_ok": ok and progress.failed is None,
+                        }
+                    )
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    check_chord_calls(calls)
+
+
 def test_body_sent_is_won_once_and_a_token_repeats(store: Any) -> None:
     chord_id = uid()
     progress = store.chord_add(chord_id, 1, 0, success("m0"))
@@ -754,3 +830,40 @@ def test_store_runner_calls_done_only_after_the_record_is_stored(
     assert seen[1][0] == lost
     assert isinstance(seen[1][1], ResultStoreError), seen[1][1]
     assert seen[1][2] is None
+
+
+def test_the_store_thread_batches_chord_adds_and_answers_each_member(factory: StoreFactory) -> None:
+    """Members finishing together are one chord_add_many on the store thread (one round trip
+    or transaction), and each caller still gets its own answer — a refused one its error."""
+    import asyncio
+
+    from amqptasks.worker.storecalls import StoreRunner
+
+    store = factory()
+    calls: list[int] = []
+    many = store.chord_add_many
+
+    def counted(members: Any) -> Any:
+        calls.append(len(members))
+        return many(members)
+
+    store.chord_add_many = counted  # type: ignore[method-assign]
+    chord_id = uid()
+
+    async def scenario() -> list[Any]:
+        runner = StoreRunner(store)
+        runner.start()
+        try:
+            futures = [runner.chord_add(chord_id, 200, i, success(f"m{i}", i)) for i in range(200)]
+            futures.append(runner.chord_add(chord_id, 7, 0, success("bad")))
+            return await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            await runner.close()
+
+    answers = asyncio.run(scenario())
+    assert sum(calls) == 201 and len(calls) < 20, calls  # batched, every member once
+    assert isinstance(answers[-1], ValueError) and "has size 200, not 7" in str(answers[-1])
+    done = sorted(a.done for a in answers[:-1])
+    assert done == list(range(1, 201))
+    [last] = [a for a in answers[:-1] if a.complete]
+    assert last.results == list(range(200))
