@@ -269,6 +269,18 @@ def measure_all(args: argparse.Namespace, ctx: measure.Ctx, fws: list[Framework]
             (ctx, fws),
         ),
         (
+            "results" in args.parts,
+            "consume with results (no-op tasks, each result store, depth marks)",
+            measure_results.consume_with_results,
+            (ctx, fws, args.quick),
+        ),
+        (
+            "workflows" in args.parts,
+            f"workflows (group and chord of {args.sizes.workflow:,}, results read by id)",
+            measure_results.workflows,
+            (ctx, fws, args.quick),
+        ),
+        (
             "rss" in args.parts and args.sizes.rss_tasks > 0,
             f"RSS after {args.sizes.rss_tasks:,} tasks",
             measure.rss_after,
@@ -289,19 +301,9 @@ def measure_all(args: argparse.Namespace, ctx: measure.Ctx, fws: list[Framework]
             cluster.compare,
             (ctx, args.quick),
         ),
-        (
-            "results" in args.parts,
-            "consume with results (no-op tasks, each result store, depth marks)",
-            measure_results.consume_with_results,
-            (ctx, fws, args.quick),
-        ),
-        (
-            "workflows" in args.parts,
-            f"workflows (group and chord of {args.sizes.workflow:,}, results read by id)",
-            measure_results.workflows,
-            (ctx, fws, args.quick),
-        ),
     ]
+    # The results and workflows groups before RSS-after-1M and scale, the longest: a run cut
+    # short still has the figures the results issue waits on.
     for wanted, title, fn, fargs in groups:
         if wanted:
             waited = wait_until_broker_idle()

@@ -13,14 +13,14 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .broker import Template, VHost, drain_marks, poll_depth, wait_for_broker
 from .frameworks import QUEUE, Framework, PublishSpec, WorkerSpec
 from .peers.common import percentile
-from .procs import BenchError, Invalid, Proc, Procs, wait_until
+from .procs import BenchError, Invalid, Proc, Procs, TimedOut, wait_until
 from .report import Results
 
 
@@ -54,6 +54,8 @@ class Ctx:
     sizes: Sizes
     log: Callable[[str], None]
     vhosts: list[VHost]
+    #: (framework, figure, configuration) that timed out once: not run again this run.
+    timed_out: set[tuple[str, str, str]] = field(default_factory=set)
 
     @contextmanager
     def vhost(self, label: str) -> Iterator[VHost]:
@@ -75,12 +77,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def attempt(ctx: Ctx, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, retried once after a failure that was not :class:`Invalid` (once the
-    broker answers again). Raises the last error."""
+    """``fn(*args)``, retried once after a failure that was neither :class:`Invalid` nor
+    :class:`TimedOut` (once the broker answers again). Raises the last error."""
     for retry in (True, False):
         try:
             return fn(*args)
-        except Invalid:
+        except (Invalid, TimedOut):
             raise
         except Exception as exc:
             if not retry:
@@ -105,11 +107,18 @@ def _setup_failed(ctx: Ctx, fig: str, fw: Framework, what: str, exc: BaseExcepti
 def _try(
     ctx: Ctx, fig: str, fw: Framework, spec: WorkerSpec | str, fn: Callable[..., Any], *args: Any
 ) -> Any:
-    """``attempt(fn, *args)``; a failure is recorded under ``fig`` and None returned."""
+    """``attempt(fn, *args)``; a failure is recorded under ``fig`` and None returned. A
+    configuration that timed out before is skipped (its failure is already recorded)."""
     label, note = _label_note(spec)
+    key = (fw.name, fig, label)
+    if key in ctx.timed_out:
+        ctx.log(f"    - {fw.name} {fig} [{label}]: skipped, it timed out in an earlier repeat")
+        return None
     try:
         return attempt(ctx, f"{fw.name} {fig} [{label}]", fn, *args)
     except Exception as exc:
+        if isinstance(exc, TimedOut):
+            ctx.timed_out.add(key)
         ctx.log(f"    ! {fw.name} {fig} [{label}]: {_first_line(exc)}")
         ctx.results.fail(fig, fw.name, fw.group, label, f"{_first_line(exc)}\n{exc}", note)
         return None

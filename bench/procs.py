@@ -24,6 +24,11 @@ class BenchError(Exception):
     """A measurement could not be taken (its figure is reported as failed, the run goes on)."""
 
 
+class TimedOut(BenchError):
+    """A client gave no result within its time: never retried, and the same configuration
+    is not run again in later repeats (a stuck peer would cost its timeout every time)."""
+
+
 class Invalid(BenchError):
     """A measurement ran but its result is wrong (not every task ran, dead letters...): never
     retried, always reported."""
@@ -224,7 +229,7 @@ class Procs:
             p.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.stop(p, 5)
-            raise BenchError(f"{name}: no result within {timeout:.0f}s\n{p.output()}") from None
+            raise TimedOut(f"{name}: no result within {timeout:.0f}s\n{p.output()}") from None
         self.stop(p, 5)
         code = p.popen.returncode
         text = p.log_path.read_text(errors="replace")

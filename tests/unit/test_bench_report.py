@@ -197,3 +197,29 @@ def test_plots_are_written_next_to_the_report(tmp_path):
         assert (tmp_path / p.file).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = markdown(res, {}, {}, plots=drawn)
     assert "](report-scale.png)" in text and "](report-latency.png)" in text
+
+
+def test_a_configuration_that_timed_out_is_not_run_again_nor_retried(tmp_path) -> None:
+    """A stuck peer costs its timeout once: the harness neither retries it nor runs it in
+    later repeats, and its failure stays in the report."""
+    from bench import measure
+    from bench.procs import Procs, TimedOut
+
+    class Fw:
+        name, group = "celery", "celery"
+
+    calls: list[int] = []
+    logged: list[str] = []
+
+    def stuck(r: int) -> None:
+        calls.append(r)
+        raise TimedOut("celery-workflows: no result within 310s")
+
+    res = Results()
+    ctx = measure.Ctx(Procs(tmp_path, tmp_path), tmp_path, res, None, logged.append, [])  # type: ignore[arg-type]
+    for r in range(3):
+        assert measure._try(ctx, "wf_group_redis", Fw(), "solo", stuck, r) is None  # type: ignore[arg-type]
+    assert calls == [0]
+    assert any("skipped, it timed out" in line for line in logged)
+    series = res.series[("wf_group_redis", "celery", "solo")]
+    assert len(series.errors) == 1 and "no result within" in series.errors[0]
