@@ -60,9 +60,9 @@ def _effective(
         for i, entry in enumerate(basic_auth):
             user, sep, secret = entry.partition(":")
             if not (sep and user and secret):
+                what = "is empty" if not entry else "is not USER:PASSWORD"
                 raise click.BadParameter(
-                    f"entry {i + 1}: expected USER:PASSWORD (the value is not shown)",
-                    param_hint="--basic-auth",
+                    f"entry {i + 1} {what} (the value is not shown)", param_hint="--basic-auth"
                 )
         changes["basic_auth"] = basic_auth
         changes["basic_auth_source"] = "--basic-auth"
@@ -81,6 +81,23 @@ def _effective(
     if metrics_public is not None:
         changes["metrics_public"] = metrics_public
     return dataclasses.replace(d, **changes)  # type: ignore[arg-type]
+
+
+def _check_hashes(d: DashboardSettings) -> None:
+    """Exit 2 naming the entry (where it came from, and its user) whose password looks
+    like a hash but is malformed: it could never match, so its user could never log in."""
+    from ..dashboard.auth import hash_problem
+
+    for i, entry in enumerate(d.basic_auth):
+        user, _, secret = entry.partition(":")
+        problem = hash_problem(secret)
+        if problem is not None:
+            echo(
+                f"error: {d.basic_auth_source}[{i}] (user {user!r}): the password {problem}; "
+                "amqptasks dashboard --hash-password prints one (the value is not shown)",
+                level=logging.ERROR,
+            )
+            sys.exit(2)
 
 
 @main.command()
@@ -135,6 +152,7 @@ def dashboard(
     d = _effective(
         settings, address, port, basic_auth, database, max_tasks, retention, metrics_public
     )
+    _check_hashes(d)
     if not is_loopback(d.address) and not (d.basic_auth or d.api_tokens):
         echo(
             f"error: refusing to listen on {d.address} without credentials: {HOW_TO_AUTH}",

@@ -34,6 +34,7 @@ __all__ = [
     "Session",
     "SessionStore",
     "hash_password",
+    "hash_problem",
     "new_token",
     "parse_basic",
     "verify_password",
@@ -55,6 +56,32 @@ def hash_password(password: str, *, salt: str | None = None) -> str:
 
 def _is_hash(stored: str) -> bool:
     return stored.startswith(("scrypt$", "pbkdf2_sha256$"))
+
+
+def hash_problem(stored: str) -> str | None:
+    """What is wrong with ``stored`` if it starts like a hash but is not one, else None (a
+    well-formed hash, or a plain password). Checked at start-up: a malformed hash never
+    matches, and its user would otherwise be locked out with nothing said why."""
+    if not _is_hash(stored):
+        return None
+    parts = stored.split("$")
+    if parts[0] == "scrypt":
+        form, fields = "scrypt$<n>$<r>$<p>$<salt>$<base64 hash>", 6
+    else:
+        form, fields = "pbkdf2_sha256$<iterations>$<salt>$<base64 hash>", 4
+    why = f"starts like a {parts[0]} hash but is not {form}"
+    if len(parts) != fields or not all(parts[1:]):
+        return why
+    try:
+        numbers = [int(x) for x in parts[1 : fields - 2]]
+        digest = base64.b64decode(parts[-1], validate=True)
+    except ValueError:
+        return why
+    if not digest or min(numbers) < 1:
+        return why
+    if parts[0] == "scrypt" and (numbers[0] < 2 or numbers[0] & (numbers[0] - 1)):
+        return f"{why} (n must be a power of 2 above 1)"
+    return None
 
 
 def verify_password(password: str, stored: str) -> bool:

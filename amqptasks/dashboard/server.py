@@ -335,7 +335,8 @@ async def serve(settings: Settings, say: Callable[[str], None]) -> None:
         await runner.cleanup()
         raise
     auth = (
-        f"login required ({len(d.basic_auth)} user(s), {len(d.api_tokens)} API token(s))"
+        f"login required ({len(d.basic_auth)} user(s) from {d.basic_auth_source}, "
+        f"{len(d.api_tokens)} API token(s))"
         if d.basic_auth or d.api_tokens
         else "no login (loopback only)"
     )

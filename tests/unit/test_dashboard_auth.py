@@ -13,6 +13,7 @@ from amqptasks.dashboard.auth import (
     Credentials,
     SessionStore,
     hash_password,
+    hash_problem,
     new_token,
     parse_basic,
     verify_password,
@@ -42,6 +43,60 @@ def test_a_django_pbkdf2_hash_is_accepted():
 def test_a_malformed_hash_never_matches(stored):
     assert not verify_password("", stored)
     assert not verify_password("anything", stored)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "scrypt$x$8$1$s$AAAA",
+        "scrypt$16384$8",
+        "scrypt$16384$8$1$$AAAA",
+        "scrypt$16383$8$1$salt$AAAA",
+        "scrypt$16384$8$1$salt$not-base64!",
+        "pbkdf2_sha256$nope$s$AAAA",
+        "pbkdf2_sha256$0$s$AAAA",
+    ],
+)
+def test_a_malformed_hash_is_named_at_start_up(stored):
+    problem = hash_problem(stored)
+    assert problem is not None and "starts like a" in problem
+    assert stored not in problem
+
+
+def test_good_hashes_and_plain_passwords_have_no_problem():
+    digest = base64.b64encode(hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 1000)).decode()
+    for stored in (hash_password("pw"), f"pbkdf2_sha256$1000$salt${digest}", "plain", "a$b"):
+        assert hash_problem(stored) is None
+
+
+def _dashboard_cli(tmp_path, env, *args):
+    from click.testing import CliRunner
+
+    from amqptasks.cli import main
+
+    cfg = tmp_path / "amqptasks.yaml"
+    if not cfg.exists():
+        cfg.write_text("broker: {url: 'amqp://guest:guest@127.0.0.1:1/'}\n")
+    return CliRunner().invoke(main, ["dashboard", "--config", str(cfg), *args], env=env)
+
+
+def test_a_malformed_hash_stops_the_dashboard_naming_where_it_came_from(tmp_path):
+    env = {"AMQPTASKS_DASHBOARD_AUTH": "ops:scrypt$16384$8$1$salt"}
+    r = _dashboard_cli(tmp_path, env)
+    assert r.exit_code == 2, r.output
+    assert "$AMQPTASKS_DASHBOARD_AUTH[0] (user 'ops')" in r.output
+    assert "scrypt$16384$8$1$salt" not in r.output
+    r = _dashboard_cli(tmp_path, {}, "--basic-auth", "ann:pbkdf2_sha256$x$s$AAAA")
+    assert r.exit_code == 2 and "--basic-auth[0] (user 'ann')" in r.output
+
+
+def test_an_empty_environment_login_beyond_loopback_gets_the_refusal(tmp_path):
+    """docker-compose passes AMQPTASKS_DASHBOARD_AUTH through, empty when it is not set."""
+    r = _dashboard_cli(tmp_path, {"AMQPTASKS_DASHBOARD_AUTH": ""}, "--address", "0.0.0.0")
+    assert r.exit_code == 2
+    assert "refusing to listen on 0.0.0.0 without credentials" in r.output
+    r = _dashboard_cli(tmp_path, {}, "--basic-auth", "")
+    assert r.exit_code == 2 and "entry 1 is empty" in r.output
 
 
 def test_a_plain_password_is_compared_whole():
