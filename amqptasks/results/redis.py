@@ -369,16 +369,9 @@ class RedisStore:
 
     def _progress(self, member: ChordMember, reply: Any) -> ChordProgress | ValueError:
         chord_id, size, index, _meta = member
-        if isinstance(reply, ResponseError):
-            if str(reply).startswith("CHORDSIZE"):
-                stored = str(reply).split()[1]
-                return ValueError(
-                    f"chord {chord_id!r} has size {stored}, not {size} (member {index})"
-                )
-            raise ResultStoreError(
-                f"result store {self._safe_url}: adding member {index} to chord "
-                f"{chord_id!r}: {reply}"
-            ) from reply
+        if isinstance(reply, ResponseError) and str(reply).startswith("CHORDSIZE"):
+            stored = str(reply).split()[1]
+            return ValueError(f"chord {chord_id!r} has size {stored}, not {size} (member {index})")
         if isinstance(reply, Exception):
             raise ResultStoreError(
                 f"result store {self._safe_url}: adding member {index} to chord "

@@ -8,17 +8,23 @@ healthy one, and a node that came back is used again once the others fail. Waits
 they were with one address: a publish still gives up after ``broker.publish_timeout``, a
 worker still backs off (between *rounds*, a round being one attempt at each address).
 
-This module holds only the order; each transport makes its own connections.
+This module holds the order, and (:class:`Attempts`) the publishers' rules for trying the
+addresses in turn before a deadline; each transport makes its own connections.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Sequence
 
-from ..config import redact_urls
+from ..config import redact_url, redact_urls
+from ..errors import BrokerError, BrokerRefused, PublishTimeout
 
-__all__ = ["Addresses"]
+__all__ = ["Addresses", "Attempts"]
+
+log = logging.getLogger("amqptasks.publisher")
 
 
 class Addresses:
@@ -65,3 +71,75 @@ class Addresses:
         with self._lock:
             if url in self.urls and self.urls[self._first] == url:
                 self._first = (self._first + 1) % len(self.urls)
+
+
+class Attempts:
+    """One publish's way to an open channel, as decisions without I/O: how long to wait for
+    this attempt's link, and after it the next address, a backoff pause, or an error. The
+    sync publisher (which blocks or drives its link) and the worker's asyncio one (which
+    awaits it) follow the same rules through it:
+
+    * each attempt goes to the preferred address; a failed or lost one hands over to the
+      next (:class:`Addresses`);
+    * with several addresses an attempt that hangs (a node that does not answer at all) gets
+      its share of the remaining time, so the others are still tried before the deadline;
+    * the backoff pause comes after a whole round of addresses failed, never between two;
+    * a refusal (login, vhost) is raised again at once: asking again gets the same answer.
+    """
+
+    def __init__(self, addresses: Addresses, deadline: float) -> None:
+        self.addresses = addresses
+        self.deadline = deadline
+        self.tried = 0
+        self._delay = 0.1
+        self._many = len(addresses) > 1
+
+    def share(self) -> float:
+        """Seconds to wait for this attempt's link to open."""
+        remaining = max(0.0, self.deadline - time.monotonic())
+        if not self._many:
+            return remaining
+        left_in_round = len(self.addresses) - self.tried % len(self.addresses)
+        return max(remaining / left_in_round, min(remaining, 1.0))
+
+    def hung(self, url: str, waited: float, last_error: BaseException | None = None) -> None:
+        """The link to ``url`` did not open within its share: the next address is tried
+        (the caller closes the link), or :class:`PublishTimeout` when there is none or no
+        time is left."""
+        if not self._many or time.monotonic() >= self.deadline:
+            last = f" (last error: {last_error})" if last_error else ""
+            raise PublishTimeout(
+                f"could not open a channel to {self.addresses} within the publish timeout; "
+                f"nothing was published{last}"
+            )
+        log.warning(
+            "broker %s did not answer within %.1fs; trying the next address",
+            redact_url(url),
+            waited,
+        )
+        self.addresses.failed(url)
+        self.tried += 1
+
+    def opened(self, url: str) -> None:
+        """The link to ``url`` is open: keep preferring it."""
+        if self.tried:
+            log.warning("publishing through broker %s", redact_url(url))
+        self.addresses.answered(url)
+
+    def closed(self, error: BaseException | None) -> float:
+        """The link closed before it opened (``error`` says why): seconds to pause before
+        the next attempt (0: the next address at once; the caller's next link replaces the
+        closed one and marks its address failed), or the error to give up with."""
+        if isinstance(error, BrokerRefused):
+            raise BrokerRefused(str(error), error.reason)
+        self.tried += 1
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise BrokerError(
+                f"broker {self.addresses} unreachable; nothing was published (last error: {error})"
+            )
+        if self._many and self.tried % len(self.addresses):
+            return 0.0
+        pause = min(self._delay, remaining)
+        self._delay = min(self._delay * 2, 1.0)
+        return pause

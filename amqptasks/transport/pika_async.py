@@ -28,9 +28,9 @@ import time
 from collections.abc import Sequence
 
 from ..config import redact_url
-from ..errors import BrokerError, BrokerRefused, PublishTimeout
+from ..errors import PublishTimeout
 from ..protocol import Properties
-from .failover import Addresses
+from .failover import Addresses, Attempts
 from .pika_publisher import _Link, _Pending, to_pika
 
 __all__ = ["AsyncPikaPublisher"]
@@ -94,8 +94,8 @@ class AsyncPikaPublisher:
         )
 
     async def _connected(self, deadline: float) -> _Link:
-        """An open link, reconnecting with backoff until ``deadline`` (see
-        ``SyncPublisher._connected``: the same rules, awaited instead of blocking)."""
+        """An open link, reconnecting with backoff until ``deadline`` (the rules of
+        :class:`.failover.Attempts`, as the sync publisher's, awaited instead of blocking)."""
         link = self._link
         if link is not None and link.ready.is_set() and not link.closed and not link.retiring:
             return link
@@ -105,54 +105,26 @@ class AsyncPikaPublisher:
             return await self._reconnect(deadline)
 
     async def _reconnect(self, deadline: float) -> _Link:
-        delay = 0.1
-        tried = 0
-        many = len(self.addresses) > 1
+        attempts = Attempts(self.addresses, deadline)
         while True:
             link = self._current()
-            remaining = max(0.0, deadline - time.monotonic())
-            left_in_round = len(self.addresses) - tried % len(self.addresses)
-            share = max(remaining / left_in_round, min(remaining, 1.0)) if many else remaining
+            share = attempts.share()
             assert link.opened is not None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link.opened), share)
             if not link.ready.is_set():
-                if not many or time.monotonic() >= deadline:
-                    last = f" (last error: {self.last_error})" if self.last_error else ""
-                    raise PublishTimeout(
-                        f"could not open a channel to {self.addresses} within the publish "
-                        f"timeout; nothing was published{last}"
-                    )
-                log.warning(
-                    "broker %s did not answer within %.1fs; trying the next address",
-                    redact_url(link.url),
-                    share,
-                )
+                attempts.hung(link.url, share, self.last_error)
                 self._link = None
                 link.close()
-                self.addresses.failed(link.url)
-                tried += 1
                 continue
             if not link.closed:
-                if tried:
-                    log.warning("publishing through broker %s", redact_url(link.url))
-                self.addresses.answered(link.url)
+                attempts.opened(link.url)
                 self.url = link.url
                 return link
             self.last_error = link.error
-            if isinstance(link.error, BrokerRefused):  # asking again gets the same answer
-                raise BrokerRefused(str(link.error), link.error.reason)
-            tried += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BrokerError(
-                    f"broker {self.addresses} unreachable; nothing was published "
-                    f"(last error: {link.error})"
-                )
-            if many and tried % len(self.addresses):
-                continue  # not a whole round yet: the next address at once
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 1.0)
+            pause = attempts.closed(link.error)
+            if pause:
+                await asyncio.sleep(pause)
 
     # -- publishing --------------------------------------------------------------------------
     async def publish(

@@ -53,7 +53,6 @@ import pika.spec
 from ..config import redact_url
 from ..errors import (
     BrokerError,
-    BrokerRefused,
     PublishError,
     PublishNacked,
     PublishTimeout,
@@ -61,7 +60,7 @@ from ..errors import (
 )
 from ..handoff import Handoff
 from ..protocol import Properties
-from .failover import Addresses
+from .failover import Addresses, Attempts
 from .pika_consumer import connect_failure
 from .refusal import refusal, refused
 
@@ -467,21 +466,20 @@ class _Link:
                 # already: _on_close will stop the loop.
                 self.conn.close()
 
-        if self.loop is not None:  # the loop's callbacks finish the close; fail what waits now
+        if self.loop is not None or self.thread is None:
+            # On an asyncio loop, the loop's callbacks finish the close; direct, it is driven
+            # here and the ioloop's sockets released. Either way what waits fails now.
+            direct = self.loop is None
             with contextlib.suppress(Exception):
                 _close()
+                if direct:
+                    self.drive(lambda: self.conn.is_closed, 2.0)
             self.closed = True
             self._fail_all(self.error or BrokerError("publisher connection closed"))
-            return
-        if self.thread is None:  # direct: close it here, then release the loop's sockets
-            with contextlib.suppress(Exception):
-                _close()
-                self.drive(lambda: self.conn.is_closed, 2.0)
-            self.closed = True
-            self._fail_all(self.error or BrokerError("publisher connection closed"))
-            with contextlib.suppress(Exception):
-                self.conn.ioloop.deactivate_poller()
-                self.conn.ioloop.close()
+            if direct:
+                with contextlib.suppress(Exception):
+                    self.conn.ioloop.deactivate_poller()
+                    self.conn.ioloop.close()
             return
         if not self.closed:
             with contextlib.suppress(Exception):
@@ -543,66 +541,34 @@ class SyncPublisher:
         or the last connection died: a publish waits a bounded time, then raises. A broker
         that refuses the login or the vhost raises :class:`BrokerRefused` at once.
 
-        Each attempt goes to the preferred address (:class:`.failover.Addresses`); a failed
-        or lost one hands over to the next. With several addresses an attempt that hangs
-        (a node that does not answer at all) gets its share of the remaining time, so the
-        others are still tried before the deadline. The backoff sleep comes after a whole
-        round of addresses failed, never between two of them.
+        Which address, how long each attempt may take and when to back off are
+        :class:`.failover.Attempts`' rules, shared with the worker's asyncio publisher.
 
         ``direct``: the calling thread's own link (see the module docstring), opened and
         replaced the same way but driven by this thread while it waits.
         """
-        delay = 0.1
-        tried = 0
-        many = len(self.addresses) > 1
+        attempts = Attempts(self.addresses, deadline)
         while True:
             link = self._direct_link() if direct else self._threaded_link()
-            remaining = max(0.0, deadline - time.monotonic())
-            left_in_round = len(self.addresses) - tried % len(self.addresses)
-            share = max(remaining / left_in_round, min(remaining, 1.0)) if many else remaining
+            share = attempts.share()
             opened = (
                 link.ready.wait(share) if link.threaded else link.drive(link.ready.is_set, share)
             )
             if not opened:
-                if not many or time.monotonic() >= deadline:
-                    raise PublishTimeout(
-                        f"could not open a channel to {self.addresses} within the publish "
-                        "timeout; nothing was published"
-                    )
-                log.warning(
-                    "broker %s did not answer within %.1fs; trying the next address",
-                    redact_url(link.url),
-                    share,
-                )
+                attempts.hung(link.url, share)
                 with self._lock:
                     if self._link is link:
                         self._link = None
                     if self._direct is link:
                         self._direct = None
                 link.close()
-                self.addresses.failed(link.url)
-                tried += 1
                 continue
             if not link.closed:
-                if tried:
-                    log.warning("publishing through broker %s", redact_url(link.url))
-                self.addresses.answered(link.url)
+                attempts.opened(link.url)
                 return link
-            if isinstance(link.error, BrokerRefused):  # asking again gets the same answer
-                raise BrokerRefused(str(link.error), link.error.reason)
-            tried += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BrokerError(
-                    f"broker {self.addresses} unreachable; nothing was published "
-                    f"(last error: {link.error})"
-                )
-            if many and tried % len(self.addresses):
-                # Not a whole round yet: the next address at once (the loop marks this one
-                # failed when it replaces the closed link).
-                continue
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 1.0)
+            pause = attempts.closed(link.error)
+            if pause:
+                time.sleep(pause)
 
     def _threaded_link(self) -> _Link:
         """The shared link (I/O thread): the current one, or a new one in its place."""

@@ -5,15 +5,16 @@ queues everywhere with ``topology.default_queue_type``, and the text of a type m
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from amqptasks.config import Settings, load_config, split_urls
-from amqptasks.errors import ConfigError
+from amqptasks.errors import BrokerError, BrokerRefused, ConfigError, PublishTimeout
 from amqptasks.topology import DELAY_LEVELS, QueueSpec, build_topology
 from amqptasks.transport.aio import _summarise, describe_mismatch
-from amqptasks.transport.failover import Addresses
+from amqptasks.transport.failover import Addresses, Attempts
 
 BASE = """\
 exchanges:
@@ -121,6 +122,39 @@ def test_one_address_is_always_preferred() -> None:
 
 
 # -- quorum everywhere --------------------------------------------------------------------------
+def test_one_address_backs_off_between_attempts_and_gives_up_at_the_deadline() -> None:
+    attempts = Attempts(Addresses(A), time.monotonic() + 60)
+    assert 59 < attempts.share() <= 60  # all the time left: there is no other address
+    lost = ConnectionResetError("reset")
+    assert [attempts.closed(lost) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    with pytest.raises(PublishTimeout, match="nothing was published"):
+        attempts.hung(A, 60)  # one address that hangs: nothing else to try
+    late = Attempts(Addresses(A), time.monotonic() - 1)
+    with pytest.raises(BrokerError, match=r"unreachable; nothing was published.*reset"):
+        late.closed(lost)
+
+
+def test_several_addresses_are_tried_in_turn_and_paused_after_each_round() -> None:
+    addresses = Addresses([A, B, C])
+    attempts = Attempts(addresses, time.monotonic() + 30)
+    assert 9 < attempts.share() <= 10  # a third of the time: two more to try after it
+    attempts.hung(A, 10)  # a node that does not answer: the next one, no error yet
+    assert addresses.preferred == B and attempts.tried == 1
+    assert 14 < attempts.share() <= 15  # what is left, between the two not tried yet
+    lost = ConnectionRefusedError("refused")
+    assert attempts.closed(lost) == 0.0  # the third address at once
+    assert attempts.closed(lost) == 0.1  # a whole round failed: back off
+    attempts.opened(C)
+    assert addresses.preferred == C
+
+
+def test_a_refusal_is_raised_again_at_once() -> None:
+    attempts = Attempts(Addresses([A, B]), time.monotonic() + 30)
+    with pytest.raises(BrokerRefused, match="ACCESS_REFUSED"):
+        attempts.closed(BrokerRefused("ACCESS_REFUSED: login refused", "access-refused"))
+    assert attempts.tried == 0
+
+
 def test_default_queue_type_quorum_makes_every_queue_quorum(tmp_path: Path) -> None:
     path = write(
         tmp_path,
