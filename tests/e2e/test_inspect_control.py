@@ -8,52 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import urllib.parse
 import uuid
-from importlib import resources
-from typing import Any
 
-import jsonschema
 from broker_fixtures import (
-    ROOT,
-    amqptasks_exe,
-    cli_env,
     ledger_lines,
     mgmt,
     wait_for,
     write_config,
 )
+from control_cli import answers, run_cli
 
 from amqptasks import App, load_config
-
-SCHEMA = json.loads(
-    (resources.files("amqptasks") / "schema" / "control-v1.json").read_text(encoding="utf-8")
-)
-VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
-
-
-def run_cli(config, *args, timeout=60):
-    return subprocess.run(
-        [amqptasks_exe(), *args, "--config", str(config)],
-        cwd=ROOT,
-        env=cli_env(config),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def answers(config, *args) -> dict[str, Any]:
-    """``amqptasks ARGS --json``: exit 0, each reply valid, ``{worker: result}``."""
-    out = run_cli(config, *args, "--json")
-    assert out.returncode == 0, out.stdout + out.stderr
-    replies = json.loads(out.stdout)
-    for name, reply in replies.items():
-        problems = [e.message for e in VALIDATOR.iter_errors(reply)]
-        assert problems == [], (name, reply, problems)
-        assert reply["ok"] and reply["hostname"] == name
-    return {name: reply["result"] for name, reply in replies.items()}
 
 
 def test_two_workers_answer_ping_and_active_and_shutdown_stops_only_the_one_named(

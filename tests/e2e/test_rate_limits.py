@@ -7,57 +7,27 @@ is held unacked beyond prefetch; with per-worker mode they take about half."
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import threading
 import time
 import urllib.parse
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 from broker_fixtures import (
-    ROOT,
-    amqptasks_exe,
-    cli_env,
     ledger_lines,
     mgmt,
     wait_for,
     write_config,
 )
+from control_cli import answers, run_cli
 
 from amqptasks import App, load_config
 
-VALIDATOR = jsonschema.Draft202012Validator(
-    json.loads((resources.files("amqptasks") / "schema" / "control-v1.json").read_text("utf-8"))
-)
 #: -c 2 --prefetch-multiplier 2: each worker may hold 4 unacked deliveries of its queue.
 CONCURRENCY, MULTIPLIER = 2, 2
 PREFETCH = CONCURRENCY * MULTIPLIER
-
-
-def run_cli(config, *args, timeout=60):
-    return subprocess.run(
-        [amqptasks_exe(), *args, "--config", str(config)],
-        cwd=ROOT,
-        env=cli_env(config),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def answers(config, *args) -> dict[str, Any]:
-    out = run_cli(config, *args, "--json")
-    assert out.returncode == 0, out.stdout + out.stderr
-    replies = json.loads(out.stdout)
-    for reply in replies.values():
-        assert [e.message for e in VALIDATOR.iter_errors(reply)] == [], reply
-        assert reply["ok"], reply
-    return {name: reply["result"] for name, reply in replies.items()}
 
 
 def ticks(ledger: Path) -> list[tuple[str, float]]:

@@ -8,7 +8,6 @@ after the revoke still never runs the task, also when it comes out of the delay 
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from importlib import resources
 from typing import Any
@@ -16,13 +15,11 @@ from typing import Any
 import jsonschema
 import pytest
 from broker_fixtures import (
-    ROOT,
-    amqptasks_exe,
-    cli_env,
     ledger_lines,
     wait_for,
     write_config,
 )
+from control_cli import run_cli
 
 from amqptasks import App, load_config
 from amqptasks.errors import TaskError
@@ -40,17 +37,6 @@ def valid(name: str, obj: Any) -> Any:
     problems = [f"{list(e.path)}: {e.message}" for e in SCHEMAS[name].iter_errors(obj)]
     assert problems == [], (obj, problems)
     return obj
-
-
-def run_cli(config, *args, timeout=60):
-    return subprocess.run(
-        [amqptasks_exe(), *args, "--config", str(config)],
-        cwd=ROOT,
-        env=cli_env(config),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def assert_record(record: dict[str, Any]) -> None:

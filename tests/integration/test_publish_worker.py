@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pika
@@ -19,6 +21,16 @@ from amqptasks import BrokerError, BrokerRefused, PublishNacked, UnroutableError
 from amqptasks.errors import PublishError
 from amqptasks.protocol import Properties
 from amqptasks.transport.pika_async import AsyncPikaPublisher
+
+
+@asynccontextmanager
+async def publisher(url: str | list[str], *, timeout: float) -> AsyncIterator[AsyncPikaPublisher]:
+    """A publisher on the running loop, closed however the test ends."""
+    pub = AsyncPikaPublisher(url, timeout=timeout)
+    try:
+        yield pub
+    finally:
+        await pub.close()
 
 
 def _vhost(broker: Broker) -> str:
@@ -37,8 +49,7 @@ def test_many_publishes_in_flight_arrive_once_each_with_their_properties(broker:
     broker.channel().queue_declare("q", durable=True)
 
     async def main() -> None:
-        pub = AsyncPikaPublisher(broker.url, timeout=10)
-        try:
+        async with publisher(broker.url, timeout=10) as pub:
             await asyncio.gather(
                 *(
                     pub.publish(
@@ -57,8 +68,6 @@ def test_many_publishes_in_flight_arrive_once_each_with_their_properties(broker:
                     for i in range(600)
                 )
             )
-        finally:
-            await pub.close()
 
     asyncio.run(main())
     got = broker.get_all("q", limit=1000)
@@ -74,8 +83,7 @@ def test_unroutable_is_named_and_unmandatory_is_confirmed(broker: Broker) -> Non
     broker.channel().queue_declare("q", durable=True)
 
     async def main() -> None:
-        pub = AsyncPikaPublisher(broker.url, timeout=10)
-        try:
+        async with publisher(broker.url, timeout=10) as pub:
             with pytest.raises(UnroutableError, match="nowhere"):
                 await pub.publish("amq.direct", "nowhere", b"x", Properties(message_id="a"))
             # Events: nobody bound is normal, the broker confirms it.
@@ -90,8 +98,6 @@ def test_unroutable_is_named_and_unmandatory_is_confirmed(broker: Broker) -> Non
             )
             assert all(r is None for r in results[1::2])
             assert all(isinstance(r, UnroutableError) for r in results[::2])
-        finally:
-            await pub.close()
 
     asyncio.run(main())
     assert broker.depth("q") == 20
@@ -112,11 +118,8 @@ def test_a_reply_to_a_direct_reply_to_address_is_delivered(broker: Broker) -> No
     ch.cancel()
 
     async def main() -> None:
-        pub = AsyncPikaPublisher(broker.url, timeout=10)
-        try:
+        async with publisher(broker.url, timeout=10) as pub:
             await pub.publish("", props.reply_to, b"the answer", Properties(message_id="r"))
-        finally:
-            await pub.close()
 
     asyncio.run(main())
     deadline = time.monotonic() + 5
@@ -132,16 +135,13 @@ def test_a_nack_is_reported_and_the_next_publish_uses_a_fresh_channel(broker: Br
     broker.channel().queue_declare("q", durable=True)
 
     async def main() -> None:
-        pub = AsyncPikaPublisher(broker.url, timeout=10)
-        try:
+        async with publisher(broker.url, timeout=10) as pub:
             await pub.publish("", "full", b"1", Properties())
             with pytest.raises(PublishNacked, match="'full'"):
                 await pub.publish("", "full", b"2", Properties())
             first = pub._link
             await pub.publish("", "q", b"after", Properties())
             assert pub._link is not first  # the nacked channel was retired
-        finally:
-            await pub.close()
 
     asyncio.run(main())
     assert broker.depth("full") == 1 and broker.depth("q") == 1
@@ -151,15 +151,12 @@ def test_a_missing_exchange_fails_that_publish_and_the_next_one_works(broker: Br
     broker.channel().queue_declare("q", durable=True)
 
     async def main() -> None:
-        pub = AsyncPikaPublisher(broker.url, timeout=10)
-        try:
+        async with publisher(broker.url, timeout=10) as pub:
             with pytest.raises(BrokerError, match="no exchange 'absent'"):
                 await pub.publish("absent", "k", b"x", Properties())
             start = time.monotonic()
             await pub.publish("", "q", b"after", Properties())
             assert time.monotonic() - start < 3
-        finally:
-            await pub.close()
 
     asyncio.run(main())
     assert broker.depth("q") == 1
@@ -200,15 +197,12 @@ def test_a_wrong_password_is_refused_at_once(broker: Broker) -> None:
     url = broker.url.replace("guest:guest", "guest:n0t-th1s-0ne")
 
     async def main() -> None:
-        pub = AsyncPikaPublisher(url, timeout=10)
-        try:
+        async with publisher(url, timeout=10) as pub:
             start = time.monotonic()
             with pytest.raises(BrokerRefused, match="ACCESS_REFUSED") as err:
                 await pub.publish("", "q", b"x", Properties())
             assert time.monotonic() - start < 3
             assert "n0t-th1s-0ne" not in str(err.value)
-        finally:
-            await pub.close()
 
     asyncio.run(main())
 
@@ -217,12 +211,9 @@ def test_the_next_address_takes_over_when_the_first_is_down(broker: Broker) -> N
     broker.channel().queue_declare("q", durable=True)
 
     async def main() -> str:
-        pub = AsyncPikaPublisher([_dead_url(broker), broker.url], timeout=10)
-        try:
+        async with publisher([_dead_url(broker), broker.url], timeout=10) as pub:
             await pub.publish("", "q", b"x", Properties())
             return pub.url
-        finally:
-            await pub.close()
 
     assert asyncio.run(main()) == broker.url
     assert broker.depth("q") == 1
@@ -235,8 +226,7 @@ def test_a_lost_connection_fails_what_was_in_flight_and_the_next_publish_reconne
     proxy = TcpProxy(5672)
 
     async def main() -> list[Any]:
-        pub = AsyncPikaPublisher(proxy.url(_vhost(broker)), timeout=10)
-        try:
+        async with publisher(proxy.url(_vhost(broker)), timeout=10) as pub:
             await pub.publish("", "q", b"first", Properties())
             proxy.freeze()  # nothing moves: the publishes below wait for their confirms
             flying = [
@@ -250,8 +240,6 @@ def test_a_lost_connection_fails_what_was_in_flight_and_the_next_publish_reconne
             proxy.up()
             await pub.publish("", "q", b"after", Properties())
             return outcomes
-        finally:
-            await pub.close()
 
     try:
         outcomes = asyncio.run(main())

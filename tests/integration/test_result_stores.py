@@ -253,36 +253,49 @@ def check_chord_calls(calls: list[dict[str, Any]]) -> None:
     assert sum(c["won"] for c in calls) == 1
 
 
-def test_chord_add_from_8_threads_counts_exactly(factory: StoreFactory) -> None:
+@pytest.mark.parametrize("batch", [1, 7], ids=["chord_add", "chord_add_many"])
+def test_chord_add_from_8_threads_counts_exactly(factory: StoreFactory, batch: int) -> None:
+    """Members added from 8 threads on two clients at once, one call each (``chord_add``)
+    or in batches (``chord_add_many``, as the store thread sends them): every member is
+    counted once and exactly one caller wins the body."""
     stores = [factory(), factory()]  # two clients (connections) share the threads
     chord_id = uid()
-    plan = chord_plan(seed=8)
+    plan = chord_plan(seed=8 + batch)
     calls: list[dict[str, Any]] = []
     lock = threading.Lock()
     barrier = threading.Barrier(8)
 
+    def add(store: Any, members: list[Any]) -> list[Any]:
+        if batch == 1:
+            return [store.chord_add(*members[0])]
+        return list(store.chord_add_many(members))
+
     def run(worker: int) -> None:
         store = stores[worker % 2]
+        mine = plan[worker::8]
         barrier.wait()
-        for index in plan[worker::8]:
-            meta = success(f"{chord_id}-{index}", index)
-            progress = store.chord_add(chord_id, SIZE, index, meta)
-            won = progress.complete and store.chord_mark_body_sent(chord_id)
-            results_ok = (
-                progress.results == list(range(SIZE))
-                if progress.complete
-                else progress.results is None
-            )
-            call = {
-                "index": index,
-                "recorded": progress.recorded,
-                "done": progress.done,
-                "complete": progress.complete,
-                "won": won,
-                "results_ok": results_ok and progress.failed is None and progress.size == SIZE,
-            }
-            with lock:
-                calls.append(call)
+        for start in range(0, len(mine), batch):
+            members = [
+                (chord_id, SIZE, i, success(f"{chord_id}-{i}", i))
+                for i in mine[start : start + batch]
+            ]
+            for (_c, _s, index, _m), progress in zip(members, add(store, members), strict=True):
+                won = progress.complete and store.chord_mark_body_sent(chord_id)
+                results_ok = (
+                    progress.results == list(range(SIZE))
+                    if progress.complete
+                    else progress.results is None
+                )
+                call = {
+                    "index": index,
+                    "recorded": progress.recorded,
+                    "done": progress.done,
+                    "complete": progress.complete,
+                    "won": won,
+                    "results_ok": results_ok and progress.failed is None and progress.size == SIZE,
+                }
+                with lock:
+                    calls.append(call)
 
     threads = [threading.Thread(target=run, args=(w,)) for w in range(8)]
     for t in threads:
@@ -404,46 +417,6 @@ def test_chord_add_many_answers_like_one_call_per_member(store: Any) -> None:
     assert answers[2].complete and answers[2].results == ["only"]
     assert answers[6].complete and answers[6].results == ["a", "b", "c"]
     assert store.chord_add(chord_id, 3, 0, success("m0")).done == 3  # nothing else counted
-
-
-def test_chord_add_many_from_8_threads_counts_exactly(factory: StoreFactory) -> None:
-    """Batches from several clients at once keep chord_add's guarantees."""
-    stores = [factory(), factory()]
-    chord_id = uid()
-    plan = chord_plan(seed=9)
-    calls: list[dict[str, Any]] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(8)
-
-    def run(worker: int) -> None:
-        store = stores[worker % 2]
-        mine = plan[worker::8]
-        barrier.wait()
-        for start in range(0, len(mine), 7):
-            batch = [(chord_id, SIZE, i, success(f"{chord_id}-{i}", i)) for i in mine[start:][:7]]
-            for (_c, _s, index, _m), progress in zip(
-                batch, store.chord_add_many(batch), strict=True
-            ):
-                won = progress.complete and store.chord_mark_body_sent(chord_id)
-                ok = progress.results == list(range(SIZE)) if progress.complete else True
-                with lock:
-                    calls.append(
-                        {
-                            "index": index,
-                            "recorded": progress.recorded,
-                            "done": progress.done,
-                            "complete": progress.complete,
-                            "won": won,
-                            "results_ok": ok and progress.failed is None,
-                        }
-                    )
-
-    threads = [threading.Thread(target=run, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    check_chord_calls(calls)
 
 
 def test_body_sent_is_won_once_and_a_token_repeats(store: Any) -> None:
