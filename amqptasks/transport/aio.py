@@ -49,7 +49,7 @@ from ..topology import (
     Topology,
 )
 from .failover import Addresses
-from .pika_publisher import REPLY_TO, ReplyHandler
+from .pika_publisher import REPLY_TO, ReplyHandler, mandatory_for
 from .refusal import refusal, refused
 
 __all__ = [
@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("amqptasks.transport")
-DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to"
 
 
 def _table(value: Any) -> Any:
@@ -268,12 +267,12 @@ class AsyncPublisher:
             ex = self._exchanges.get(exchange)
             if ex is None:
                 ex = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
-            # RabbitMQ 3.10 answers a mandatory publish to a direct reply-to address with
-            # basic.return NO_ROUTE although it delivers it: such replies go out unmandatory
-            # (a caller that is gone loses its reply either way; that is the rpc contract).
-            if routing_key.startswith(DIRECT_REPLY_PREFIX):
-                mandatory = False
-            await ex.publish(_message(body, props), routing_key, mandatory=mandatory, timeout=limit)
+            await ex.publish(
+                _message(body, props),
+                routing_key,
+                mandatory=mandatory_for(routing_key, mandatory),
+                timeout=limit,
+            )
         except _UNENCODABLE as exc:
             problem = f"{type(exc).__name__}: {exc}"[:300]
             raise PublishError(

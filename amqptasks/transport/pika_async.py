@@ -36,7 +36,6 @@ from .pika_publisher import _Link, _Pending, to_pika
 __all__ = ["AsyncPikaPublisher"]
 
 log = logging.getLogger("amqptasks.publisher")
-DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to"
 
 
 class AsyncPikaPublisher:
@@ -144,11 +143,6 @@ class AsyncPikaPublisher:
         is normal), which the broker then confirms instead of returning."""
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        # RabbitMQ answers a mandatory publish to a direct reply-to address with basic.return
-        # NO_ROUTE although it delivers it: replies go out unmandatory (a caller that is gone
-        # loses its reply either way; that is the rpc contract).
-        if routing_key.startswith(DIRECT_REPLY_PREFIX):
-            mandatory = False
         link = await self._connected(deadline)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         link.submit(

@@ -9,7 +9,9 @@ the broker's ``basic.ack`` resolves. That gives three things a web app needs at 
   :meth:`SyncPublisher.publish_nowait` lets one caller pipeline a batch;
 * a direct reply-to consumer on the *same* channel, which RabbitMQ requires for replies.
 
-Every publish is ``mandatory``: a ``basic.return`` (no queue bound) arrives before the
+Every publish is ``mandatory`` (but replies to a direct reply-to address, which RabbitMQ
+would return although it delivers them: :func:`mandatory_for`; and events, which nobody has
+to receive): a ``basic.return`` (no queue bound) arrives before the
 ``basic.ack`` of the same message and turns that ack into :class:`UnroutableError`. A nack
 raises :class:`PublishNacked`; no confirm within the bound raises :class:`PublishTimeout`.
 
@@ -95,6 +97,14 @@ def to_pika(props: Properties) -> pika.BasicProperties:
     )
 
 
+def mandatory_for(routing_key: str, mandatory: bool) -> bool:
+    """The ``mandatory`` flag a publish goes out with. RabbitMQ answers a mandatory publish
+    to a direct reply-to address (``amq.rabbitmq.reply-to.*``) with ``basic.return``
+    NO_ROUTE although it delivers it, so replies go out unmandatory (a caller that is gone
+    loses its reply either way; that is the rpc contract). Every publisher asks this."""
+    return mandatory and not routing_key.startswith(REPLY_TO)
+
+
 class _Pending:
     __slots__ = ("exchange", "future", "mandatory", "message_id", "routing_key")
 
@@ -110,7 +120,7 @@ class _Pending:
         self.exchange = exchange
         self.routing_key = routing_key
         self.message_id = message_id
-        self.mandatory = mandatory
+        self.mandatory = mandatory_for(routing_key, mandatory)
 
 
 class _Link:

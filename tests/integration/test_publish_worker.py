@@ -21,6 +21,7 @@ from amqptasks import BrokerError, BrokerRefused, PublishNacked, UnroutableError
 from amqptasks.errors import PublishError
 from amqptasks.protocol import Properties
 from amqptasks.transport.pika_async import AsyncPikaPublisher
+from amqptasks.transport.pika_publisher import SyncPublisher
 
 
 @asynccontextmanager
@@ -103,9 +104,10 @@ def test_unroutable_is_named_and_unmandatory_is_confirmed(broker: Broker) -> Non
     assert broker.depth("q") == 20
 
 
-def test_a_reply_to_a_direct_reply_to_address_is_delivered(broker: Broker) -> None:
+@pytest.mark.parametrize("kind", ["worker's asyncio publisher", "sync publisher"])
+def test_a_reply_to_a_direct_reply_to_address_is_delivered(broker: Broker, kind: str) -> None:
     """RabbitMQ returns a *mandatory* publish to a reply-to address although it delivers it;
-    the publisher sends replies unmandatory, so the reply arrives and no error is raised."""
+    every publisher sends replies unmandatory, so the reply arrives and no error is raised."""
     conn = broker.connect()
     ch = conn.channel()
     replies: list[bytes] = []
@@ -121,7 +123,14 @@ def test_a_reply_to_a_direct_reply_to_address_is_delivered(broker: Broker) -> No
         async with publisher(broker.url, timeout=10) as pub:
             await pub.publish("", props.reply_to, b"the answer", Properties(message_id="r"))
 
-    asyncio.run(main())
+    if kind == "sync publisher":
+        sync = SyncPublisher(broker.url, timeout=10)
+        try:
+            sync.publish("", props.reply_to, b"the answer", Properties(message_id="r"))
+        finally:
+            sync.close()
+    else:
+        asyncio.run(main())
     deadline = time.monotonic() + 5
     while not replies and time.monotonic() < deadline:
         conn.process_data_events(time_limit=0.1)
