@@ -37,7 +37,7 @@ from ..protocol import Envelope
 from ..tasks import BoundTask, Request, Task
 from ..transport.pika_consumer import PikaDelivery as Delivery
 from .middleware import Context, Middleware, Outcome
-from .pipeline import Pipeline, log_failure, log_success
+from .pipeline import Pipeline, log_failure, log_success, revoked_outcome
 from .pool import ThreadRunner, raise_in_thread
 from .results import continues
 from .slots import SyncWaiter
@@ -280,21 +280,11 @@ class FastPath:
             del self.pending[future]
             self.pipeline.slots.release()
             stopped.append(env.id)
-            outcome = Outcome(
-                False,
-                exc=TaskRevoked(f"task {env.task}[{env.id}] was revoked and terminated"),
-                traceback="",
-                runtime=time.perf_counter() - start,
-                revoked=True,
-                terminated=True,
-            )
-            log.warning(
-                "task %s[%s] terminated after %.3fs: it was revoked (its thread gets "
-                "TaskRevoked at its next bytecode)",
-                env.task,
-                env.id,
-                outcome.runtime,
-                extra={"task_id": env.id, "task_name": env.task},
+            outcome = revoked_outcome(
+                env,
+                time.perf_counter() - start,
+                started=True,
+                how=" (its thread gets TaskRevoked at its next bytecode)",
             )
             ctx = Context(env, task, delivery.queue, self.pipeline.hostname)
             finish = self.pipeline.finish(

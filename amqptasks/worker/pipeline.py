@@ -42,9 +42,33 @@ from .slots import Slots
 from .stats import Stats
 from .throttle import Throttle
 
-__all__ = ["Pipeline", "log_failure", "log_success"]
+__all__ = ["Pipeline", "log_failure", "log_success", "revoked_outcome"]
 
 log = logging.getLogger("amqptasks.worker")
+
+
+def revoked_outcome(env: Envelope, runtime: float, *, started: bool, how: str = "") -> Outcome:
+    """The outcome of a call a revoke with terminate stopped (``started``: it was running,
+    else it never began), logged: settled REVOKED by :meth:`Pipeline.finish`, whichever path
+    (the pipeline's runners, the fast path's threads) stopped it."""
+    what = "terminated" if started else "not started"
+    log.warning(
+        "task %s[%s] %s after %.3fs: it was revoked%s",
+        env.task,
+        env.id,
+        what,
+        runtime,
+        how,
+        extra={"task_id": env.id, "task_name": env.task},
+    )
+    return Outcome(
+        False,
+        exc=TaskRevoked(f"task {env.task}[{env.id}] was revoked ({what})"),
+        traceback="",
+        runtime=runtime,
+        revoked=True,
+        terminated=started,
+    )
 
 
 def log_success(env: Envelope, runtime: float, result: Any) -> None:
@@ -303,23 +327,7 @@ class Pipeline:
         finally:
             self.calls.pop(id(call), None)
         if call.terminated:
-            what = "terminated" if call.started else "not started"
-            log.warning(
-                "task %s[%s] %s after %.3fs: it was revoked",
-                env.task,
-                env.id,
-                what,
-                outcome.runtime,
-                extra={"task_id": env.id, "task_name": env.task},
-            )
-            return Outcome(
-                False,
-                exc=TaskRevoked(f"task {env.task}[{env.id}] was revoked ({what})"),
-                traceback="",
-                runtime=outcome.runtime,
-                revoked=True,
-                terminated=call.started,
-            )
+            return revoked_outcome(env, outcome.runtime, started=call.started)
         if outcome.ok:
             log_success(env, outcome.runtime, outcome.result)
         else:
