@@ -93,6 +93,8 @@ class Attempts:
         self.tried = 0
         self._delay = 0.1
         self._many = len(addresses) > 1
+        #: Why the last attempt that closed failed (named if the deadline comes next).
+        self._failure: BaseException | None = None
 
     def share(self) -> float:
         """Seconds to wait for this attempt's link to open."""
@@ -104,9 +106,16 @@ class Attempts:
 
     def hung(self, url: str, waited: float, last_error: BaseException | None = None) -> None:
         """The link to ``url`` did not open within its share: the next address is tried
-        (the caller closes the link), or :class:`PublishTimeout` when there is none or no
-        time is left."""
+        (the caller closes the link), or an error when there is none or no time is left:
+        :class:`BrokerError` naming why the last attempt failed when one did (a refused
+        connection retried until the deadline), else :class:`PublishTimeout` (no broker
+        answered at all)."""
         if not self._many or time.monotonic() >= self.deadline:
+            if self._failure is not None:
+                raise BrokerError(
+                    f"broker {self.addresses} unreachable; nothing was published "
+                    f"(last error: {self._failure})"
+                )
             last = f" (last error: {last_error})" if last_error else ""
             raise PublishTimeout(
                 f"could not open a channel to {self.addresses} within the publish timeout; "
@@ -132,6 +141,7 @@ class Attempts:
         closed one and marks its address failed), or the error to give up with."""
         if isinstance(error, BrokerRefused):
             raise BrokerRefused(str(error), error.reason)
+        self._failure = error
         self.tried += 1
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:

@@ -128,10 +128,22 @@ def test_one_address_backs_off_between_attempts_and_gives_up_at_the_deadline() -
     lost = ConnectionResetError("reset")
     assert [attempts.closed(lost) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
     with pytest.raises(PublishTimeout, match="nothing was published"):
-        attempts.hung(A, 60)  # one address that hangs: nothing else to try
+        # One address that never answered: nothing else to try, no failure to name.
+        Attempts(Addresses(A), time.monotonic() + 60).hung(A, 60)
     late = Attempts(Addresses(A), time.monotonic() - 1)
     with pytest.raises(BrokerError, match=r"unreachable; nothing was published.*reset"):
         late.closed(lost)
+
+
+def test_a_refused_connection_retried_until_the_deadline_is_named() -> None:
+    """The last attempt may be cut short by the deadline before it fails: the error is
+    still why the broker cannot be reached, not a bare timeout."""
+    attempts = Attempts(Addresses(A), time.monotonic() + 60)
+    attempts.closed(BrokerError("cannot connect to broker: connection refused"))
+    attempts.deadline = time.monotonic()
+    with pytest.raises(BrokerError, match=r"unreachable.*connection refused") as caught:
+        attempts.hung(A, 0.0)
+    assert not isinstance(caught.value, PublishTimeout)
 
 
 def test_several_addresses_are_tried_in_turn_and_paused_after_each_round() -> None:
