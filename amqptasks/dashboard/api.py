@@ -125,7 +125,11 @@ async def _send(request: web.Request, check_known: bool) -> web.Response:
         topology.queue(queue) is None or queue not in {q.name for q in topology.work_queues()}
     ):
         return _error(400, f"queue {queue!r} is not a work queue of {dash.settings.source}")
-    if check_known and name not in await _known_tasks(dash):
+    try:
+        known = not check_known or name in await _known_tasks(dash)
+    except AmqpTasksError as exc:  # asking the workers which tasks they know needs the broker
+        return _error(502, f"not sent: the workers could not be asked for task {name!r}: {exc}")
+    if not known:
         return _error(
             404,
             f"unknown task {name!r}: no worker registered it and the history never saw it "

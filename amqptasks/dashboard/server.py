@@ -35,6 +35,7 @@ from aiohttp import web
 
 from ..app import App
 from ..config import Settings, redact_url
+from ..errors import AmqpTasksError
 from ..results import AsyncResult
 from .auth import Credentials, Session, SessionStore, parse_basic
 from .broker_api import BrokerApi, BrokerApiError
@@ -295,6 +296,26 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+@web.middleware
+async def error_answers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What a handler did not answer itself becomes a JSON error, never aiohttp's bare "500
+    Server got itself in trouble": our own errors (a broker that cannot be reached, a
+    command refused) are 502 with their text, which names the cause and never a password;
+    anything else is a 500 whose traceback is in the dashboard's log."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except AmqpTasksError as exc:
+        return web.json_response({"error": str(exc)}, status=502)
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response(
+            {"error": f"internal error ({type(exc).__name__}); the dashboard's log has why"},
+            status=500,
+        )
+
+
 async def _startup(app: web.Application) -> None:
     await app[DASHBOARD].start()
 
@@ -311,7 +332,9 @@ def build_app(dash: Dashboard) -> web.Application:
     """The aiohttp application: middlewares, routes (api, pages, static), lifecycle."""
     from . import api, pages
 
-    app = web.Application(middlewares=[security_headers, guard], client_max_size=1024**2)
+    app = web.Application(
+        middlewares=[security_headers, guard, error_answers], client_max_size=1024**2
+    )
     app[DASHBOARD] = dash
     api.add_routes(app)
     pages.add_routes(app)

@@ -20,6 +20,7 @@ from dashboard_fixtures import (
     USER,
     DashboardProcess,
     expected_fires,
+    free_port,
     http,
     put_dead_letters,
 )
@@ -676,3 +677,38 @@ def http_basic() -> str:
     import base64
 
     return "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+
+def test_with_its_broker_away_it_serves_and_every_answer_names_the_cause(
+    tmp_path, broker, dashboard_factory
+):
+    """A dashboard started while its broker (AMQP and management API) is away keeps
+    serving; what needs the broker answers 502 saying why, never aiohttp's bare 500."""
+    away = f"amqp://guest:hidden-pw@127.0.0.1:{free_port()}/%2F"
+    cfg = write_config(
+        tmp_path,
+        broker,
+        broker={"url": away, "publish_timeout": 2},
+        dashboard={
+            "database": str(tmp_path / "dashboard.sqlite3"),
+            "basic_auth": [f"{USER}:{PASSWORD}"],
+            "management_url": f"http://127.0.0.1:{free_port()}",
+        },
+    )
+    d = dashboard_factory(cfg, ready=False)
+    wait_for(lambda: "dashboard: http" in d.output(), message="the dashboard listening")
+    for method, path, body, cause in (
+        ("GET", "/api/task/types", None, "connection refused"),
+        ("POST", "/api/task/async-apply/examples.tasks.add", {"args": [1, 2]}, "refused"),
+        ("POST", "/api/task/revoke/some-id", {}, "connection refused"),
+        ("POST", "/api/worker/shutdown/w1@x", {}, "connection refused"),
+        ("GET", "/api/queues/length", None, "management API unreachable"),
+        ("GET", "/api/dlq/default.dlq", None, "cannot connect"),
+    ):
+        a = http(d.base, method, path, auth=(USER, PASSWORD), body=body)
+        assert a.status == 502, (path, a.status, a.text)
+        assert cause in a.json()["error"], (path, a.text)
+        assert "hidden-pw" not in a.text
+    assert http(d.base, "GET", "/api/stats", auth=(USER, PASSWORD)).json()["connected"] is False
+    assert d.proc.poll() is None
+    assert "hidden-pw" not in d.output()
