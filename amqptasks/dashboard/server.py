@@ -24,6 +24,7 @@ import hashlib
 import ipaddress
 import logging
 import signal
+import sqlite3
 from base64 import b64encode
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,7 @@ from aiohttp import web
 
 from ..app import App
 from ..config import Settings, redact_url
-from ..errors import AmqpTasksError
+from ..errors import AmqpTasksError, ConfigError
 from ..results import AsyncResult
 from .auth import Credentials, Session, SessionStore, parse_basic
 from .broker_api import BrokerApi, BrokerApiError
@@ -108,10 +109,17 @@ class Dashboard:
         self.settings = settings
         d = settings.dashboard
         self.options = d
+        try:  # before anything that connects: a history it cannot open stops the start
+            self.history = History(d.database, max_tasks=d.max_tasks, retention=d.retention)
+        except (OSError, sqlite3.Error, ValueError) as exc:
+            raise ConfigError(
+                str(settings.source),
+                "dashboard.database (or --database)",
+                f"cannot open the history {str(d.database)!r}: {exc}",
+            ) from None
         self.app = app or App(settings)
         self.credentials = Credentials(d.basic_auth, d.api_tokens)
         self.sessions = SessionStore(d.session_ttl)
-        self.history = History(d.database, max_tasks=d.max_tasks, retention=d.retention)
         self.live = LiveHub()
         self.ingestor = Ingestor(
             settings.broker.urls,

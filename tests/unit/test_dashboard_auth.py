@@ -211,3 +211,17 @@ def test_a_bad_dashboard_key_names_its_path_and_never_its_secret(section, key, s
     assert str(info.value).startswith(f"cfg.yaml: {key}: ")
     if secret is not None:
         assert secret not in str(info.value)
+
+
+def test_a_history_it_cannot_open_stops_the_start_naming_the_file(tmp_path):
+    """It once said "cannot listen on 127.0.0.1:5555: No such file or directory"."""
+    (tmp_path / "notes.txt").write_text("not a database")
+    for database, why in (
+        (str(tmp_path / "notes.txt"), "file is not a database"),
+        ("/proc/no-such/h.sqlite3", "No such file or directory"),
+    ):
+        r = _dashboard_cli(tmp_path, {}, "--database", database)
+        assert r.exit_code == 2, r.output
+        assert "dashboard.database (or --database): cannot open the history" in r.output
+        assert database in r.output and why in r.output
+        assert "cannot listen" not in r.output
