@@ -98,6 +98,7 @@ def _register() -> None:
         dlq,
         events,
         inspect,
+        result,
         send,
         topology,
         worker,
