@@ -54,8 +54,8 @@ class Ctx:
     sizes: Sizes
     log: Callable[[str], None]
     vhosts: list[VHost]
-    #: (framework, figure, configuration) that timed out once: not run again this run.
-    timed_out: set[tuple[str, str, str]] = field(default_factory=set)
+    #: (framework, figure, configuration, step) that timed out once: not run again this run.
+    timed_out: set[tuple[str, str, str, str]] = field(default_factory=set)
 
     @contextmanager
     def vhost(self, label: str) -> Iterator[VHost]:
@@ -110,7 +110,9 @@ def _try(
     """``attempt(fn, *args)``; a failure is recorded under ``fig`` and None returned. A
     configuration that timed out before is skipped (its failure is already recorded)."""
     label, note = _label_note(spec)
-    key = (fw.name, fig, label)
+    # The callable too: a group may call _try for a worker start and, inside it, for its
+    # client under the same figure; a client's timeout must not skip the whole start.
+    key = (fw.name, fig, label, getattr(fn, "__qualname__", repr(fn)))
     if key in ctx.timed_out:
         ctx.log(f"    - {fw.name} {fig} [{label}]: skipped, it timed out in an earlier repeat")
         return None

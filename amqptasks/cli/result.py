@@ -31,7 +31,8 @@ def _line(task_id: str, meta: ResultMeta | None) -> str:
     if meta.status == SUCCESS:
         return f"{task_id} {SUCCESS} {meta.result!r}"
     if meta.ready:
-        what = f"{meta.error_type or 'Error'}: {meta.error_message or ''}".rstrip(": ")
+        kind = meta.error_type or "Error"
+        what = f"{kind}: {meta.error_message}" if meta.error_message else kind
         reason = f" [{meta.reason}]" if meta.reason else ""
         return f"{task_id} {meta.status} {what}{reason}"
     return f"{task_id} {meta.status}"
@@ -43,8 +44,9 @@ def _json(task_id: str, meta: ResultMeta | None) -> str:
     return dumps(obj).decode()
 
 
-def _read(store: ResultStore, ids: tuple[str, ...]) -> dict[str, ResultMeta | None]:
-    return {task_id: store.get(task_id) for task_id in ids}
+def _read(store: ResultStore, ids: tuple[str, ...]) -> list[tuple[str, ResultMeta | None]]:
+    """Each id's record, in the order given (an id given twice is printed twice)."""
+    return [(task_id, store.get(task_id)) for task_id in ids]
 
 
 @main.command()
@@ -86,16 +88,16 @@ def result(
             sys.exit(2)
         records = _read(store, task_ids)
         if wait_seconds is not None:
-            waiting = [i for i, m in records.items() if m is None or not m.ready]
+            waiting = list({i: None for i, m in records if m is None or not m.ready})
             if waiting:
                 store.wait(waiting, wait_seconds)
                 records = _read(store, task_ids)
-        for task_id, meta in records.items():
+        for task_id, meta in records:
             click.echo(_json(task_id, meta) if as_json else _line(task_id, meta))
         if wait_seconds is None:
             return
         failed = False
-        for task_id, meta in records.items():
+        for task_id, meta in records:
             if meta is None or not meta.ready:
                 echo(
                     f"error: {task_id}: not finished within {wait_seconds:g}s", level=logging.ERROR

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from ..app import App
 from ..config import Settings, redact_url
-from ..errors import AmqpTasksError, ConfigError
+from ..errors import AmqpTasksError, BrokerError, ConfigError, ResultStoreError
 from ..results import AsyncResult
 from .auth import Credentials, Session, SessionStore, parse_basic
 from .broker_api import BrokerApi, BrokerApiError
@@ -307,15 +307,18 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def error_answers(request: web.Request, handler: Handler) -> web.StreamResponse:
     """What a handler did not answer itself becomes a JSON error, never aiohttp's bare "500
-    Server got itself in trouble": our own errors (a broker that cannot be reached, a
-    command refused) are 502 with their text, which names the cause and never a password;
-    anything else is a 500 whose traceback is in the dashboard's log."""
+    Server got itself in trouble": the broker's and the result store's errors are 502 with
+    their text (it names the cause, never a password), our other errors 400 (the request
+    asked for something that cannot be), anything else a 500 whose traceback is in the
+    dashboard's log."""
     try:
         return await handler(request)
     except web.HTTPException:
         raise
-    except AmqpTasksError as exc:
+    except (BrokerError, ResultStoreError) as exc:  # what the dashboard stands in front of
         return web.json_response({"error": str(exc)}, status=502)
+    except AmqpTasksError as exc:  # e.g. a route the request asked for that does not exist
+        return web.json_response({"error": str(exc)}, status=400)
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response(

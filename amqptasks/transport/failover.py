@@ -93,8 +93,9 @@ class Attempts:
         self.tried = 0
         self._delay = 0.1
         self._many = len(addresses) > 1
-        #: Why the last attempt that closed failed (named if the deadline comes next).
-        self._failure: BaseException | None = None
+        #: The address whose attempt closed last, and why (named if the deadline then cuts
+        #: the next attempt at that same address short).
+        self._failure: tuple[str, BaseException | None] | None = None
 
     def share(self) -> float:
         """Seconds to wait for this attempt's link to open."""
@@ -111,10 +112,10 @@ class Attempts:
         connection retried until the deadline), else :class:`PublishTimeout` (no broker
         answered at all)."""
         if not self._many or time.monotonic() >= self.deadline:
-            if self._failure is not None:
+            if self._failure is not None and self._failure[0] == url:
                 raise BrokerError(
                     f"broker {self.addresses} unreachable; nothing was published "
-                    f"(last error: {self._failure})"
+                    f"(last error: {self._failure[1]})"
                 )
             last = f" (last error: {last_error})" if last_error else ""
             raise PublishTimeout(
@@ -135,13 +136,13 @@ class Attempts:
             log.warning("publishing through broker %s", redact_url(url))
         self.addresses.answered(url)
 
-    def closed(self, error: BaseException | None) -> float:
-        """The link closed before it opened (``error`` says why): seconds to pause before
+    def closed(self, url: str, error: BaseException | None) -> float:
+        """The link to ``url`` closed before it opened (``error`` says why): seconds to pause before
         the next attempt (0: the next address at once; the caller's next link replaces the
         closed one and marks its address failed), or the error to give up with."""
         if isinstance(error, BrokerRefused):
             raise BrokerRefused(str(error), error.reason)
-        self._failure = error
+        self._failure = (url, error)
         self.tried += 1
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:

@@ -121,7 +121,7 @@ class AsyncPikaPublisher:
                 self.url = link.url
                 return link
             self.last_error = link.error
-            pause = attempts.closed(link.error)
+            pause = attempts.closed(link.url, link.error)
             if pause:
                 await asyncio.sleep(pause)
 

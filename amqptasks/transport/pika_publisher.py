@@ -101,7 +101,8 @@ def mandatory_for(routing_key: str, mandatory: bool) -> bool:
     """The ``mandatory`` flag a publish goes out with. RabbitMQ answers a mandatory publish
     to a direct reply-to address (``amq.rabbitmq.reply-to.*``) with ``basic.return``
     NO_ROUTE although it delivers it, so replies go out unmandatory (a caller that is gone
-    loses its reply either way; that is the rpc contract). Every publisher asks this."""
+    loses its reply either way; that is the rpc contract). The pika publishers and the
+    aio-pika one ask this for every publish."""
     return mandatory and not routing_key.startswith(REPLY_TO)
 
 
@@ -576,7 +577,7 @@ class SyncPublisher:
             if not link.closed:
                 attempts.opened(link.url)
                 return link
-            pause = attempts.closed(link.error)
+            pause = attempts.closed(link.url, link.error)
             if pause:
                 time.sleep(pause)
 

@@ -45,19 +45,23 @@ def test_each_id_gets_its_state_and_value_and_json_follows_the_schema(tmp_path):
     store.save(
         [
             _record("ok-1", SUCCESS, result=5),
-            _record("bad-1", FAILURE, error_type="ZeroDivisionError", error_message="boom"),
+            _record("bad-1", FAILURE, error_type="ZeroDivisionError", error_message="boom:"),
+            _record("gone-1", FAILURE, error_type="WorkerLost"),
             ResultMeta(id="run-1", status=STARTED, task="examples.tasks.add"),
         ]
     )
-    r = _run(cfg, "ok-1", "bad-1", "run-1", "nobody")
+    r = _run(cfg, "ok-1", "bad-1", "gone-1", "run-1", "nobody", "ok-1")
     assert r.exit_code == 0, r.output
     assert r.output.splitlines() == [
         "ok-1 SUCCESS 5",
-        "bad-1 FAILURE ZeroDivisionError: boom",
+        "bad-1 FAILURE ZeroDivisionError: boom:",
+        "gone-1 FAILURE WorkerLost",
         "run-1 STARTED",
         "nobody PENDING (no record yet: not run, still running, expired or unknown)",
+        "ok-1 SUCCESS 5",
     ]
     r = _run(cfg, "ok-1", "nobody", "--json")
+    assert r.exit_code == 0, r.output
     lines = [json.loads(line) for line in r.output.splitlines()]
     assert lines[0]["id"] == "ok-1" and lines[0]["status"] == SUCCESS and lines[0]["result"] == 5
     assert lines[1] == {"id": "nobody", "status": "PENDING"}

@@ -126,24 +126,30 @@ def test_one_address_backs_off_between_attempts_and_gives_up_at_the_deadline() -
     attempts = Attempts(Addresses(A), time.monotonic() + 60)
     assert 59 < attempts.share() <= 60  # all the time left: there is no other address
     lost = ConnectionResetError("reset")
-    assert [attempts.closed(lost) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert [attempts.closed(A, lost) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
     with pytest.raises(PublishTimeout, match="nothing was published"):
         # One address that never answered: nothing else to try, no failure to name.
         Attempts(Addresses(A), time.monotonic() + 60).hung(A, 60)
     late = Attempts(Addresses(A), time.monotonic() - 1)
     with pytest.raises(BrokerError, match=r"unreachable; nothing was published.*reset"):
-        late.closed(lost)
+        late.closed(A, lost)
 
 
 def test_a_refused_connection_retried_until_the_deadline_is_named() -> None:
     """The last attempt may be cut short by the deadline before it fails: the error is
     still why the broker cannot be reached, not a bare timeout."""
     attempts = Attempts(Addresses(A), time.monotonic() + 60)
-    attempts.closed(BrokerError("cannot connect to broker: connection refused"))
+    attempts.closed(A, BrokerError("cannot connect to broker: connection refused"))
     attempts.deadline = time.monotonic()
     with pytest.raises(BrokerError, match=r"unreachable.*connection refused") as caught:
         attempts.hung(A, 0.0)
     assert not isinstance(caught.value, PublishTimeout)
+    # Another address's refusal is not why this one hung: a bare timeout for it.
+    two = Attempts(Addresses([A, B]), time.monotonic() + 60)
+    two.closed(A, BrokerError("cannot connect to broker: connection refused"))
+    two.deadline = time.monotonic()
+    with pytest.raises(PublishTimeout):
+        two.hung(B, 0.0)
 
 
 def test_several_addresses_are_tried_in_turn_and_paused_after_each_round() -> None:
@@ -154,8 +160,8 @@ def test_several_addresses_are_tried_in_turn_and_paused_after_each_round() -> No
     assert addresses.preferred == B and attempts.tried == 1
     assert 14 < attempts.share() <= 15  # what is left, between the two not tried yet
     lost = ConnectionRefusedError("refused")
-    assert attempts.closed(lost) == 0.0  # the third address at once
-    assert attempts.closed(lost) == 0.1  # a whole round failed: back off
+    assert attempts.closed(B, lost) == 0.0  # the third address at once
+    assert attempts.closed(C, lost) == 0.1  # a whole round failed: back off
     attempts.opened(C)
     assert addresses.preferred == C
 
@@ -163,7 +169,7 @@ def test_several_addresses_are_tried_in_turn_and_paused_after_each_round() -> No
 def test_a_refusal_is_raised_again_at_once() -> None:
     attempts = Attempts(Addresses([A, B]), time.monotonic() + 30)
     with pytest.raises(BrokerRefused, match="ACCESS_REFUSED"):
-        attempts.closed(BrokerRefused("ACCESS_REFUSED: login refused", "access-refused"))
+        attempts.closed(A, BrokerRefused("ACCESS_REFUSED: login refused", "access-refused"))
     assert attempts.tried == 0
 
 
