@@ -176,9 +176,15 @@ def test_control_rate_limit_changes_the_pace_of_a_running_worker(tmp_path, broke
         assert limit["spent"] == 16
         # One worker holds the lock queue's single active consumer; the tokens queue exists.
         vh = urllib.parse.quote(broker.vhost, safe="")
-        lock = mgmt("GET", f"/queues/{vh}/amqptasks.ratelimit.testtasks.tick.lock")
-        assert lock["arguments"]["x-single-active-consumer"] is True
-        assert lock["messages_unacknowledged"] == 1
+        lock_path = f"/queues/{vh}/amqptasks.ratelimit.testtasks.tick.lock"
+        assert mgmt("GET", lock_path)["arguments"]["x-single-active-consumer"] is True
+        # The management API's counters are a sample refreshed every few seconds: wait for
+        # the held lock message to show rather than reading one (possibly stale) sample.
+        wait_for(
+            lambda: mgmt("GET", lock_path).get("messages_unacknowledged") == 1,
+            timeout=15,
+            message="the lock message held unacked by the refilling worker",
+        )
     finally:
         app.close()
     print(f"\npace: {slow:.2f}/s at 2/s, {fast:.2f}/s at 20/s, {fleet:.2f}/s at 5/s fleet-wide")
