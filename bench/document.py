@@ -80,8 +80,11 @@ extra); without it the report says "plots skipped: matplotlib missing".
   `time.time()` at the call; the task records `time.time() - sent` first thing. 50 warm-up
   messages excluded. The CDF plot pools the samples of each contender's best configuration.
 * **`delay().get()`**: sequential round trips, at least N and for at least 5 s (amqptasks:
-  `echo.delay(i).get()`, direct reply-to; Celery: the `rpc://` backend; raw pika: direct
-  reply-to; Dramatiq: n/a, its results need Redis or Memcached).
+  `echo.delay(i).get()`, each configuration with the default SQLite store (the worker
+  writes the result durably, then replies) and one with the `rpc://` store (a reply,
+  nothing kept: the like-for-like row); Celery: the `rpc://` backend; raw pika: direct
+  reply-to, unconfirmed (the target's figure) and with the caller's publish confirmed as
+  `delay()` always does; Dramatiq: n/a, its results need Redis or Memcached).
 * **Consume with results** (`results`): the consume measurement (one worker process) with
   each result configuration, every run on a fresh store — amqptasks: `ignore_result`
   (today's consume figure: a store configured, the task keeps nothing), `rpc://` with no

@@ -8,6 +8,7 @@ logging at WARNING (per-task INFO lines would measure the logger).
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -58,6 +59,10 @@ class WorkerSpec:
     #: group under its own figure (``consume1_events``...), so it never competes for the
     #: contender's best no-op figure and its cost is set against the plain one.
     variant: str = ""
+    #: Environment for the clients (latency, delay().get()) run against this configuration:
+    #: a caller must know the result store its workers use, and a raw caller's variant
+    #: (confirmed or not) is a client setting, not a worker one.
+    client_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -296,6 +301,19 @@ class AmqpTasks(Framework):
                 self._spec(1, "threads", 8, 32, metrics=True, quick=False),
             ]
         return specs
+
+    def latency_specs(self) -> list[WorkerSpec]:
+        # The consume group's configurations run with the default store (SQLite: the worker
+        # writes each result durably before it replies), so their delay().get() pays a write
+        # that raw pika's round trip does not; the rpc:// row is the like-for-like one (a
+        # reply, nothing kept). Both are reported, labelled by store.
+        specs = super().latency_specs()
+        for s in specs:
+            s.label = f"SQLite store (default); {s.label}"
+        rpc = self._spec(1, "asyncio", 8, 32, what="rpc:// store")
+        rpc.env = {"AMQPTASKS_RESULT_BACKEND": "rpc://"}
+        rpc.client_env = dict(rpc.env)
+        return [*specs, rpc]
 
     def rss_specs(self) -> list[WorkerSpec]:
         # Every pool: memory must stay flat whichever one a user picks (the processes pool:
@@ -603,6 +621,17 @@ class RawPika(Framework):
                 )
             )
         return specs
+
+    def latency_specs(self) -> list[WorkerSpec]:
+        # Raw pika's round trip publishes unconfirmed (the fastest a caller can be, and the
+        # figure the target is set against); a second row has the caller confirm its publish
+        # as amqptasks' delay() always does, so the cost of that promise is visible.
+        specs = super().latency_specs()
+        confirmed = copy.deepcopy(specs[0])
+        confirmed.label = f"{confirmed.label}; the caller publishes with confirm_delivery"
+        confirmed.client_env = {"BENCH_RPC_CONFIRM": "1"}
+        confirmed.quick = False
+        return [*specs, confirmed]
 
     def publish_specs(self) -> list[PublishSpec]:
         return [

@@ -441,6 +441,7 @@ def _latency_once(
     lat_file = Path(tempfile.mkstemp(prefix="lat-", suffix=".txt", dir=ctx.workdir)[1])
     tag = f"{fw.name} [{spec.label}] #{r + 1}"
     workers = _start(ctx, spec, env, {"BENCH_LAT_FILE": str(lat_file)})
+    env = {**env, **spec.client_env}  # the clients' view of this configuration
     try:
         _wait_ready(vh, spec, workers)
         if "rss" in parts:

@@ -243,6 +243,11 @@ def main() -> None:
         )
         emit(ok=True)
     elif args.mode == "rpc":
+        # $BENCH_RPC_CONFIRM=1: each call's publish is confirmed before its reply is awaited
+        # (amqptasks' delay() always confirms); unset, the raw round trip's fastest form.
+        confirm = os.environ.get("BENCH_RPC_CONFIRM") == "1"
+        if confirm:
+            ch.confirm_delivery()
         replies: list[bytes] = []
         ch.basic_consume(
             "amq.rabbitmq.reply-to", lambda _c, _m, _p, b: replies.append(b), auto_ack=True
@@ -255,7 +260,7 @@ def main() -> None:
                 reply_to="amq.rabbitmq.reply-to",
                 correlation_id=str(i),
             )
-            ch.basic_publish("", QUEUE, body(value=i), props)
+            ch.basic_publish("", QUEUE, body(value=i), props, mandatory=confirm)
             deadline = time.monotonic() + 10
             while not replies:
                 if time.monotonic() > deadline:
