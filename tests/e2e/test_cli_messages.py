@@ -5,9 +5,9 @@ without client-library noise; ``send``'s timing and header options doing what th
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
-import subprocess
 import time
 import urllib.parse
 import uuid
@@ -15,25 +15,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from broker_fixtures import (
-    ROOT,
-    amqptasks_exe,
     cli_env,
     ledger_lines,
     mgmt,
     wait_for,
     write_config,
 )
+from broker_fixtures import run_cli as _run_cli
 
-
-def run_cli(config, *args, env=None, timeout=60):
-    return subprocess.run(
-        [amqptasks_exe(), *args],
-        cwd=ROOT,
-        env={**cli_env(config), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+# These tests name the config through $AMQPTASKS_CONFIG, or place --config themselves.
+run_cli = functools.partial(_run_cli, config_flag=False)
 
 
 def with_module(tmp_path: Path, name: str, source: str) -> dict[str, str]:

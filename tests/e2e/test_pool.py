@@ -18,11 +18,9 @@ from typing import Any
 
 import jsonschema
 from broker_fixtures import (
-    ROOT,
-    amqptasks_exe,
-    cli_env,
     ledger_lines,
     mgmt,
+    run_cli,
     wait_for,
     write_config,
 )
@@ -34,17 +32,6 @@ VALIDATOR = jsonschema.Draft202012Validator(
         (resources.files("amqptasks") / "schema" / "control-v1.json").read_text(encoding="utf-8")
     )
 )
-
-
-def run_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [amqptasks_exe(), *args, "--config", str(config)],
-        cwd=ROOT,
-        env=cli_env(config),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def answer(config: Path, *args: str, worker: str = "w1@host") -> Any:

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from broker_fixtures import AMQP_PORT, ROOT, Broker, amqptasks_exe, cli_env, mgmt, write_config
+from broker_fixtures import (
+    AMQP_PORT,
+    ROOT,
+    Broker,
+    amqptasks_exe,
+    cli_env,
+    mgmt,
+    run_cli,
+    write_config,
+)
 
 from amqptasks import App, BrokerRefused, load_config
 
@@ -68,14 +77,7 @@ def _run(
     cfg: Path, *args: str, timeout: float = 30
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     start = time.monotonic()
-    out = subprocess.run(
-        [amqptasks_exe(), *args, "--config", str(cfg)],
-        cwd=ROOT,
-        env=cli_env(cfg),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    out = run_cli(cfg, *args, timeout=timeout)
     return out, time.monotonic() - start
 
 

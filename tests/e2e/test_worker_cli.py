@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
 import time
 import urllib.parse
 import uuid
@@ -14,11 +13,9 @@ import uuid
 import pika
 import pytest
 from broker_fixtures import (
-    ROOT,
-    amqptasks_exe,
-    cli_env,
     ledger_lines,
     mgmt,
+    run_cli,
     wait_for,
     write_config,
 )
@@ -31,17 +28,6 @@ def dlq_reasons(broker, queue):
         (props.headers or {}).get("x-amqptasks-reason")
         for props, _ in broker.get_all(queue + ".dlq")
     ]
-
-
-def run_cli(config, *args, timeout=60):
-    return subprocess.run(
-        [amqptasks_exe(), *args, "--config", str(config)],
-        cwd=ROOT,
-        env=cli_env(config),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_minimal_raw_pika_message_runs_on_web_tasks_worker(tmp_path, broker, worker_factory):

@@ -196,6 +196,27 @@ def amqptasks_exe() -> str:
     return str(exe) if exe.exists() else (shutil.which("amqptasks") or "amqptasks")
 
 
+def run_cli(
+    config: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    config_flag: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """``amqptasks ARGS --config CONFIG`` in a subprocess, as a user runs it from the project
+    root (``$AMQPTASKS_CONFIG`` names the file too; ``config_flag=False`` leaves the flag out,
+    for tests that place it themselves or test the variable alone). ``env`` adds to
+    :func:`cli_env`."""
+    return subprocess.run(
+        [amqptasks_exe(), *args, *(["--config", str(config)] if config_flag else [])],
+        cwd=ROOT,
+        env={**cli_env(config), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 class WorkerProcess:
     """``amqptasks worker`` as a subprocess, the way a user runs it."""
 

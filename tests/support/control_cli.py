@@ -4,30 +4,18 @@ in a subprocess, and ``--json`` answers checked against the public control schem
 from __future__ import annotations
 
 import json
-import subprocess
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-from broker_fixtures import ROOT, amqptasks_exe, cli_env
+from broker_fixtures import run_cli
 
 __all__ = ["CONTROL_VALIDATOR", "answers", "run_cli"]
 
 CONTROL_VALIDATOR = jsonschema.Draft202012Validator(
     json.loads((resources.files("amqptasks") / "schema" / "control-v1.json").read_text("utf-8"))
 )
-
-
-def run_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [amqptasks_exe(), *args, "--config", str(config)],
-        cwd=ROOT,
-        env=cli_env(config),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def answers(config: Path, *args: str) -> dict[str, Any]:
