@@ -74,6 +74,8 @@ def test_arguments_from_positionals_or_a_mapping() -> None:
         ("autoscale", {"max": 6, "min": True}, "'min' must be a whole number"),
         ("autoscale", ["6"], "expected MAX MIN, got 1 value"),
         ("time-limit", ["t", "30", "10"], "SOFT (30s) must be below HARD (10s)"),
+        # The wire's mapping form too: the one check a worker runs on a command from any client.
+        ("time-limit", {"task": "t", "soft": 30, "hard": 10}, "SOFT (30s) must be below HARD"),
     ]:
         with pytest.raises(ValueError) as err:
             check_arguments(name, given)
