@@ -156,6 +156,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         window=args.consume_window or (1.0 if q else 5.0),
         consume_max=100_000 if q else 400_000,
         workflow=args.workflow_n or (300 if q else 10_000),
+        workflow_small=100 if q else 1_000,
         scale=args.scale_n or (20_000 if q else 200_000),
         scale_processes=tuple(scale_processes),
         scale_queues=tuple(scale_queues),
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "RSS after tasks": args.sizes.rss_tasks,
         "countdowns": args.sizes.countdowns,
         "workflow N": args.sizes.workflow,
+        "workflow n (vs Celery)": args.sizes.workflow_small,
         "scale N": args.sizes.scale,
         "duration": f"{elapsed / 60:.1f} min",
     }

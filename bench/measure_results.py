@@ -102,14 +102,21 @@ def workflows(ctx: Ctx, frameworks: list[Framework], quick: bool) -> None:
                 for spec in p.fw.workflow_specs():
                     if spec.quick or not quick:
                         fig = f"wf_group_{spec.store}"
-                        _try(ctx, fig, p.fw, spec, _workflow_once, ctx, p, spec, r)
+                        n = ctx.sizes.workflow
+                        _try(ctx, fig, p.fw, spec, _workflow_once, ctx, p, spec, r, n)
+                        small = ctx.sizes.workflow_small
+                        if spec.store == "redis" and 0 < small < n:
+                            fig = f"wf_group_{spec.store}_small"
+                            _try(ctx, fig, p.fw, spec, _workflow_once, ctx, p, spec, r, small)
 
 
-def _workflow_once(ctx: Ctx, p: Prepared, spec: WorkerSpec, r: int) -> None:
-    """One worker start with a fresh store: group, then chord (one client), then — for a
-    configuration with ``reads`` — the read-latency client over the group's ids. Each figure
-    is recorded on its own; returns None so the caller records nothing more."""
-    fw, vh, n = p.fw, p.vh, ctx.sizes.workflow
+def _workflow_once(ctx: Ctx, p: Prepared, spec: WorkerSpec, r: int, n: int) -> None:
+    """One worker start with a fresh store: group, then chord of ``n`` (one client), then —
+    for a configuration with ``reads``, at the main size — the read-latency client over the
+    group's ids. Each figure is recorded on its own (the small size's under ``..._small``);
+    returns None so the caller records nothing more."""
+    fw, vh = p.fw, p.vh
+    small = n != ctx.sizes.workflow
     tag = f"{fw.name} [{spec.label}] #{r + 1}"
     ids = Path(ctx.workdir) / f"ids-{fw.name}-{time.monotonic_ns()}.txt"
     with stores.fresh(spec.store, fw.redis_db, ctx.workdir) as url:
@@ -139,13 +146,13 @@ def _workflow_once(ctx: Ctx, p: Prepared, spec: WorkerSpec, r: int) -> None:
             if dead:
                 raise Invalid(f"{dead} messages dead-lettered into {q}")
         for key in ("group", "chord"):
-            fig = f"wf_{key}_{spec.store}"
+            fig = f"wf_{key}_{spec.store}" + ("_small" if small else "")
             ctx.results.add(fig, fw.name, fw.group, spec.label, res[f"{key}_s"])
         ctx.log(
             f"    {tag} group of {n:,} {res['group_s']:.2f} s ({n / res['group_s']:,.0f}/s), "
             f"chord of {n:,} {res['chord_s']:.2f} s ({n / res['chord_s']:,.0f}/s)"
         )
-        if spec.reads:
+        if spec.reads and not small:
             kind = "store" if fw.group == "amqptasks" else "backend"
             label = f"{STORE_LABELS[spec.store]} {kind}; {n:,} results by id, fresh process"
             fig = f"read_p50_{spec.store}"

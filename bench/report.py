@@ -139,6 +139,20 @@ FIGURES = [
         versus="wf_chord_redis",
     ),
     Figure(
+        "wf_group_redis_small",
+        "Group of n no-ops → all results, Redis store (n: where Celery finishes)",
+        "s",
+        False,
+        "{:.2f}",
+    ),
+    Figure(
+        "wf_chord_redis_small",
+        "Chord of n no-ops → body result, Redis store (n: where Celery finishes)",
+        "s",
+        False,
+        "{:.2f}",
+    ),
+    Figure(
         "read_p50_redis",
         "AsyncResult(id).get() by id, other process, p50, Redis",
         "ms",

@@ -29,6 +29,8 @@ SCALE_PROCESSES = (1, 2, 4)
 SCALE_QUEUES = (1, 10, 100)
 
 HEADER = ["target", "amqptasks", "reference", "ratio", "status"]
+#: The workflow figures' keys and how a target names them.
+_WORKFLOWS = (("group", "Group"), ("chord", "Chord"))
 
 
 @dataclass(frozen=True)
@@ -103,19 +105,18 @@ def targets(res: Results) -> list[Target]:
             lambda r: r >= 0.7,
         ),
         _events_cost(res),
-        _ratio(
-            "Group of N no-ops ≥ 2× as fast as Celery (its Redis backend)",
-            res.best("wf_group_redis", a),
-            res.best("wf_group_redis", "celery"),
-            lambda r: r >= 2,
-            invert=True,
-        ),
-        _ratio(
-            "Chord of N no-ops ≥ 2× as fast as Celery (its Redis backend)",
-            res.best("wf_chord_redis", a),
-            res.best("wf_chord_redis", "celery"),
-            lambda r: r >= 2,
-            invert=True,
+        *(
+            _ratio(
+                f"{what} of {size} no-ops ≥ 2× as fast as Celery (its Redis backend)",
+                res.best(f"wf_{key}_redis{suffix}", a),
+                res.best(f"wf_{key}_redis{suffix}", "celery"),
+                lambda r: r >= 2,
+                invert=True,
+            )
+            # The main size, then the small one: Celery gave no result for 10,000 within
+            # its 310 s, so the small size is where its ratio can be measured at all.
+            for suffix, size in (("", "N"), ("_small", "n"))
+            for key, what in _WORKFLOWS
         ),
     ]
     for store in ("redis", "sqlite"):

@@ -197,6 +197,8 @@ def test_quick_results_and_workflows_measure_every_store(tmp_path, broker):
         "Group of N no-ops → all results, SQLite store (Celery: Redis) (s)",
         "Chord of N no-ops → body result, Redis store (s)",
         "Chord of N no-ops → body result, SQLite store (Celery: Redis) (s)",
+        "Group of n no-ops → all results, Redis store (n: where Celery finishes) (s)",
+        "Chord of n no-ops → body result, Redis store (n: where Celery finishes) (s)",
         "AsyncResult(id).get() by id, other process, p50, Redis (ms)",
         "AsyncResult(id).get() by id, other process, p99, SQLite (Celery: Redis) (ms)",
     ):

@@ -56,6 +56,25 @@ def test_workflow_times_invert_into_speedups_against_celery():
     assert row[1] == "5.00 (1 run)" and row[2] == "6.00 [5.50–6.50]" and row[5] == "0.83×"
 
 
+def test_the_small_workflow_size_gives_the_celery_ratio_the_main_size_could_not():
+    # Celery's group of N timed out (an error, no value); at the small n it finished.
+    res = _results()
+    res.fail("wf_chord_redis", "celery", "celery", "redis backend; solo", "no result within 310s")
+    res.add("wf_chord_redis", "amqptasks", "amqptasks", "Redis store; asyncio", 4.0)
+    res.add("wf_chord_redis_small", "amqptasks", "amqptasks", "Redis store; asyncio", 0.44)
+    res.add("wf_chord_redis_small", "celery", "celery", "redis backend; solo", 2.34)
+    res.add("wf_group_redis_small", "amqptasks", "amqptasks", "Redis store; asyncio", 0.31)
+    res.add("wf_group_redis_small", "celery", "celery", "redis backend; solo", 0.5)
+    assert _target(res, "Chord of N no-ops").status == "not measured"
+    t = _target(res, "Chord of n no-ops")
+    assert (t.ratio, t.status) == ("5.32×", "met")
+    t = _target(res, "Group of n no-ops")
+    assert (t.ratio, t.status) == ("1.61×", "not met")
+    title = "Chord of n no-ops → body result, Redis store (n: where Celery finishes)"
+    row = next(r for r in summary_rows(res) if r[0].startswith(title))
+    assert row[1] == "0.44 (1 run)" and row[2] == "2.34 (1 run)"
+
+
 def test_store_cost_is_against_the_same_contenders_no_results_figure():
     res = _results()
     assert _earlier(res, "the SQLite store")[1:] == ["40% lost", "not met"]
