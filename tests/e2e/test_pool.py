@@ -10,6 +10,7 @@ with a bounded wait.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import urllib.parse
 from importlib import resources
@@ -197,10 +198,13 @@ def test_autoscale_6_1_grows_under_a_backlog_and_shrinks_back_when_idle(
 
     gate.touch()
     wait_for(lambda: sorted(done(ledger)) == tags, message="all eight done")
+    # Each idle window shrinks to the most that were busy in it, so the way back may be one
+    # step (6 -> 1) or two (6 -> 2 -> 1, when a tick saw the last two running): both end at 1.
     wait_for(
-        lambda: "pool shrunk from 6 to 1 (autoscale)" in w.output(),
+        lambda: re.search(r"pool shrunk from [2-6] to 1 \(autoscale\)", w.output()),
         message="the idle pool shrunk back to 1",
     )
+    assert "pool shrunk from 6 to " in w.output()
     stats = answer(cfg, "inspect", "stats")
     assert (stats["concurrency"], stats["prefetch"]) == (1, 4)
     assert most_at_once(ledger) == 6
