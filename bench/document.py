@@ -103,10 +103,10 @@ extra); without it the report says "plots skipped: matplotlib missing".
   its SQLite store (compared with Celery's Redis backend). The Redis rows run again with
   n = 1,000 members (a worker start of their own): Celery's group and chord of 10,000 gave
   no result within their 310 s here, so the "≥ 2× Celery" targets are read at both sizes.
-  Then a **fresh process** reads
-  the group's N results back by id, one `AsyncResult(id).get()` at a time (p50/p99). Redis
-  is the project's local one (`deploy/redis.sh`): database 14 for amqptasks, 15 for Celery,
-  flushed before and after every run.
+  Then a **fresh process** reads the group's N results back by id, one
+  `AsyncResult(id).get()` at a time (p50/p99). Redis is the project's local one
+  (`deploy/redis.sh`): database 14 for amqptasks, 15 for Celery, flushed before and after
+  every run.
 * **Scale** (`scale`, amqptasks only): for 1, 2 and 4 processes × 1, 10 and 100 queues, on a
   fresh vhost: P publisher processes `send_many` N/P no-ops round-robin over the queues,
   started together at a barrier (rate: every timed message over the span from the first

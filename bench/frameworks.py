@@ -310,10 +310,7 @@ class AmqpTasks(Framework):
         specs = super().latency_specs()
         for s in specs:
             s.label = f"SQLite store (default); {s.label}"
-        rpc = self._spec(1, "asyncio", 8, 32, what="rpc:// store")
-        rpc.env = {"AMQPTASKS_RESULT_BACKEND": "rpc://"}
-        rpc.client_env = dict(rpc.env)
-        return [*specs, rpc]
+        return [*specs, self._spec(1, "asyncio", 8, 32, store="rpc", what="rpc:// store")]
 
     def rss_specs(self) -> list[WorkerSpec]:
         # Every pool: memory must stay flat whichever one a user picks (the processes pool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import stores
 from .broker import Template, VHost, drain_marks, poll_depth, wait_for_broker
 from .frameworks import QUEUE, Framework, PublishSpec, WorkerSpec
 from .peers.common import percentile
@@ -442,10 +443,25 @@ def _latency_once(
 ) -> None:
     """One worker start: idle RSS, then light-load latency, then delay().get() round trips
     (each recorded on its own; returns None so the caller records nothing more)."""
+    with stores.fresh(spec.store, fw.redis_db, ctx.workdir) as url:
+        # Workers and clients see the same store (an rpc:// client must not wait on SQLite).
+        env = {**env, **fw.backend_env(url)}
+        _latency_started(ctx, fw, vh, env, spec, parts, r)
+
+
+def _latency_started(
+    ctx: Ctx,
+    fw: Framework,
+    vh: VHost,
+    env: dict[str, str],
+    spec: WorkerSpec,
+    parts: set[str],
+    r: int,
+) -> None:
     lat_file = Path(tempfile.mkstemp(prefix="lat-", suffix=".txt", dir=ctx.workdir)[1])
     tag = f"{fw.name} [{spec.label}] #{r + 1}"
     workers = _start(ctx, spec, env, {"BENCH_LAT_FILE": str(lat_file)})
-    env = {**env, **spec.client_env}  # the clients' view of this configuration
+    env = {**env, **spec.client_env}  # the clients' view (raw pika: BENCH_RPC_CONFIRM)
     try:
         _wait_ready(vh, spec, workers)
         if "rss" in parts:
