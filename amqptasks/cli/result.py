@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from ..app import App
+from ..errors import ResultsUnavailable
 from ..protocol import dumps
 from ..results.meta import PENDING, SUCCESS, ResultMeta
 from ..results.store import ResultStore
@@ -77,14 +78,12 @@ def result(
     settings = settings_for(config_path)
     app = App(settings)
     try:
-        store = app.store
-        if store is None:
-            echo(
-                f"error: {settings.source}: results.backend is {settings.results.backend!r}: "
-                "only the process that published a task hears its result; configure "
-                "sqlite:///PATH or redis://HOST:PORT/DB to read results from here",
-                level=logging.ERROR,
-            )
+        try:
+            store = app.backend.require_store("reading a result from another process")
+        except ResultsUnavailable as exc:
+            # A configuration problem, not a failed task: a usage error (exit 2) naming the
+            # file; the advice is the one every by-id handle gives (results/handles.py).
+            echo(f"error: {settings.source}: {exc}", level=logging.ERROR)
             sys.exit(2)
         records = _read(store, task_ids)
         if wait_seconds is not None:
