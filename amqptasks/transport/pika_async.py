@@ -166,8 +166,8 @@ class AsyncPikaPublisher:
         self._link, self._retired = None, []
         for link in links:
             link.close()
-        # Let pika's close handshake run on the loop (bounded: a dead broker never answers).
-        for _ in range(50):
-            if all(x.conn.is_closed for x in links):
-                break
-            await asyncio.sleep(0.02)
+        # Let pika's close handshake run on the loop, awaited on the links' own "finished"
+        # (bounded: a dead broker never answers the close).
+        finished = [x.finished for x in links if x.finished is not None]
+        if finished:
+            await asyncio.wait(finished, timeout=1.0)

@@ -149,6 +149,8 @@ class _Link:
         self.threaded = threaded and loop is None
         #: Resolved (on ``loop``) together with :attr:`ready`: open, or failed to open.
         self.opened: asyncio.Future[None] | None = None
+        #: Resolved (on ``loop``) when the connection is finished: closed, or never opened.
+        self.finished: asyncio.Future[None] | None = None
         self._coalescing = False
         self.last_used = time.monotonic()
         self.ready = threading.Event()
@@ -173,6 +175,7 @@ class _Link:
         self.thread: threading.Thread | None = None
         if loop is not None:
             self.opened = loop.create_future()
+            self.finished = loop.create_future()
             self.conn = pika.adapters.asyncio_connection.AsyncioConnection(
                 params,
                 on_open_callback=self._on_open,
@@ -205,6 +208,8 @@ class _Link:
         """The link is finished: stop its own I/O loop (never an asyncio loop it was lent)."""
         if self.loop is None:
             self.conn.ioloop.stop()
+        elif self.finished is not None and not self.finished.done():
+            self.finished.set_result(None)
 
     # -- direct links: driven by their caller -------------------------------------------------
     def poll_now(self) -> None:
