@@ -38,6 +38,7 @@ from amqptasks.transport.aio import declare_topology
 from .broker import AMQP_PORT, MGMT_PORT
 from .frameworks import ROOT
 from .measure import Ctx
+from .procs import stop_popen
 
 CLUSTER_SCRIPT = ROOT / "deploy" / "cluster.sh"
 CLUSTER_AMQP = (5681, 5682, 5683)
@@ -184,12 +185,9 @@ def _consume(ctx: Ctx, target: _Target, n: int) -> float:
         return n / elapsed
     finally:
         for w in workers:
-            w.terminate()
+            w.terminate()  # all at once, then each waited for: their grace overlaps
         for w in workers:
-            try:
-                w.wait(20)
-            except subprocess.TimeoutExpired:
-                w.kill()
+            stop_popen(w)
         for log in logs:
             log.close()
 

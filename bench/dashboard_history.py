@@ -43,6 +43,7 @@ from amqptasks.events import rfc3339
 
 from .broker import AMQP_PORT, HOST, mgmt
 from .frameworks import ROOT, amqptasks_exe
+from .procs import stop_popen
 
 #: The first task's time: fixed, so a cached history keeps meaning the same windows.
 T0 = 1_700_000_000.0
@@ -276,12 +277,7 @@ def run(n: int, repeats: int, fresh: bool, where: Path | None = None) -> int:
             print(f"  {label:<40} {p50:>8.1f} {p99:>8.1f}  {found:>5}")
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_popen(proc)
         out.close()
         mgmt("DELETE", f"/vhosts/{vhost}", ok=(404,))
         shutil.rmtree(work, ignore_errors=True)  # the config (a password hash) and the log

@@ -33,6 +33,7 @@ from amqptasks import App, load_config
 
 from .broker import AMQP_PORT, HOST, mgmt
 from .frameworks import ROOT, amqptasks_exe
+from .procs import stop_popen
 
 EVENTS_QUEUE = "amqptasks.dashboard"
 
@@ -189,12 +190,7 @@ def run(tasks: int, pool: str, concurrency: int, prefetch_multiplier: int) -> in
         return 0
     finally:
         for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_popen(p)
         for f in logs:
             f.close()
         mgmt("DELETE", f"/vhosts/{vhost}", ok=(404,))

@@ -193,6 +193,21 @@ class Proc:
         return self.popen.returncode
 
 
+def stop_popen(popen: subprocess.Popen[Any], grace: float = 20.0) -> int | None:
+    """Stop a plain child (one the harness did not start through :class:`Procs`): SIGTERM,
+    up to ``grace`` s for it to exit, then SIGKILL. Returns its exit code (None: still
+    there 5 s after SIGKILL, which only a process stuck in the kernel manages)."""
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(5)
+    return popen.returncode
+
+
 class Procs:
     """The registry: ``start`` long-running processes, ``run`` bounded clients, ``stop_all``."""
 
