@@ -28,7 +28,7 @@ from ..topology import DLQ_SUFFIX, dlq_name
 from .broker_api import BrokerApiError
 from .history import READY_STATES, STATES, TaskQuery
 from .live import KEEPALIVE
-from .server import DASHBOARD, Dashboard
+from .server import DASHBOARD, STREAMING, Dashboard
 
 __all__ = ["add_routes"]
 
@@ -667,6 +667,7 @@ async def live(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
     )
     await response.prepare(request)
+    request[STREAMING] = response
     q = dash.live.subscribe()
     try:
         await response.write(b"retry: 2000\n\n")

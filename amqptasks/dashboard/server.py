@@ -190,7 +190,11 @@ class Dashboard:
 
 
 DASHBOARD = web.AppKey("dashboard", Dashboard)
-PRINCIPAL = "amqptasks.principal"
+# Typed request keys (aiohttp >= 3.14 warns once per process, on stderr, for a str key).
+PRINCIPAL = web.RequestKey("amqptasks.principal", Principal)
+#: Set by a streaming handler (the live event stream) to its response once its headers went
+#: out: from then on an error can only end the stream, not become a JSON answer.
+STREAMING = web.RequestKey("amqptasks.streaming", web.StreamResponse)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -310,21 +314,30 @@ async def error_answers(request: web.Request, handler: Handler) -> web.StreamRes
     Server got itself in trouble": the broker's and the result store's errors are 502 with
     their text (it names the cause, never a password), our other errors 400 (the request
     asked for something that cannot be), anything else a 500 whose traceback is in the
-    dashboard's log."""
+    dashboard's log. A stream whose headers already went out cannot change its status: its
+    error is logged and the stream ends."""
     try:
         return await handler(request)
     except web.HTTPException:
         raise
-    except (BrokerError, ResultStoreError) as exc:  # what the dashboard stands in front of
-        return web.json_response({"error": str(exc)}, status=502)
-    except AmqpTasksError as exc:  # e.g. a route the request asked for that does not exist
-        return web.json_response({"error": str(exc)}, status=400)
     except Exception as exc:
-        log.exception("%s %s failed", request.method, request.path)
-        return web.json_response(
-            {"error": f"internal error ({type(exc).__name__}); the dashboard's log has why"},
-            status=500,
-        )
+        started = request.get(STREAMING)
+        if started is not None and started.prepared:
+            log.exception("%s %s failed mid-stream; the stream ends", request.method, request.path)
+            return started
+        return _error_json(request, exc)
+
+
+def _error_json(request: web.Request, exc: Exception) -> web.Response:
+    if isinstance(exc, BrokerError | ResultStoreError):  # what the dashboard stands in front of
+        return web.json_response({"error": str(exc)}, status=502)
+    if isinstance(exc, AmqpTasksError):  # e.g. a route the request asked for that does not exist
+        return web.json_response({"error": str(exc)}, status=400)
+    log.exception("%s %s failed", request.method, request.path)  # called in the except block
+    return web.json_response(
+        {"error": f"internal error ({type(exc).__name__}); the dashboard's log has why"},
+        status=500,
+    )
 
 
 async def _startup(app: web.Application) -> None:

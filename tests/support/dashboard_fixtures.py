@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,8 @@ import pytest
 from broker_fixtures import AMQP_PORT, ROOT, Broker, amqptasks_exe, cli_env, mgmt
 
 USER, PASSWORD = "ops", "dash-pw-" + uuid.uuid4().hex[:10]
+#: A line Python's warnings module prints: ``path:line: SomeWarning: message``.
+PYTHON_WARNING = re.compile(r"^\S+:\d+: (\w*Warning): (.*)$", re.MULTILINE)
 
 
 def free_port() -> int:
@@ -152,6 +155,11 @@ def dashboard_factory() -> Iterator[Any]:
     yield start
     for d in reversed(started):
         d.stop()
+    # A Python warning in a dashboard's output is a defect a user would see on stderr
+    # (aiohttp 3.14's NotAppKeyWarning for a str request key was one).
+    for d in started:
+        warned = PYTHON_WARNING.findall(d.output())
+        assert not warned, f"the dashboard printed Python warnings: {warned}"
 
 
 @pytest.fixture
