@@ -443,26 +443,15 @@ def _latency_once(
 ) -> None:
     """One worker start: idle RSS, then light-load latency, then delay().get() round trips
     (each recorded on its own; returns None so the caller records nothing more)."""
-    with stores.fresh(spec.store, fw.redis_db, ctx.workdir) as url:
+    with ExitStack() as stack:  # stops the workers, then empties the store
+        url = stack.enter_context(stores.fresh(spec.store, fw.redis_db, ctx.workdir))
         # Workers and clients see the same store (an rpc:// client must not wait on SQLite).
         env = {**env, **fw.backend_env(url)}
-        _latency_started(ctx, fw, vh, env, spec, parts, r)
-
-
-def _latency_started(
-    ctx: Ctx,
-    fw: Framework,
-    vh: VHost,
-    env: dict[str, str],
-    spec: WorkerSpec,
-    parts: set[str],
-    r: int,
-) -> None:
-    lat_file = Path(tempfile.mkstemp(prefix="lat-", suffix=".txt", dir=ctx.workdir)[1])
-    tag = f"{fw.name} [{spec.label}] #{r + 1}"
-    workers = _start(ctx, spec, env, {"BENCH_LAT_FILE": str(lat_file)})
-    env = {**env, **spec.client_env}  # the clients' view (raw pika: BENCH_RPC_CONFIRM)
-    try:
+        lat_file = Path(tempfile.mkstemp(prefix="lat-", suffix=".txt", dir=ctx.workdir)[1])
+        tag = f"{fw.name} [{spec.label}] #{r + 1}"
+        workers = _start(ctx, spec, env, {"BENCH_LAT_FILE": str(lat_file)})
+        stack.callback(_stop, ctx, workers, spec.stop_grace)
+        env = {**env, **spec.client_env}  # the clients' view (raw pika: BENCH_RPC_CONFIRM)
         _wait_ready(vh, spec, workers)
         if "rss" in parts:
             time.sleep(2)
@@ -505,8 +494,6 @@ def _latency_started(
                     f"    {tag} delay().get() p50 {res['p50_ms']:.2f} ms, "
                     f"p99 {res['p99_ms']:.2f} ms, {res['rate']:,.0f}/s"
                 )
-    finally:
-        _stop(ctx, workers, spec.stop_grace)
 
 
 def _latency_samples(ctx: Ctx, fw: Framework, env: dict[str, str], lat_file: Path) -> list[float]:
