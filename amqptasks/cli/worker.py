@@ -228,14 +228,15 @@ def _served(factory: Any, worker: Worker) -> Iterator[None]:
     "(default: wait for it, with the reconnection backoff).",
 )
 @click.option(
+    # One on/off flag with a None default (neither given: the config decides). Two options
+    # sharing a destination made click 8.1 report False when neither was given, which
+    # silently overrode events.enabled: true.
     "-E",
-    "--events",
+    "--events/--no-events",
     "events",
-    flag_value=True,
     default=None,
-    help="Publish task and worker events (default: events.enabled in the config).",
+    help="Publish task and worker events, or none (default: events.enabled in the config).",
 )
-@click.option("--no-events", "events", flag_value=False, help="Publish no events.")
 @click.option(
     "--autoscale",
     default=None,
@@ -248,8 +249,8 @@ def _served(factory: Any, worker: Worker) -> Iterator[None]:
     "--autoscale-idle",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="--autoscale: seconds with unused slots and no backlog before the pool shrinks "
-    "(default 30).",
+    help="Seconds with unused slots and no backlog before an autoscaling pool shrinks "
+    "(--autoscale, or a later 'control autoscale'; default 30).",
 )
 @click.option(
     "--time-limit",

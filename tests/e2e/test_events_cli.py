@@ -307,3 +307,36 @@ def test_rejected_expired_retried_and_revoked_tasks_have_their_events(
     [revoked] = [e for e in events if e["type"] == "task-revoked"]
     assert (revoked["id"], revoked["reason"]) == ("nightly:2030-01-01", "duplicate")
     assert pika  # the raw publishes above are a foreign client's, not ours
+
+
+def test_events_follow_the_config_and_either_flag_overrides_it(tmp_path, broker, worker_factory):
+    """``events.enabled: true`` turns events on with no flag; ``--no-events`` turns them off
+    for one worker, ``-E`` on where the config says false."""
+
+    def one_task(cfg: Path, *flags: str) -> str:
+        w = worker_factory(cfg, "-Q", "default", *flags)
+        app = App(load_config(cfg, env={}))
+        try:
+            r = app.send_task("examples.tasks.add", (1, 2))
+            assert r.get(timeout=30) == 3
+        finally:
+            app.close()
+        w.stop()
+        return r.id
+
+    on = write_config(tmp_path, broker, events={"enabled": True})
+    assert run_events(on, "--queue", "audit", "--duration", "0.5").returncode == 0
+    by_config = one_task(on, "-n", "config@host")
+    switched_off = one_task(on, "-n", "off@host", "--no-events")
+    (tmp_path / "off").mkdir()
+    off = write_config(tmp_path / "off", broker, events={"enabled": False})
+    switched_on = one_task(off, "-n", "on@host", "-E")
+    wait_for(lambda: broker.depth("audit") > 0, message="events in the durable queue")
+    got = run_events(on, "--queue", "audit", "--dump", "--duration", "3")
+    assert got.returncode == 0, got.stderr
+    events = [valid(json.loads(line)) for line in got.stdout.splitlines()]
+    hosts = {e["hostname"] for e in events}
+    assert {"config@host", "on@host"} <= hosts and "off@host" not in hosts, hosts
+    tasks = by_task(events)
+    assert "task-succeeded" in tasks[by_config] and "task-succeeded" in tasks[switched_on]
+    assert switched_off not in tasks
