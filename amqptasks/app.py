@@ -172,6 +172,8 @@ class App(Sender):
         #: Inspect and control the workers (``app.control.ping()``).
         self.control = Control(self)
         self._router: Router | None = None
+        #: ignores_result() per task name, from the settings (a task's decorator aside).
+        self._configured_ignore: dict[str, bool] = {}
         self._publisher: SyncPublisher | None = None
         self._async_publishers: dict[asyncio.AbstractEventLoop, AsyncPublisher] = {}
         # Re-entrant: the first use of .publisher reads .settings, which takes it too.
@@ -195,6 +197,23 @@ class App(Sender):
         """Replace the settings (before anything was published)."""
         self._settings = settings
         self._router = None
+        self._configured_ignore = {}
+
+    def ignores_result(self, name: str) -> bool:
+        """Whether task ``name`` keeps no result, short of a per-call ``ignore_result``: its
+        decorator's choice, else its YAML ``tasks:`` entry, else ``results.ignore_result`` —
+        the order the worker resolves it in (its merged task policies), so a caller never
+        waits for a reply the worker will not send, nor refuses one it will."""
+        task = self.tasks.get(name)
+        if task is not None and task.ignore_result is not None:
+            return task.ignore_result
+        known = self._configured_ignore.get(name)
+        if known is None:
+            settings = self.settings
+            configured = settings.task_policy(name).ignore_result  # globs: matched once
+            known = settings.results.ignore_result if configured is None else configured
+            self._configured_ignore[name] = known
+        return known
 
     # -- results --------------------------------------------------------------------------------
     @property
@@ -444,10 +463,7 @@ class App(Sender):
         )
         ignore = options.get("ignore_result")
         if ignore is None:
-            task = self.tasks.get(name)
-            ignore = task.ignore_result if task is not None else None
-        if ignore is None:
-            ignore = self.settings.results.ignore_result
+            ignore = self.ignores_result(name)
         wants_reply = not ignore and reply_to is not None
         now = datetime.now(timezone.utc)
         eta = _when(options.get("countdown"), "countdown", now) or _when(

@@ -150,7 +150,7 @@ class Worker:
         store = self.app.store
         self.store = StoreRunner(store) if store is not None else None
         replies = ReplyMiddleware(
-            self.publisher.publish, settings.results.ignore_result, self.tasks
+            self.publisher.publish, settings.results.ignore_result, self.policies
         )
         workflow = Workflow(
             self.app, self.publisher.publish, self.store, self.hostname, replies.reply_failure

@@ -41,7 +41,7 @@ from ..protocol import (
 from .middleware import Context, Middleware, Outcome, Publish, Rejection
 
 if TYPE_CHECKING:
-    from ..tasks import Task
+    from ..config import TaskPolicy
 
 __all__ = ["REJECTION_ERRORS", "ReplyMiddleware"]
 
@@ -76,27 +76,31 @@ class ReplyMiddleware(Middleware):
     """Answers ``reply_to`` with the documented reply body (schema/reply-v1.json)."""
 
     def __init__(
-        self, publish: Publish, default_ignore: bool, tasks: Mapping[str, Task] | None = None
+        self,
+        publish: Publish,
+        default_ignore: bool,
+        policies: Mapping[str, TaskPolicy],
     ) -> None:
         self.publish = publish
         self.default_ignore = default_ignore
-        #: The worker's tasks (their ``ignore_result``), for the fast path's successes.
-        self.tasks = tasks
+        #: The worker's merged task policies (decorator, then the YAML ``tasks:`` entry):
+        #: their ``ignore_result``, for every reply (the fast path's successes included).
+        self.policies = policies
+
+    def _ignores(self, task: str) -> bool:
+        policy = self.policies.get(task)
+        ignore = policy.ignore_result if policy is not None else None
+        return self.default_ignore if ignore is None else ignore
         self._sending: set[asyncio.Future[None]] = set()
 
     def wants(self, envelope: Envelope) -> bool:
-        # The fast path answers a success itself (fast_success); without the task table it
-        # cannot tell whether the task keeps its result, so the pipeline does it.
-        return envelope.reply_to is not None and self.tasks is None
+        # The fast path answers a success itself (fast_success).
+        return False
 
     def fast_success(
         self, envelope: Envelope, result: Any, done: Callable[[BaseException | None], None]
     ) -> bool:
-        if not envelope.reply_to or self.tasks is None:
-            return False
-        task = self.tasks.get(envelope.task)
-        ignore = task.ignore_result if task is not None else None
-        if self.default_ignore if ignore is None else ignore:
+        if not envelope.reply_to or self._ignores(envelope.task):
             return False
         reply = Reply(envelope.id, SUCCESS, envelope.task, result=result)
         sending = asyncio.ensure_future(
@@ -121,8 +125,7 @@ class ReplyMiddleware(Middleware):
 
     async def after_run(self, ctx: Context, outcome: Outcome) -> None:
         env = ctx.envelope
-        ignore = ctx.task.ignore_result
-        if not env.reply_to or (self.default_ignore if ignore is None else ignore):
+        if not env.reply_to or self._ignores(env.task):
             return
         if outcome.retry_countdown is not None:
             return  # not final yet: the caller hears about the last attempt only

@@ -86,6 +86,50 @@ def test_results_ignore_result_config_default(tmp_path, broker, worker_factory):
         app.close()
 
 
+def test_a_tasks_entry_ignore_result_wins_over_the_default_for_caller_and_worker(
+    tmp_path, broker, worker_factory
+):
+    """``tasks.<name>.ignore_result`` in YAML, both ways round: the caller does not wait for
+    a reply the worker will not send (ResultsDisabled at once), and a task the entry keeps
+    is answered and stored although ``results.ignore_result`` is true."""
+    cfg = write_config(tmp_path, broker, tasks={"testtasks.record": {"ignore_result": True}})
+    ledger = tmp_path / "ledger"
+    w = worker_factory(cfg, "-Q", "default", ledger=ledger)
+    app = App(load_config(cfg, env={}))
+    try:
+        quiet = app.send_task("testtasks.record", ("quiet",))
+        with pytest.raises(ResultsDisabled):
+            quiet.get(timeout=10)
+        wait_for(lambda: "done quiet" in ledger_lines(ledger), message="the task to run anyway")
+        assert app.send_task("examples.tasks.add", (1, 2)).get(timeout=20) == 3
+    finally:
+        app.close()
+    w.stop()
+    (tmp_path / "kept").mkdir()
+    cfg = write_config(
+        tmp_path / "kept",
+        broker,
+        results={"ignore_result": True},
+        tasks={"examples.tasks.add": {"ignore_result": False}},
+    )
+    worker_factory(cfg, "-Q", "default")
+    app = App(load_config(cfg, env={}))
+    try:
+        kept = app.send_task("examples.tasks.add", (2, 3))
+        assert kept.get(timeout=20) == 5
+        with pytest.raises(ResultsDisabled):
+            app.send_task("examples.tasks.add", (2, 3), ignore_result=True).get(timeout=10)
+    finally:
+        app.close()
+    reader = App(load_config(cfg, env={}))  # another process's view: the store
+    try:
+        stored = reader.AsyncResult(kept.id)
+        assert stored.get(timeout=10) == 5  # waits for the store, not for a reply
+        assert stored.state == "SUCCESS"
+    finally:
+        reader.close()
+
+
 def test_no_declare_worker_fails_clearly_when_queues_are_missing(tmp_path, broker):
     cfg = write_config(tmp_path, broker)
     out = subprocess.run(
