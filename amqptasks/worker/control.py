@@ -365,7 +365,10 @@ async def pool_shrink(worker: Worker, arguments: Mapping[str, Any]) -> Any:
 @handler("autoscale")
 async def autoscale(worker: Worker, arguments: Mapping[str, Any]) -> Any:
     try:
-        await worker.pool.autoscale(arguments["max"], arguments["min"])
+        # The worker's --autoscale-idle holds however autoscaling was turned on.
+        await worker.pool.autoscale(
+            arguments["max"], arguments["min"], idle=worker.options.autoscale_idle
+        )
     except ValueError as exc:
         raise CommandError("BadArguments", str(exc)) from None
     return _pool(worker)

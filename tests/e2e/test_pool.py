@@ -219,6 +219,23 @@ def test_autoscale_6_1_grows_under_a_backlog_and_shrinks_back_when_idle(
     assert broker.depth("default") == 0 and broker.depth("default.dlq") == 0
 
 
+def test_control_autoscale_later_keeps_the_workers_autoscale_idle(tmp_path, broker, worker_factory):
+    cfg = write_config(tmp_path, broker)
+    w = worker_factory(cfg, "-Q", "default", "-c", "3", "--autoscale-idle", "0.5", "-n", "w1@host")
+    assert answer(cfg, "control", "autoscale", "4", "1") == {
+        "concurrency": 3,
+        "prefetch": 12,
+        "autoscale": {"max": 4, "min": 1},
+    }
+    # Idle at once: half a second later it shrinks (the default would wait 30 s).
+    wait_for(
+        lambda: re.search(r"pool shrunk from [23] to 1 \(autoscale\)", w.output()),
+        timeout=15,
+        message="the idle pool shrunk to 1 after --autoscale-idle",
+    )
+    assert answer(cfg, "inspect", "stats")["concurrency"] == 1
+
+
 def test_the_process_pool_starts_and_retires_children_with_the_pool(
     tmp_path, broker, worker_factory
 ):
