@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import sys
 
 import click
@@ -17,6 +18,9 @@ from ..config import DashboardSettings, Settings
 from ..schedule import parse_duration
 from . import config_option, friendly_errors, main, settings_for
 from .logs import echo, log_options
+
+#: What ``--new-token NAME`` accepts: safe in the YAML line it prints and in the logs.
+TOKEN_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 HOW_TO_AUTH = (
     "set credentials with --basic-auth USER:PASSWORD, dashboard.basic_auth in the config or "
@@ -30,6 +34,16 @@ def _hash_password() -> None:
 
     password = click.prompt("password", hide_input=True, confirmation_prompt=True, err=True)
     click.echo(hash_password(password))
+
+
+def _token_name(_ctx: click.Context, _param: click.Parameter, name: str | None) -> str | None:
+    """NAME goes into ``NAME:sha256$...`` in YAML and into the logs that name who called:
+    a colon would split it, and quotes or spaces would need escaping in the line printed."""
+    if name is not None and not TOKEN_NAME.fullmatch(name):
+        raise click.BadParameter(
+            f"{name!r}: use letters, digits and . _ - @ only (at most 64), e.g. deploy-bot"
+        )
+    return name
 
 
 def _new_token(name: str) -> None:
@@ -101,8 +115,15 @@ def _check_hashes(d: DashboardSettings) -> None:
 
 
 @main.command()
-@click.option("--address", default=None, help="Listen address (default 127.0.0.1).")
-@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default 5555).")
+@click.option(
+    "--address", default=None, help="Listen address (default dashboard.address, 127.0.0.1)."
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port (default dashboard.port, 5555).",
+)
 @click.option(
     "--basic-auth",
     multiple=True,
@@ -123,7 +144,13 @@ def _check_hashes(d: DashboardSettings) -> None:
 @click.option(
     "--hash-password", is_flag=True, help="Print a hash of a password (asked for) and exit."
 )
-@click.option("--new-token", metavar="NAME", default=None, help="Print a new API token and exit.")
+@click.option(
+    "--new-token",
+    metavar="NAME",
+    default=None,
+    callback=_token_name,
+    help="Print a new API token named NAME (letters, digits, . _ - @) and exit.",
+)
 @config_option
 @log_options
 @friendly_errors

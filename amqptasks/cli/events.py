@@ -73,7 +73,8 @@ def describe(e: dict[str, Any]) -> str:
 @click.option(
     "--dump",
     is_flag=True,
-    help="For scripts: JSON lines (like --json); with --count / --duration it exits 0 then.",
+    help="The same as --json (JSON lines; like every listener it exits 0 after --count or "
+    "--duration), the name Celery's 'events --dump' users look for.",
 )
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Exit after N events.")
 @click.option(

@@ -85,9 +85,10 @@ def _time_arg(value: str | None, what: str, seconds: bool) -> datetime | float |
 @click.option(
     "--wait",
     "wait_seconds",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Wait this many seconds for the result and print it.",
+    metavar="SECONDS",
+    help="Wait up to SECONDS for the result and print it.",
 )
 @config_option
 @log_options
