@@ -321,7 +321,7 @@ async def error_answers(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException:
         raise
     except Exception as exc:
-        started = request.get(STREAMING)
+        started: web.StreamResponse | None = request.get(STREAMING)
         if started is not None and started.prepared:
             log.exception("%s %s failed mid-stream; the stream ends", request.method, request.path)
             return started
