@@ -6,6 +6,7 @@ import pickle
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pika
 import pytest
@@ -128,6 +129,51 @@ def test_a_tasks_entry_ignore_result_wins_over_the_default_for_caller_and_worker
         assert stored.state == "SUCCESS"
     finally:
         reader.close()
+
+
+def test_track_started_from_the_config_default_and_from_a_tasks_entry(
+    tmp_path, broker, worker_factory
+):
+    """``results.track_started`` (every task) and ``tasks.<name>.track_started`` (one task):
+    while a task runs, another process reads STARTED from the store; untracked, PENDING."""
+
+    def check_while_running(cfg: Path, expected: dict[str, str]) -> None:
+        names = list(expected)
+        ledger, gate = cfg.with_name("ledger"), cfg.with_name("gate")
+        w = worker_factory(cfg, "-Q", "default", "-c", "2", ledger=ledger)
+        app = App(load_config(cfg, env={}))
+        reader = App(load_config(cfg, env={}))  # another process's view: the store only
+        try:
+            runs = {n: app.send_task(n, (n, str(gate)), queue="default") for n in names}
+            wait_for(
+                lambda: (
+                    {ln.split()[1] for ln in ledger_lines(ledger) if ln.startswith("start ")}
+                    == set(names)
+                ),
+                message="both tasks running",
+            )
+            # The STARTED record is saved beside the task's start, so it may trail it a little.
+            seen: dict[str, str] = {}
+            wait_for(
+                lambda: (
+                    seen.update({n: reader.AsyncResult(r.id).state for n, r in runs.items()})
+                    or seen == expected
+                ),
+                message=f"the states {expected} while running",
+            )
+            gate.touch()
+            assert [runs[n].get(timeout=30) for n in names] == names
+            assert {reader.AsyncResult(r.id).state for r in runs.values()} == {"SUCCESS"}
+        finally:
+            reader.close()
+            app.close()
+        w.stop()
+
+    every = write_config(tmp_path, broker, results={"track_started": True})
+    check_while_running(every, {"testtasks.gated": "STARTED", "testtasks.held": "STARTED"})
+    (tmp_path / "one").mkdir()
+    one = write_config(tmp_path / "one", broker, tasks={"testtasks.gated": {"track_started": True}})
+    check_while_running(one, {"testtasks.gated": "STARTED", "testtasks.held": "PENDING"})
 
 
 def test_no_declare_worker_fails_clearly_when_queues_are_missing(tmp_path, broker):

@@ -557,6 +557,16 @@ def test_bad_broker_url_from_the_environment_names_the_variable(tmp_path: Path) 
     assert info.value.key == "$AMQPTASKS_BROKER_URL"
 
 
+def test_result_backend_from_the_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "results: {backend: 'sqlite:///file.db'}\n")
+    assert load_config(path, env={}).results.backend == "sqlite:///file.db"
+    env = {"AMQPTASKS_RESULT_BACKEND": "redis://127.0.0.1:6379/3"}
+    assert load_config(path, env=env).results.backend == "redis://127.0.0.1:6379/3"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"AMQPTASKS_RESULT_BACKEND": "mysql://db/"})
+    assert info.value.key == "$AMQPTASKS_RESULT_BACKEND"
+
+
 def test_config_path_from_the_environment(tmp_path: Path) -> None:
     path = write(tmp_path, BASE, name="from-env.yaml")
     settings = load_config(env={"AMQPTASKS_CONFIG": str(path)})
