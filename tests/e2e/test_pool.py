@@ -87,6 +87,21 @@ def consumer_prefetch(broker: Any, queue: str = "default") -> list[int]:
     )
 
 
+def test_the_worker_section_of_the_config_sizes_the_pool_and_flags_override_it(
+    tmp_path, broker, worker_factory
+):
+    cfg = write_config(
+        tmp_path, broker, worker={"concurrency": 3, "prefetch_multiplier": 2, "pool": "asyncio"}
+    )
+    worker_factory(cfg, "-Q", "default", "-n", "w1@host")
+    stats = answer(cfg, "inspect", "stats")
+    assert (stats["pool"], stats["concurrency"], stats["prefetch"]) == ("asyncio", 3, 6)
+    wait_for(lambda: consumer_prefetch(broker) == [6], message="the broker's consumer at 6")
+    worker_factory(cfg, "-Q", "default", "-n", "w2@host", "-c", "5", "--pool", "threads")
+    stats = answer(cfg, "inspect", "stats", worker="w2@host")
+    assert (stats["pool"], stats["concurrency"], stats["prefetch"]) == ("threads", 5, 10)
+
+
 def test_pool_grow_from_2_to_6_runs_6_at_once_and_prefetch_follows(
     tmp_path, broker, worker_factory
 ):
