@@ -206,7 +206,7 @@ def test_a_durable_listener_stopped_for_10_s_misses_none_of_the_events_meanwhile
 
 
 def test_event_filters_each_keep_only_what_they_name(tmp_path, broker, worker_factory):
-    cfg = write_config(tmp_path, broker)
+    cfg = write_config(tmp_path, broker, events={"send_sent": True})  # the callers' task-sent
     worker_factory(cfg, "-Q", "default,web_tasks", "-E", "-n", "w1@host")
     listeners = {
         "task": Listener(cfg, "--dump", "--task", "examples.tasks.*", "--count", "6"),
@@ -222,7 +222,10 @@ def test_event_filters_each_keep_only_what_they_name(tmp_path, broker, worker_fa
     try:
         for listener in listeners.values():
             listener.wait_listening()
-        app = App(load_config(cfg, env={}), send_events=True)
+        app = App(load_config(cfg, env={}))  # task-sent from events.send_sent
+        assert (
+            app.sends_events and not App(load_config(cfg, env={}), send_events=False).sends_events
+        )
         try:
             assert app.send_task("examples.tasks.add", (1, 2)).get(timeout=20) == 3
             assert app.send_task("examples.tasks.add", (3, 4)).get(timeout=20) == 7
