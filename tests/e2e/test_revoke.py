@@ -334,8 +334,9 @@ def test_a_revoked_id_never_runs_on_the_fast_path(tmp_path, broker, worker_facto
 def test_a_revocation_that_expired_no_longer_holds(tmp_path, broker, worker_factory):
     """`--expires` is how long a revocation holds: a task that comes due after it ran, one
     that comes due before it did not (both on the worker that heard the revoke, and on a
-    worker started after the short one expired, which reads the stream from the start)."""
-    cfg = write_config(tmp_path, broker)
+    worker started after the short one expired, which reads the stream from the start).
+    The short one takes the config's ``revoke.expires``, as a revoke without --expires does."""
+    cfg = write_config(tmp_path, broker, revoke={"expires": 1.5})
     ledger = tmp_path / "ledger"
     events = revoked_events(broker)
     first = worker_factory(cfg, "-Q", "default", "-n", "heard@host", "-E", ledger=ledger)
@@ -343,7 +344,7 @@ def test_a_revocation_that_expired_no_longer_holds(tmp_path, broker, worker_fact
     try:
         short = app.send_task("testtasks.record", ("short",), queue="default", countdown=4)
         held = app.send_task("testtasks.record", ("held",), queue="default", countdown=4)
-        out = run_cli(cfg, "control", "revoke", short.id, "--expires", "1.5")
+        out = run_cli(cfg, "control", "revoke", short.id)  # revoke.expires: 1.5 s
         assert out.returncode == 0, out.stdout + out.stderr
         out = run_cli(cfg, "control", "revoke", held.id, "--expires", "600")
         assert out.returncode == 0, out.stdout + out.stderr
