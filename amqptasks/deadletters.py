@@ -18,7 +18,7 @@ from .dlq import DeadLetter, describe, replay_message, replay_skip_reason
 from .errors import UnroutableError
 from .transport.aio import DeadLetterSession, Delivery
 
-__all__ = ["ReplayLedger", "browse", "purge", "replay", "view_of"]
+__all__ = ["ReplayLedger", "browse", "browse_counted", "purge", "replay", "view_of"]
 
 
 def view_of(d: Delivery) -> DeadLetter:
@@ -27,6 +27,15 @@ def view_of(d: Delivery) -> DeadLetter:
 
 async def browse(url: str | Sequence[str], queue: str, limit: int) -> list[DeadLetter]:
     """Up to ``limit`` dead letters of ``queue``, oldest first; none is removed."""
+    letters, _count = await browse_counted(url, queue, limit)
+    return letters
+
+
+async def browse_counted(
+    url: str | Sequence[str], queue: str, limit: int
+) -> tuple[list[DeadLetter], int]:
+    """:func:`browse`, and how many the queue held when it was opened (so a listing that
+    stopped at ``limit`` can say how many it left out)."""
     session = DeadLetterSession(url, queue)
     try:
         count = await session.open()
@@ -36,7 +45,7 @@ async def browse(url: str | Sequence[str], queue: str, limit: int) -> list[DeadL
             if d is None:
                 break
             out.append(view_of(d))
-        return out
+        return out, count
     finally:
         await session.close()  # nothing was acked: everything goes back
 

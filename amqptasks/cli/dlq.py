@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..config import Settings
-from ..deadletters import ReplayLedger, browse, purge, replay
+from ..deadletters import ReplayLedger, browse, browse_counted, purge, replay
 from ..errors import AmqpTasksError
 from ..topology import DLQ_SUFFIX, dlq_name
 from . import config_option, friendly_errors, main, settings_for
@@ -35,14 +35,20 @@ def dlq() -> None:
 
 @dlq.command("list")
 @click.argument("queue")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="List at most this many, oldest first (the last line says how many were left out).",
+)
 @config_option
 @friendly_errors
 def dlq_list(queue: str, limit: int, config_path: str | None) -> None:
     """A table of the dead letters of QUEUE (a work queue, or its .dlq)."""
     settings = settings_for(config_path)
     name = _dlq(settings, queue)
-    letters = asyncio.run(browse(settings.broker.urls, name, limit))
+    letters, count = asyncio.run(browse_counted(settings.broker.urls, name, limit))
     if not letters:
         click.echo(f"{name}: empty")
         return
@@ -62,7 +68,12 @@ def dlq_list(queue: str, limit: int, config_path: str | None) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    click.echo(f"{len(letters)} dead letter(s) in {name}")
+    if count > len(letters):
+        click.echo(
+            f"the oldest {len(letters)} of {count} dead letter(s) in {name} (--limit {limit})"
+        )
+    else:
+        click.echo(f"{len(letters)} dead letter(s) in {name}")
 
 
 @dlq.command("show")

@@ -43,6 +43,12 @@ def test_list_and_show(tmp_path, broker, worker_factory):
     assert any("unknown-task" in x and ids[3] in x for x in lines)
     assert lines[-1] == "4 dead letter(s) in default.dlq"
     assert broker.depth("default.dlq") == 4  # listing takes nothing away
+    first = dlq(cfg, "list", "default", "--limit", "2")
+    assert first.returncode == 0, first.stderr
+    rows = first.stdout.splitlines()
+    assert [r.split()[0] for r in rows[1:3]] == [r.split()[0] for r in lines[1:3]]  # oldest
+    assert rows[-1] == "the oldest 2 of 4 dead letter(s) in default.dlq (--limit 2)"
+    assert len(rows) == 4 and broker.depth("default.dlq") == 4
     shown = dlq(cfg, "show", "default.dlq", ids[0])
     assert shown.returncode == 0
     assert "reason: task-failed" in shown.stdout
