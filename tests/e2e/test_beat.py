@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 import yaml
-from broker_fixtures import BASE_CONFIG, ROOT, amqptasks_exe, cli_env, wait_for, write_config
+from broker_fixtures import (
+    BASE_CONFIG,
+    ROOT,
+    amqptasks_exe,
+    cli_env,
+    ledger_lines,
+    wait_for,
+    write_config,
+)
 
 FIRED = re.compile(r"fired (?P<id>\S+) late=(?P<late>[0-9.]+)s(?P<catch_up> \(catch-up\))?")
 SUCCEEDED = re.compile(r"task testtasks\.record\[(?P<id>[^\]]+)\] succeeded")
@@ -234,6 +242,62 @@ def test_worker_beat_flag_runs_an_embedded_scheduler(tmp_path, broker, worker_fa
     ids = SUCCEEDED.findall(worker.output())
     assert all(i.startswith("tick:") for i in ids)
     assert len(ids) == len(set(ids))
+
+
+def test_a_schedule_routes_by_exchange_and_key_passes_kwargs_and_its_firings_expire(
+    tmp_path, broker, worker_factory, beat_factory
+):
+    """``exchange``/``routing_key`` and ``kwargs`` of a schedule reach the task; a firing of
+    a schedule with ``expires`` that waited past it is dead-lettered as expired, not run."""
+    cfg = write_config(
+        tmp_path,
+        broker,
+        schedules={
+            "routed": {
+                "task": "testtasks.record",
+                "kwargs": {"tag": "kw"},
+                "every": "1s",
+                "exchange": "tasks",
+                "routing_key": "web.beat",  # web_tasks is bound to web.#
+            },
+            "stale": {
+                "task": "testtasks.record",
+                "args": ["stale"],
+                "every": "1s",
+                "queue": "default",
+                "expires": "1s",
+            },
+        },
+    )
+    ledger = tmp_path / "ledger"
+    worker_factory(cfg, "-Q", "web_tasks", ledger=ledger)
+    beat = beat_factory(cfg, "a")
+    wait_for(lambda: "done kw" in ledger_lines(ledger), message="the routed schedule's task")
+    wait_for(lambda: broker.depth("default") >= 2, message="two stale firings waiting")
+    beat.stop()
+    stale = [f for f, _late, _c in beat.fired() if f.startswith("stale:")]
+    assert len(stale) == broker.depth("default") >= 2
+    # Every stale firing expires 1 s after its nominal fire time (in its id): wait for that.
+    last = datetime.fromisoformat(stale[-1].split(":", 1)[1].replace("Z", "+00:00"))
+    wait_for(
+        lambda: datetime.now(last.tzinfo) > last + timedelta(seconds=1.05),
+        message="the last stale firing's expiry",
+    )
+    worker_factory(cfg, "-Q", "default", ledger=ledger)
+    wait_for(lambda: broker.depth("default.dlq") == len(stale), message="the firings dead-lettered")
+    assert "start stale" not in ledger_lines(ledger)
+    listed = subprocess.run(
+        [amqptasks_exe(), "dlq", "list", "default", "--config", str(cfg)],
+        cwd=ROOT,
+        env=cli_env(cfg),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    rows = [r for r in listed.stdout.splitlines()[1:-1]]
+    assert len(rows) == len(stale) and all(" expired " in r for r in rows), listed.stdout
+    assert {r.split()[0] for r in rows} == set(stale)
 
 
 def write_plain_config(tmp_path: Path, **overrides: Any) -> Path:
