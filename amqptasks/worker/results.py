@@ -40,7 +40,7 @@ from ..results import (
 from .middleware import Context, Middleware, Outcome, Rejection
 from .replies import REJECTION_ERRORS
 from .storecalls import StoreRunner
-from .workflow import Workflow
+from .workflow import ABANDONED, Workflow
 
 __all__ = ["ResultsMiddleware", "StoredFailure", "WorkflowMiddleware", "continues"]
 
@@ -137,9 +137,13 @@ class ResultsMiddleware(Middleware):
         stored: ResultMeta | None = await self.store.call(self.store.store.get, env.id)
         if stored is None or stored.status not in READY_STATES:
             return True
-        if replayed and stored.status == FAILURE:
+        if stored.status == FAILURE and (replayed or stored.reason in ABANDONED):
+            # Asked to run again (a replay), or this step never ran: its FAILURE was written
+            # when an earlier step failed, and its message arrives now because that step was
+            # replayed and succeeded. Either way the old record must not stand in its way
+            # (a READY record is never overwritten, so it is forgotten first).
             await self.store.call(self.store.store.forget, [env.id])
-            return True  # asked to run again: the old failure must not stand in its way
+            return True
         self.duplicates += 1
         log.warning(
             "task %s[%s] already has a final state (%s) in the result store: settled with it, "

@@ -28,7 +28,13 @@ from ..results import FAILURE, ResultMeta, utcnow
 from .middleware import Publish
 from .storecalls import StoreRunner
 
-__all__ = ["Workflow"]
+__all__ = ["ABANDONED", "Workflow"]
+
+#: ``reason`` of the FAILURE records written for steps that will not run because an earlier
+#: step (or a chord member) failed for good: never the outcome of those steps' own messages,
+#: so a replay of the failed step that succeeds runs them after all (worker/results.py).
+CHAIN_FAILED, CHORD_FAILED = "chain-failed", "chord-failed"
+ABANDONED = frozenset({CHAIN_FAILED, CHORD_FAILED})
 
 log = logging.getLogger("amqptasks.worker")
 
@@ -78,7 +84,7 @@ class Workflow:
         lost = canvas.abandoned(links)
         if lost:
             detail = f"an earlier step {env.task}[{env.id}] failed: {error_type}: {error_message}"
-            await self._abandon(env, lost, error_type, detail, "chain-failed")
+            await self._abandon(env, lost, error_type, detail, CHAIN_FAILED)
         membership = links.get("chord")
         if membership is not None:
             meta = ResultMeta(
@@ -136,7 +142,7 @@ class Workflow:
             f"chord member {env.task}[{env.id}] (index {membership['index']}) failed: "
             f"{meta.error_type}: {meta.error_message}"
         )
-        await self._abandon(env, lost, "ChordError", detail, "chord-failed")
+        await self._abandon(env, lost, "ChordError", detail, CHORD_FAILED)
         await self.publish_plan(errbacks, env)
 
     # -- I/O --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from broker_fixtures import ROOT, cli_env, ledger_lines, wait_for, write_config
+from broker_fixtures import ROOT, amqptasks_exe, cli_env, ledger_lines, wait_for, write_config
 
 from amqptasks import App, TaskError, load_config
 from amqptasks.canvas import chain, chord, group
@@ -290,3 +290,32 @@ def test_results_expires_from_the_config_removes_old_results(
                 client.close()
     finally:
         app.close()
+
+
+def test_a_replayed_dead_lettered_chain_step_continues_the_chain(setup, tmp_path, broker):
+    """Step 2 fails for good (dead-lettered, step 3 abandoned, get() raises); its cause is
+    fixed and it is replayed from the DLQ: it runs, and the chain goes on to step 3, whose
+    result any process then reads by id."""
+    app, _, cfg = setup
+    fixed = tmp_path / "fixed"
+    c = chain(_sig(app, "add", 1, 1), _sig(app, "when_file", str(fixed)), _sig(app, "add", 10))
+    r = c()
+    with pytest.raises(TaskError, match="is missing"):
+        r.get(timeout=30)
+    wait_for(lambda: broker.depth("default.dlq") == 1, message="step 2 dead-lettered")
+    fixed.touch()
+    replayed = subprocess.run(
+        [amqptasks_exe(), "dlq", "replay", "default", "--all", "--task", "testtasks.when_file"],
+        cwd=ROOT,
+        env=cli_env(cfg),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert replayed.returncode == 0 and "replayed 1 message(s)" in replayed.stdout, replayed
+    reader = App(load_config(cfg, env={}))
+    try:
+        assert reader.AsyncResult(r.id).get(timeout=30) == 12
+    finally:
+        reader.close()
+    assert broker.depth("default.dlq") == 0 and broker.depth("default") == 0

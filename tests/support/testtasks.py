@@ -131,6 +131,15 @@ def add(x: float, y: float) -> float:
     return x + y
 
 
+@app.task(name="testtasks.when_file")
+def when_file(x: float, path: str) -> float:
+    """``x`` once the file ``path`` exists, a ValueError before: a chain step that fails
+    for good until the operator fixes its cause, then succeeds on replay."""
+    if not Path(path).exists():
+        raise ValueError(f"{path} is missing")
+    return x
+
+
 @app.task(name="testtasks.mul")
 def mul(x: float, y: float) -> float:
     _record(f"mul {x} {y}")
