@@ -691,6 +691,19 @@ def abandoned(links: Mapping[str, Any]) -> list[str]:
     return ids
 
 
+def abandoned_members(links: Mapping[str, Any]) -> list[tuple[Signature, Mapping[str, Any]]]:
+    """The abandoned tasks (see :func:`abandoned`) that would have completed a chord member,
+    each with its membership: a chain in a chord's header whose earlier step failed for good.
+    That member has failed, so its chord must fail too (else it waits for it forever)."""
+    out: list[tuple[Signature, Mapping[str, Any]]] = []
+    for i, n in enumerate(links.get("chain") or ()):
+        for sig in _signatures(node_from_wire(n, f"chain[{i}]")):
+            membership = sig.options.get("chord")
+            if membership is not None and "task_id" in sig.options:
+                out.append((sig, membership))
+    return out
+
+
 def chord_body(membership: Mapping[str, Any], results: list[Any]) -> Plan:
     """The chord's body applied to its members' results (one list argument, in order)."""
     body = membership["body"]

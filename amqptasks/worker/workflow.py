@@ -85,6 +85,19 @@ class Workflow:
         if lost:
             detail = f"an earlier step {env.task}[{env.id}] failed: {error_type}: {error_message}"
             await self._abandon(env, lost, error_type, detail, CHAIN_FAILED)
+            # A chain in a chord's header: its last step, which will never run, was the
+            # member; the chord fails for it now instead of waiting for it forever.
+            for sig, member_of in canvas.abandoned_members(links):
+                abandoned = ResultMeta(
+                    id=sig.options["task_id"],
+                    status=FAILURE,
+                    task=sig.task,
+                    error_type=error_type,
+                    error_message=detail,
+                    date_done=utcnow(),
+                    worker=self.hostname,
+                )
+                await self._chord_failed(env, dict(member_of), abandoned, message_token)
         membership = links.get("chord")
         if membership is not None:
             meta = ResultMeta(
@@ -133,13 +146,13 @@ class Workflow:
             membership["id"], membership["size"], membership["index"], meta
         )
         failed = progress.failed
-        if failed is None or failed.id != env.id:
+        if failed is None or failed.id != meta.id:
             return  # an earlier member failed first and already failed the chord
         if not await store.call(store.store.chord_mark_body_sent, membership["id"], token):
             return
         lost, errbacks = canvas.chord_failed(membership)
         detail = (
-            f"chord member {env.task}[{env.id}] (index {membership['index']}) failed: "
+            f"chord member {meta.task}[{meta.id}] (index {membership['index']}) failed: "
             f"{meta.error_type}: {meta.error_message}"
         )
         await self._abandon(env, lost, "ChordError", detail, CHORD_FAILED)

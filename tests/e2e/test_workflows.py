@@ -120,6 +120,30 @@ def test_failed_chord_member_means_no_body_and_one_errback(setup):
     assert not any(x.startswith("collect") for x in ledger_lines(ledger))
 
 
+def test_a_chain_in_a_chord_header_failing_early_fails_the_chord(setup):
+    """The chain's first step fails for good, so its last step (the member) never runs: the
+    chord fails for it at once (ChordError naming it), the body never runs, the errback
+    runs once — instead of the chord waiting for that member forever."""
+    app, ledger, _ = setup
+    c = chord(
+        [
+            _sig(app, "add", 1, 1),
+            chain(_sig(app, "boom", "early"), _sig(app, "add", 5)),
+            chain(_sig(app, "add", 2, 2), _sig(app, "add", 3)),
+        ],
+        _sig(app, "collect"),
+    )
+    c.link_error(_sig(app, "on_error"))
+    result = c()
+    with pytest.raises(TaskError) as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "ChordError"
+    assert "testtasks.add" in str(info.value) and "boom" in str(info.value)
+    wait_for(lambda: any(x.startswith("errback") for x in ledger_lines(ledger)), message="errback")
+    assert sum(x.startswith("errback") for x in ledger_lines(ledger)) == 1
+    assert not any(x.startswith("collect") for x in ledger_lines(ledger))
+
+
 def test_map_starmap_chunks_like_celery(setup):
     """``task.map``/``starmap``/``chunks`` mean what they mean in Celery (and ``delay_many``
     is the bulk publish that ``map`` used to be)."""
