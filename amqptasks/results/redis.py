@@ -349,10 +349,14 @@ class RedisStore:
         for i, (chord_id, size, index, meta) in enumerate(members):
             try:
                 failed = check_chord_member(chord_id, size, index, meta)
+                record = meta.to_json()
             except ValueError as exc:
                 out[i] = exc
                 continue
-            args = [size, index, "1" if failed else "0", meta.to_json(), self._ttl_ms()]
+            except TypeError as exc:  # this member's alone: never a retry of the whole batch
+                out[i] = ValueError(f"chord {chord_id!r} member {index}: {exc}")
+                continue
+            args = [size, index, "1" if failed else "0", record, self._ttl_ms()]
             self._chord_script(keys=[self._chord_key(chord_id)], args=args, client=pipe)
             sent.append(i)
         if sent:

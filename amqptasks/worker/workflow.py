@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import canvas
 from ..app import App
-from ..protocol import REPLY_FORMAT_HEADER, Envelope
+from ..protocol import REPLY_FORMAT_HEADER, Envelope, dumps
 from ..results import FAILURE, ResultMeta, utcnow
 from .middleware import Publish
 from .storecalls import StoreRunner
@@ -124,6 +124,23 @@ class Workflow:
         self, env: Envelope, membership: dict[str, Any], result: Any, token: str
     ) -> None:
         store = self._require_store(env)
+        try:
+            dumps(result)
+        except TypeError as exc:
+            # The member's own record is this EncodeError (worker/results.py); its chord
+            # cannot hold the value either, so the member failed and the chord fails for it.
+            encode_error = ResultMeta(
+                id=env.id,
+                status=FAILURE,
+                task=env.task,
+                error_type="EncodeError",
+                error_message=f"result of type {type(result).__name__} is not "
+                f"JSON-serialisable: {exc}",
+                date_done=utcnow(),
+                worker=self.hostname,
+            )
+            await self._chord_failed(env, membership, encode_error, token)
+            return
         meta = ResultMeta(
             id=env.id, status="SUCCESS", task=env.task, result=result, date_done=utcnow()
         )

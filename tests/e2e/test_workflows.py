@@ -144,6 +144,22 @@ def test_a_chain_in_a_chord_header_failing_early_fails_the_chord(setup):
     assert not any(x.startswith("collect") for x in ledger_lines(ledger))
 
 
+def test_a_chord_member_whose_result_json_cannot_hold_fails_the_chord(setup):
+    """A member returns a set: its record is an EncodeError, the chord fails for it (naming
+    it), the body never runs, and the worker goes on storing and acking other work."""
+    app, ledger, _ = setup
+    c = chord([_sig(app, "add", 1, 1), _sig(app, "as_set", 1, 2)], _sig(app, "collect"))
+    result = c()
+    with pytest.raises(TaskError) as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "ChordError"
+    assert "testtasks.as_set" in str(info.value) and "EncodeError" in str(info.value)
+    assert not any(x.startswith("collect") for x in ledger_lines(ledger))
+    later = app.send_task("testtasks.add", (2, 3))
+    assert later.get(timeout=30) == 5  # not stalled behind the bad member
+    assert app.AsyncResult(later.id).state == "SUCCESS"  # and stored
+
+
 def test_map_starmap_chunks_like_celery(setup):
     """``task.map``/``starmap``/``chunks`` mean what they mean in Celery (and ``delay_many``
     is the bulk publish that ``map`` used to be)."""

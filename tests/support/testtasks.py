@@ -140,6 +140,12 @@ def when_file(x: float, path: str) -> float:
     return x
 
 
+@app.task(name="testtasks.as_set")
+def as_set(*items: object) -> set[object]:
+    """A result JSON cannot hold (a set): stored as an EncodeError failure."""
+    return set(items)
+
+
 @app.task(name="testtasks.mul")
 def mul(x: float, y: float) -> float:
     _record(f"mul {x} {y}")
