@@ -295,8 +295,10 @@ class TaskError(AmqpTasksError):
     """A task failed in a worker.
 
     ``AsyncResult.get()`` raises a subclass whose ``__name__`` is the remote exception's type
-    name. No type named in a message is ever imported; only builtin exception types are mixed
-    in (so ``except ZeroDivisionError`` works) because they are already loaded.
+    name. No type named in a message is ever imported; only builtin exception types, and the
+    outcome errors of this module a worker reports (``TaskRevoked``, ``TimeLimitExceeded``,
+    ``WorkerLost``...: ``results.rpc.OWN_ERRORS``), are mixed in (so ``except
+    ZeroDivisionError`` or ``except TaskRevoked`` works) because they are already loaded.
     """
 
     def __init__(self, exc_type: str, message: str, traceback: str | None = None) -> None:

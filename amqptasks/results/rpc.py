@@ -18,6 +18,7 @@ import threading
 import weakref
 from typing import Protocol
 
+from .. import errors
 from ..errors import TaskError
 from ..protocol import FAILURE, Reply, decode_reply
 
@@ -92,11 +93,33 @@ class ResultCollector:
             return len(self._waiting)
 
 
+#: The outcomes a worker reports under one of our own error names: mixed in like builtins
+#: (this module is loaded; nothing is imported by name), so ``except TaskRevoked`` around
+#: ``get()`` catches a revoked task, ``except TimeLimitExceeded`` one that was stopped.
+OWN_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.TaskRevoked,
+        errors.TaskExpired,
+        errors.TimeLimitExceeded,
+        errors.SoftTimeLimitExceeded,
+        errors.WorkerLost,
+        errors.MaxRetriesExceeded,
+        errors.TaskNotRegistered,
+        errors.DecodeError,
+        errors.EncodeError,
+        errors.ContentTypeRefused,
+        errors.MessageTooLarge,
+        errors.CeleryUnsupported,
+    )
+}
+
+
 def remote_error(reply: RemoteFailure) -> TaskError:
     """A :class:`TaskError` whose class name is the remote type name (never imported)."""
     name = reply.error_type or "TaskError"
     bases: tuple[type, ...] = (TaskError,)
-    builtin = getattr(builtins, name, None)
+    builtin = OWN_ERRORS.get(name) or getattr(builtins, name, None)
     if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin is not Exception:
         bases = (TaskError, builtin)
     safe = name if name.isidentifier() else "TaskError"

@@ -22,7 +22,7 @@ from broker_fixtures import (
 from control_cli import run_cli
 
 from amqptasks import App, load_config
-from amqptasks.errors import TaskError
+from amqptasks.errors import TaskError, TaskRevoked
 from amqptasks.topology import EVENTS_EXCHANGE, REVOCATIONS_QUEUE
 
 SCHEMAS = {
@@ -138,6 +138,7 @@ def test_a_revoked_countdown_task_never_runs_on_a_worker_started_after_the_revok
         with pytest.raises(TaskError) as err:
             handle.get(timeout=5)
         assert type(err.value).__name__ == "TaskRevoked"
+        assert isinstance(err.value, TaskRevoked)  # `except TaskRevoked` around get() works
         stored = app.store.get(late.id)
         valid("result", json.loads(stored.to_json()))
         assert stored.reason == "revoked" and stored.worker == "second@host"

@@ -8,9 +8,16 @@ import threading
 
 import pytest
 
-from amqptasks.errors import AmqpTasksError, ResultsDisabled, ResultTimeout, TaskError
+from amqptasks.errors import (
+    AmqpTasksError,
+    ConfigError,
+    ResultsDisabled,
+    ResultTimeout,
+    TaskError,
+)
 from amqptasks.protocol import FAILURE, SUCCESS, Reply, encode_reply
 from amqptasks.results import PENDING, AsyncResult, ResultCollector, remote_error
+from amqptasks.results.rpc import OWN_ERRORS
 
 
 def success(result: object, task_id: str = "id-1") -> bytes:
@@ -183,6 +190,23 @@ def test_builtin_remote_errors_are_also_the_builtin(builtin: type[Exception]) ->
     assert err.remote_traceback == "tb"
     with pytest.raises(builtin):
         raise err
+
+
+@pytest.mark.parametrize("own", sorted(OWN_ERRORS.values(), key=lambda c: c.__name__))
+def test_our_own_outcome_errors_are_also_our_class(own: type[Exception]) -> None:
+    """A revoked task's get() is caught by ``except TaskRevoked`` (and so on for each outcome
+    a worker reports under one of our names), still a TaskError with the remote text."""
+    err = remote_error(error_reply(own.__name__, "remote text"))
+    assert isinstance(err, own) and isinstance(err, TaskError)
+    assert (err.exc_type, str(err), err.remote_traceback) == (own.__name__, "remote text", "tb")
+    with pytest.raises(own):
+        raise err
+
+
+def test_a_remote_type_named_like_another_of_our_errors_is_a_plain_task_error() -> None:
+    err = remote_error(error_reply("ConfigError"))  # not an outcome a worker reports
+    assert type(err).__name__ == "ConfigError" and not isinstance(err, ConfigError)
+    assert isinstance(err, TaskError)
 
 
 @pytest.mark.parametrize(
