@@ -43,6 +43,10 @@ def management_target(broker_url: str, management_url: str | None) -> tuple[str,
             user, password = unquote(m.username), unquote(m.password or "")
         port = f":{m.port}" if m.port else ""
         base = f"{m.scheme}://{m.hostname}{port}{m.path.rstrip('/')}"
+    elif b.scheme == "amqps":
+        # A broker reached over TLS gets its credentials sent over TLS too: the management
+        # plugin's TLS listener (15671 by convention), never plain HTTP with the password.
+        base = f"https://{b.hostname or 'localhost'}:15671"
     else:
         base = f"http://{b.hostname or 'localhost'}:15672"
     return base, user, password, vhost
