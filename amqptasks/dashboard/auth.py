@@ -145,7 +145,10 @@ class Credentials:
         self._users: dict[str, str] = {}
         for entry in users:
             user, _, secret = entry.partition(":")
-            self._users[user] = secret
+            # A plain password is kept as a scrypt hash made now (in memory only), so that a
+            # known user's check costs what an unknown user's does (one scrypt against the
+            # dummy): the time of a 401 must not tell which user names exist.
+            self._users[user] = secret if _is_hash(secret) else hash_password(secret)
         self._tokens: list[tuple[str, bytes]] = []
         for entry in tokens:
             name, _, digest = entry.partition(":")

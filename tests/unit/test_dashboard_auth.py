@@ -113,7 +113,12 @@ def test_credentials_check_users_and_tokens():
     assert creds.check_password("ann", "a-pass")  # the remembered pair
     assert not creds.check_password("ann", "plain")
     assert creds.check_password("bob", "plain")
+    assert not creds.check_password("bob", "plain ")
     assert not creds.check_password("nobody", "plain")
+    # A plain password is held as a scrypt hash: a known user's check costs one scrypt, as an
+    # unknown user's does (the dummy), so a 401's timing does not tell who exists.
+    held = creds._users["bob"]
+    assert held.startswith("scrypt$") and "plain" not in held
     assert not creds.check_password("", "")
     assert creds.check_token(token) == "ci"
     assert creds.check_token(token + "x") is None
