@@ -110,6 +110,10 @@ def redact_url(url: str) -> str:
         m["slashes"] or (m["colon"] and m["scheme"].lower() in ("amqp", "amqps"))
     ):
         start = m.end()  # 'user:pw@host' alone has no scheme: 'user' is not one
+    return _redact_query(_redact_userinfo(url, start))
+
+
+def _redact_userinfo(url: str, start: int) -> str:
     rest = url[start:]
     end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
     at = rest.rfind("@", 0, end)
@@ -123,6 +127,14 @@ def redact_url(url: str) -> str:
     if colon < 0:
         return url  # a user name alone is not a secret
     return url[:start] + rest[: colon + 1] + "***" + rest[at:]
+
+
+#: A password given as a query parameter (redis-py reads ``?password=``).
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pass)=)[^&#]*")
+
+
+def _redact_query(url: str) -> str:
+    return _QUERY_SECRET.sub(r"\1***", url)
 
 
 #: Several broker addresses in one string: a comma followed by the next URL's scheme (a comma

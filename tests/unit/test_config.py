@@ -634,6 +634,9 @@ def test_default_path_is_relative_to_the_working_directory(
         ("amqp://app:s3/cret@rabbit/", "amqp://app:***@rabbit/"),
         ("amqp://app:s3?cret@rabbit/", "amqp://app:***@rabbit/"),
         ("amqp://app:s3#cret@rabbit/", "amqp://app:***@rabbit/"),
+        ("redis://rabbit:6379/0?password=s3cret&db=1", "redis://rabbit:6379/0?password=***&db=1"),
+        ("redis://rabbit/0?Password=s3cret", "redis://rabbit/0?Password=***"),
+        ("redis://:s3cret@rabbit/0?passwd=s3cret", "redis://:***@rabbit/0?passwd=***"),
         ("", ""),
     ],
 )
