@@ -181,6 +181,45 @@ class WorkerCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
 
 
+#: Seconds a scrape connection may take to send its request (then it is closed).
+REQUEST_TIMEOUT = 10.0
+#: Connections served at once; more are closed at once (a scraper needs one).
+MAX_CONNECTIONS = 16
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, as ThreadingHTTPServer, but at most MAX_CONNECTIONS of them:
+    idle sockets opened by anyone who can reach the port cannot pile up threads in the
+    worker's process before the credentials are even read."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: closed, the scraper retries next interval
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # ThreadingMixIn's, with the slot given back *before* the socket is closed: a client
+        # that saw its connection end can connect again at once.
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._slots.release()
+            self.shutdown_request(request)
+
+
 class MetricsServer:
     """Serves ``/metrics`` over HTTP on ``address:port`` from a daemon thread."""
 
@@ -230,6 +269,10 @@ class MetricsServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            # A client that sends nothing (or dribbles) is cut off: each connection holds a
+            # thread of the worker's process until then.
+            timeout = REQUEST_TIMEOUT
+
             def do_GET(self) -> None:
                 if not server.authorized(self.headers.get("Authorization")):
                     self.send_response(401)
@@ -250,10 +293,10 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("metrics %s: " + format, self.client_address[0], *args)
 
-        kind = ThreadingHTTPServer
+        kind: type[ThreadingHTTPServer] = BoundedHTTPServer
         if ":" in self.address:
 
-            class V6(ThreadingHTTPServer):
+            class V6(BoundedHTTPServer):
                 address_family = socket.AF_INET6
 
             kind = V6

@@ -57,3 +57,50 @@ def test_the_observer_buckets_runtimes_of_tasks_that_ran_and_counts_dead_letters
     assert counts[BUCKETS.index(10.0)] == 1  # 7 s
     assert o.runtime_sums["t.a"] == pytest.approx(7.2004)
     assert dict(o.dead_letters) == {("q", "task-failed"): 1, ("q", "unknown-task"): 1}
+
+
+# -- the scrape server's bounds (a real socket server on loopback; no broker) ------------------
+def test_the_metrics_http_server_caps_connections_and_cuts_idle_ones(monkeypatch):
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler
+
+    from amqptasks.worker import metrics
+
+    monkeypatch.setattr(metrics, "MAX_CONNECTIONS", 2)
+
+    class Hello(BaseHTTPRequestHandler):
+        timeout = 0.5  # what REQUEST_TIMEOUT is to the real handler, shortened
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = metrics.BoundedHTTPServer(("127.0.0.1", 0), Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    address = server.server_address
+    idle = [socket.create_connection(address, timeout=5) for _ in range(2)]
+    try:
+        # Both slots are held by clients that say nothing: a third is closed at once.
+        extra = socket.create_connection(address, timeout=5)
+        assert extra.recv(1) == b""
+        extra.close()
+        # The idle ones are cut off after the handler's timeout (the recv returns b"").
+        assert [s.recv(1) for s in idle] == [b"", b""]
+        with socket.create_connection(address, timeout=5) as ok:  # the slots are free again
+            ok.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := ok.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"ok")
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()
