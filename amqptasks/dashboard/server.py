@@ -370,8 +370,17 @@ def build_app(dash: Dashboard) -> web.Application:
 
 async def serve(settings: Settings, say: Callable[[str], None]) -> None:
     """Run the dashboard until SIGTERM/SIGINT; ``say`` prints the banner lines. Raises
-    ``OSError`` when the address cannot be listened on."""
+    ``OSError`` when the address cannot be listened on, :class:`ConfigError` for an address
+    beyond loopback without credentials (the rule holds for code that embeds the dashboard,
+    not only for the CLI, which says it first)."""
     d = settings.dashboard
+    if not is_loopback(d.address) and not (d.basic_auth or d.api_tokens):
+        raise ConfigError(
+            settings.source,
+            "dashboard.address",
+            f"{d.address} is beyond loopback and no credentials are configured "
+            "(dashboard.basic_auth, dashboard.api_tokens): refusing to listen",
+        )
     dash = Dashboard(settings)
     runner = web.AppRunner(build_app(dash), access_log=None, handle_signals=False)
     await runner.setup()

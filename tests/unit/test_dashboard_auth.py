@@ -230,3 +230,16 @@ def test_a_history_it_cannot_open_stops_the_start_naming_the_file(tmp_path):
         assert "dashboard.database (or --database): cannot open the history" in r.output
         assert database in r.output and why in r.output
         assert "cannot listen" not in r.output
+
+
+def test_serve_itself_refuses_an_open_address_without_credentials():
+    """Code that embeds the dashboard (not only the CLI) cannot listen beyond loopback open."""
+    import asyncio
+
+    from amqptasks.dashboard.server import serve
+
+    settings = Settings.from_mapping(
+        {"broker": {"url": "amqp://127.0.0.1:1/"}, "dashboard": {"address": "0.0.0.0"}}
+    )
+    with pytest.raises(ConfigError, match=r"dashboard\.address: 0\.0\.0\.0 is beyond loopback"):
+        asyncio.run(serve(settings, print))
