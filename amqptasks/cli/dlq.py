@@ -14,6 +14,7 @@ from ..deadletters import ReplayLedger, browse, browse_counted, purge, replay
 from ..errors import AmqpTasksError
 from ..topology import DLQ_SUFFIX, dlq_name
 from . import config_option, friendly_errors, main, settings_for
+from .logs import printable
 
 
 def _dlq(settings: Settings, queue: str) -> str:
@@ -52,16 +53,21 @@ def dlq_list(queue: str, limit: int, config_path: str | None) -> None:
     if not letters:
         click.echo(f"{name}: empty")
         return
-    rows = [("ID", "TASK", "REASON", "ATTEMPTS", "LAST FAILURE", "EXCEPTION", "ROUTE")]
+    rows: list[tuple[str, ...]] = [
+        ("ID", "TASK", "REASON", "ATTEMPTS", "LAST FAILURE", "EXCEPTION", "ROUTE")
+    ]
     rows += [
-        (
-            d.id or "-",
-            d.task or "-",
-            d.reason,
-            str(d.attempts),
-            d.last_failed_at[:19] or "-",
-            (d.exception or d.detail)[:60] or "-",
-            f"{d.original_exchange or '(default)'}/{d.original_routing_key}",
+        tuple(
+            printable(cell)  # from the message: no escape sequence reaches the terminal
+            for cell in (
+                d.id or "-",
+                d.task or "-",
+                d.reason,
+                str(d.attempts),
+                d.last_failed_at[:19] or "-",
+                (d.exception or d.detail)[:60] or "-",
+                f"{d.original_exchange or '(default)'}/{d.original_routing_key}",
+            )
         )
         for d in letters
     ]
@@ -100,9 +106,9 @@ def dlq_show(queue: str, message_id: str, config_path: str | None) -> None:
                 "original_routing_key",
                 "worker",
             ):
-                click.echo(f"{field}: {getattr(d, field)}")
+                click.echo(printable(f"{field}: {getattr(d, field)}"))
             if d.traceback:
-                click.echo("traceback:\n" + d.traceback)
+                click.echo("traceback:\n" + printable(d.traceback, newlines=True))
             return
     raise AmqpTasksError(f"no dead letter with id {message_id!r} in {name}")
 

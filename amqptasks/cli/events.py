@@ -14,6 +14,7 @@ from ..events import STATES, EventFilter, decode_batch
 from ..protocol import dumps
 from ..transport.event_listener import EventListener
 from . import config_option, friendly_errors, main, settings_for
+from .logs import printable
 
 
 def _interrupt(_sig: int, _frame: Any) -> None:
@@ -32,7 +33,7 @@ def describe(e: dict[str, Any]) -> str:
     if kind.startswith("worker-"):
         queues = ",".join(e.get("queues") or [])
         load = " ".join(f"{x:g}" for x in e.get("loadavg") or [])
-        return (
+        return printable(
             f"{head} queues={queues} pool={e.get('pool')} concurrency={e.get('concurrency')} "
             f"active={e.get('active')} processed={e.get('processed')} load={load}"
         )
@@ -65,7 +66,7 @@ def describe(e: dict[str, Any]) -> str:
         facts.append(f"reason={e['reason']}")
     if e.get("detail"):
         facts.append(_short(e["detail"], 120))
-    return f"{head} {who} {' '.join(facts)}".rstrip()
+    return printable(f"{head} {who} {' '.join(facts)}".rstrip())
 
 
 @main.command()

@@ -41,6 +41,7 @@ __all__ = [
     "echo",
     "log_options",
     "log_to_file",
+    "printable",
     "setup",
 ]
 
@@ -256,3 +257,17 @@ def log_options(fn: F) -> F:
         "(default: INFO).",
     )(wrapper)
     return wrapper  # type: ignore[return-value]
+
+
+#: Control characters (C0 but tab and newline, DEL, C1): what a terminal would act on.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` safe to print on an operator's terminal: task names, ids, exception messages
+    and tracebacks come from messages anyone with publish rights may have written, and an
+    escape sequence in them (ESC, OSC 52 clipboard writes, cursor moves) would act on the
+    terminal. Each control character is shown as ``\\xNN``; newlines too unless
+    ``newlines`` (a traceback keeps its lines)."""
+    out = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return out if newlines else out.replace("\n", "\\n")

@@ -20,13 +20,18 @@ from ..protocol import dumps
 from ..results.meta import PENDING, SUCCESS, ResultMeta
 from ..results.store import ResultStore
 from . import config_option, friendly_errors, main, settings_for
-from .logs import echo, log_options
+from .logs import echo, log_options, printable
 
 __all__ = ["result"]
 
 
 def _line(task_id: str, meta: ResultMeta | None) -> str:
-    """One human line: id, state, then the value or the error."""
+    """One human line: id, state, then the value or the error (control characters shown
+    escaped: an error message is text a task chose)."""
+    return printable(_text(task_id, meta))
+
+
+def _text(task_id: str, meta: ResultMeta | None) -> str:
     if meta is None:
         return f"{task_id} {PENDING} (no record yet: not run, still running, expired or unknown)"
     if meta.status == SUCCESS:

@@ -144,3 +144,13 @@ def test_json_lines_carry_the_documented_fields() -> None:
     assert task["exc"].endswith("ZeroDivisionError: division by zero")
     line = fmt.format(record("amqptasks.worker", "two\nlines"))
     assert "\n" not in line and json.loads(line)["message"] == "two\nlines"
+
+
+def test_printable_shows_control_characters_escaped():
+    from amqptasks.cli.logs import printable
+
+    evil = "boom\x1b]52;c;ZXZpbA==\x07 \x1b[2J\x9b31m\x7f"
+    assert printable(evil) == "boom\\x1b]52;c;ZXZpbA==\\x07 \\x1b[2J\\x9b31m\\x7f"
+    assert printable("a\nb\tc") == "a\\nb\tc"  # one line stays one line; tabs are harmless
+    assert printable("Traceback\n  line\x1b[A", newlines=True) == "Traceback\n  line\\x1b[A"
+    assert printable("plain ünïcode ✓") == "plain ünïcode ✓"

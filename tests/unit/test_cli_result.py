@@ -83,6 +83,10 @@ def test_wait_returns_when_the_result_lands_and_fails_for_a_failure_or_a_timeout
     assert r.exit_code == 1 and "error: bad: ended FAILURE" in r.output
     r = _run(cfg, "never", "--wait", "0.2")
     assert r.exit_code == 1 and "error: never: not finished within 0.2s" in r.output
+    # An error message a task chose cannot drive the terminal: its escapes are shown, inert.
+    store.save([_record("evil", FAILURE, error_type="ValueError", error_message="x\x1b[2Jy")])
+    r = _run(cfg, "evil")
+    assert r.output.strip() == "evil FAILURE ValueError: x\\x1b[2Jy" and "\x1b" not in r.output
 
 
 def test_rpc_backend_and_bad_arguments_are_usage_errors(tmp_path):
