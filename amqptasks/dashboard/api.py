@@ -121,10 +121,18 @@ async def _send(request: web.Request, check_known: bool) -> web.Response:
         and exchange not in {e.name for e in topology.exchanges}
     ):
         return _error(400, f"exchange {exchange!r} is not declared in {dash.settings.source}")
-    if isinstance(queue, str) and (
-        topology.queue(queue) is None or queue not in {q.name for q in topology.work_queues()}
-    ):
+    work_queues = {q.name for q in topology.work_queues()}
+    if isinstance(queue, str) and (topology.queue(queue) is None or queue not in work_queues):
         return _error(400, f"queue {queue!r} is not a work queue of {dash.settings.source}")
+    key = options.get("routing_key")
+    if exchange == "" and isinstance(key, str) and key not in work_queues:
+        # The default exchange routes by queue name: the same rule as 'queue', or any queue
+        # of the vhost (a DLQ, the revocation stream) would take a task envelope.
+        return _error(
+            400,
+            f"routing key {key!r} on the default exchange is not a work queue of "
+            f"{dash.settings.source}",
+        )
     try:
         known = not check_known or name in await _known_tasks(dash)
     except AmqpTasksError as exc:  # asking the workers which tasks they know needs the broker

@@ -95,6 +95,19 @@ def test_the_seed_curl_runs_add_and_the_result_says_3(cfg, worker_factory, dashb
     unknown = d.post("/api/task/async-apply/examples.tasks.nope", {"args": []})
     assert unknown.status == 404 and "no worker registered" in unknown.json()["error"]
     assert d.post("/api/task/send-task/examples.tasks.nope", {}).status == 200
+    # Where a task may be sent: declared exchanges, work queues — by name or through the
+    # default exchange's routing key — and nowhere else (not a DLQ, not an internal queue).
+    send = "/api/task/send-task/examples.tasks.add"
+    for where, why in [
+        ({"exchange": "nope"}, "exchange 'nope' is not declared"),
+        ({"queue": "default.dlq"}, "queue 'default.dlq' is not a work queue"),
+        ({"exchange": "", "routing_key": "default.dlq"}, "routing key 'default.dlq'"),
+        ({"exchange": "", "routing_key": "amqptasks.revocations"}, "is not a work queue"),
+    ]:
+        refused = d.post(send, {"args": [1, 2], **where})
+        assert refused.status == 400 and why in refused.json()["error"], (where, refused.text)
+    direct = d.post(send, {"args": [1, 2], "exchange": "", "routing_key": "default"})
+    assert direct.status == 200, direct.text
 
 
 def _every_path() -> list[tuple[str, str]]:
