@@ -11,7 +11,6 @@ names one of those files or gets 404, so no path ever reaches the file system.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import mimetypes
 import secrets
@@ -19,7 +18,15 @@ from importlib import resources
 
 from aiohttp import web
 
-from .server import DASHBOARD, LOGIN_COOKIE, LOGIN_STYLE, PRINCIPAL, SESSION_COOKIE, Principal
+from .server import (
+    DASHBOARD,
+    LOGIN_COOKIE,
+    LOGIN_STYLE,
+    PRINCIPAL,
+    SESSION_COOKIE,
+    Principal,
+    check_password,
+)
 
 __all__ = ["PAGES", "add_routes", "login_page"]
 
@@ -100,9 +107,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     if not expected or not secrets.compare_digest(expected.encode(), presented.encode()):
         return login_page(request, status=403, error="The form expired: please sign in again.")
     user, password = str(form.get("username", "")), str(form.get("password", ""))
-    ok = dash.auth_required and await asyncio.to_thread(
-        dash.credentials.check_password, user, password
-    )
+    ok = dash.auth_required and await check_password(dash, user, password)
+    if ok is None:
+        return login_page(request, status=429, error="Too many sign-ins at once: try again.")
     if not ok:
         return login_page(request, status=401, error="Wrong user or password.")
     sid, _session = dash.sessions.create(user)

@@ -28,6 +28,7 @@ import sqlite3
 from base64 import b64encode
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,12 @@ class Principal:
     session_id: str | None = None
 
 
+#: Password checks (scrypt: tens of milliseconds of CPU each) run at most this many at once,
+#: on threads of their own: a flood of made-up credentials costs that much CPU at most and
+#: never takes the threads history reads run on; beyond it a request is answered 429 at once.
+KDF_SLOTS = 2
+
+
 class Dashboard:
     """Everything a request handler reaches: settings, the app (publishing, results,
     control), the history, the ingest thread, the broker's management API, the sessions."""
@@ -119,6 +126,9 @@ class Dashboard:
             ) from None
         self.app = app or App(settings)
         self.credentials = Credentials(d.basic_auth, d.api_tokens)
+        self.kdf = ThreadPoolExecutor(max_workers=KDF_SLOTS, thread_name_prefix="amqptasks-kdf")
+        #: Password checks running now (loop thread only).
+        self.kdf_busy = 0
         self.sessions = SessionStore(d.session_ttl)
         self.live = LiveHub()
         self.ingestor = Ingestor(
@@ -187,6 +197,7 @@ class Dashboard:
         await self.app.aclose()
         await asyncio.to_thread(self.app.close)
         self.history.close()
+        self.kdf.shutdown(wait=False, cancel_futures=True)
 
 
 DASHBOARD = web.AppKey("dashboard", Dashboard)
@@ -216,6 +227,29 @@ def _cross_site(request: web.Request) -> bool:
     return origin.split("://", 1)[-1] != request.host
 
 
+async def check_password(dash: Dashboard, user: str, password: str) -> bool | None:
+    """Whether ``user``/``password`` are right; None when :data:`KDF_SLOTS` checks run
+    already (the caller answers 429: try again). A pair verified before costs nothing."""
+    creds = dash.credentials
+    if creds.remembered(user, password):
+        return True
+    if dash.kdf_busy >= KDF_SLOTS:
+        return None
+    dash.kdf_busy += 1
+    try:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(dash.kdf, creds.check_password, user, password)
+    finally:
+        dash.kdf_busy -= 1
+
+
+def too_many_checks() -> web.HTTPTooManyRequests:
+    return web.HTTPTooManyRequests(
+        text="too many password checks at once: try again in a moment",
+        headers={"Retry-After": "1"},
+    )
+
+
 async def authenticate(dash: Dashboard, request: web.Request) -> Principal | None:
     """The request's principal, or None (401). A password not seen before is hashed on a
     thread: scrypt takes tens of milliseconds, which would stall every page stream."""
@@ -226,10 +260,9 @@ async def authenticate(dash: Dashboard, request: web.Request) -> Principal | Non
     basic = parse_basic(header) if header else None
     if basic is not None:
         user, password = basic
-        creds = dash.credentials
-        ok = creds.remembered(user, password) or await asyncio.to_thread(
-            creds.check_password, user, password
-        )
+        ok = await check_password(dash, user, password)
+        if ok is None:
+            raise too_many_checks()
         return Principal(user, "basic") if ok else None
     if header:
         return None

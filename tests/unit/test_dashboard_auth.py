@@ -243,3 +243,40 @@ def test_serve_itself_refuses_an_open_address_without_credentials():
     )
     with pytest.raises(ConfigError, match=r"dashboard\.address: 0\.0\.0\.0 is beyond loopback"):
         asyncio.run(serve(settings, print))
+
+
+def test_password_checks_beyond_the_kdf_slots_are_refused_not_queued(monkeypatch):
+    """With every slot busy a new (never verified) pair gets None (the handlers answer 429)
+    at once instead of queueing a scrypt behind the others; a verified pair still passes."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from amqptasks.dashboard import server
+
+    release, entered = threading.Event(), threading.Event()
+
+    class Slow(Credentials):
+        def check_password(self, user: str, password: str) -> bool:
+            if password == "hold":
+                entered.set()
+                release.wait(10)
+            return super().check_password(user, password)
+
+    async def scenario() -> list[bool | None]:
+        dash = SimpleNamespace(
+            credentials=Slow(("ann:pw",)), kdf=ThreadPoolExecutor(max_workers=1), kdf_busy=0
+        )
+        assert await server.check_password(dash, "ann", "pw") is True  # now remembered
+        held = asyncio.ensure_future(server.check_password(dash, "ann", "hold"))
+        await asyncio.to_thread(entered.wait, 10)
+        busy = await server.check_password(dash, "bob", "guess")
+        known = await server.check_password(dash, "ann", "pw")
+        release.set()
+        first = await held
+        dash.kdf.shutdown()
+        return [first, busy, known, dash.kdf_busy]
+
+    monkeypatch.setattr(server, "KDF_SLOTS", 1)
+    assert asyncio.run(scenario()) == [False, None, True, 0]
