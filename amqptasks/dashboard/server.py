@@ -323,7 +323,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             status=403,
         )
     changing = request.method not in ("GET", "HEAD", "OPTIONS")
-    if changing and _cross_site(request):
+    if (changing or request.headers.get("Sec-Fetch-Mode") != "navigate") and _cross_site(request):
+        # A change never; a read only when the browser navigates to a page (a link from
+        # elsewhere): another site's <img>/fetch() must not hold threads with long result
+        # waits or mint sessions that push out the user's.
         return web.json_response({"error": "cross-site request refused"}, status=403)
     if path == "/login":
         return await handler(request)

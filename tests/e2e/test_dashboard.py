@@ -262,6 +262,13 @@ def test_security_headers_csrf_and_cross_site_refusals(cfg, dashboard_factory):
     assert d.post(send, body, headers=evil).status == 403  # even with Basic credentials
     assert d.post(send, body, headers={"Origin": "null"}).status == 403
     assert http(d.base, "POST", send, body=body, headers={**right, **evil}).status == 403
+    # Another site may link to a page (a navigation), not read the API or embed it.
+    embed = {"Cookie": session, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}
+    assert http(d.base, "GET", "/api/stats", headers=embed).status == 403
+    link = {"Cookie": session, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert http(d.base, "GET", "/", headers=link).status == 200
+    own = {"Cookie": session, "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+    assert http(d.base, "GET", "/api/stats", headers=own).status == 200
     # A session ends with its logout.
     form = {"Cookie": session, "Content-Type": "application/x-www-form-urlencoded"}
     out = http(d.base, "POST", "/logout", raw=f"csrf={csrf}".encode(), headers=form)
