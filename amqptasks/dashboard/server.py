@@ -315,13 +315,15 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     dash = request.app[DASHBOARD]
     path = request.path
-    if path == "/healthcheck" or (path == "/metrics" and dash.options.metrics_public):
+    if path == "/healthcheck":
         return await handler(request)
     if not dash.auth_required and not _host_allowed(request):
         return web.json_response(
             {"error": "this dashboard has no credentials and answers only to a loopback host"},
             status=403,
         )
+    if path == "/metrics" and dash.options.metrics_public:
+        return await handler(request)  # after the Host check: DNS rebinding reads nothing
     changing = request.method not in ("GET", "HEAD", "OPTIONS")
     if (changing or request.headers.get("Sec-Fetch-Mode") != "navigate") and _cross_site(request):
         # A change never; a read only when the browser navigates to a page (a link from

@@ -68,6 +68,18 @@ def is_loopback(address: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+def loopback_host(header: str | None) -> bool:
+    """Whether an HTTP ``Host`` header names this machine (``127.0.0.1:9808``, ``[::1]:9808``,
+    ``localhost``). A server without credentials answers only those: a web page whose name
+    was rebound to 127.0.0.1 sends its own name, and must not read the worker's metrics."""
+    host = (header or "").strip()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return is_loopback(host.lower())
+
+
 def parse_auth(text: str, where: str) -> tuple[str, str]:
     """``USER:PASS`` -> (user, password); ``ValueError`` naming ``where`` (never the
     password) when it is not that."""
@@ -274,6 +286,9 @@ class MetricsServer:
             timeout = REQUEST_TIMEOUT
 
             def do_GET(self) -> None:
+                if server._expected is None and not loopback_host(self.headers.get("Host")):
+                    self.send_error(403, "no credentials here: only a loopback Host is served")
+                    return
                 if not server.authorized(self.headers.get("Authorization")):
                     self.send_response(401)
                     self.send_header("WWW-Authenticate", 'Basic realm="amqptasks metrics"')

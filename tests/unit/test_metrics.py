@@ -104,3 +104,23 @@ def test_the_metrics_http_server_caps_connections_and_cuts_idle_ones(monkeypatch
             s.close()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [
+        ("127.0.0.1:9808", True),
+        ("[::1]:9808", True),
+        ("localhost:9808", True),
+        ("LocalHost", True),
+        ("rebound.example:9808", False),
+        ("10.0.0.5:9808", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_without_credentials_only_a_loopback_host_header_is_served(host, served):
+    """DNS rebinding: a page whose name now resolves to 127.0.0.1 sends its own name."""
+    from amqptasks.worker.metrics import loopback_host
+
+    assert loopback_host(host) is served
