@@ -385,6 +385,7 @@ class App(Sender):
                         s.urls,
                         timeout=s.publish_timeout,
                         on_reply=self._on_reply,
+                        on_replies_lost=self.results.lost,
                         heartbeat=s.heartbeat,
                     )
                     atexit.register(self._publisher.close)
@@ -431,6 +432,7 @@ class App(Sender):
                 s.urls,
                 timeout=s.publish_timeout,
                 on_reply=self.results.deliver,
+                on_replies_lost=self.results.lost,
                 heartbeat=s.heartbeat,
             )
         return pub

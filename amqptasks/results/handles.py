@@ -64,6 +64,23 @@ class ResultBackend:
         return self.store
 
 
+def _hear(state: _State, deadline: float | None, *, wait_on: bool) -> Reply | None:
+    """The reply, if it comes before ``deadline``. Woken early because a connection that
+    carried replies closed (``state.lost``), it gives up at once when the caller has a store
+    to read instead; without one (``wait_on``) it goes on waiting for the rest of the time:
+    the reply may have been due on another connection that is still open."""
+    while state.event.wait(_left(deadline)):
+        if state.reply is not None:
+            return state.reply
+        if not wait_on:
+            return None
+        state.event.clear()
+        state.lost = False
+        if state.reply is not None:  # delivered between the wake and the clear
+            return state.reply
+    return None
+
+
 def _revoker(backend: ResultBackend | None, what: str) -> Revoke:
     if backend is None or backend.revoke is None:
         raise ResultsUnavailable(f"{what}: this handle has no application to revoke through")
@@ -194,13 +211,14 @@ class AsyncResult:
                 f"task {self.task!r} ignores results (ignore_result): none is kept or sent"
             )
         deadline = _deadline(timeout)
-        if self._state is not None and self._state.event.wait(timeout):
-            reply = self._state.reply
-            assert reply is not None
-            return reply
         store = self._backend.store if self._backend is not None else None
+        state = self._state
+        if state is not None:
+            reply = _hear(state, deadline, wait_on=store is None)
+            if reply is not None:
+                return reply
         if store is None:
-            if self._state is None:
+            if state is None:
                 url = self._backend.url if self._backend is not None else "rpc://"
                 raise ResultsUnavailable(
                     f"the result of {self.id} cannot be read here: results.backend is {url!r}, "

@@ -43,11 +43,14 @@ class RemoteFailure(Protocol):
 class _State:
     """What one handle waits on; owned by the handle, looked up weakly by the collector."""
 
-    __slots__ = ("__weakref__", "event", "reply")
+    __slots__ = ("__weakref__", "event", "lost", "reply")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.reply: Reply | None = None
+        #: Set with the event when a connection that carried replies closed before this one
+        #: came: it may never come (the waiter reads the store instead).
+        self.lost = False
 
 
 class ResultCollector:
@@ -87,6 +90,16 @@ class ResultCollector:
             )
         state.event.set()
         return True
+
+    def lost(self) -> None:
+        """A connection that consumed replies closed: wake every waiter, whose reply may have
+        been due on it (direct reply-to replies live and die with their channel). A waiter
+        with a result store reads it from there; a reply that still comes is still taken."""
+        with self._lock:
+            states = list(self._waiting.values())
+        for state in states:
+            state.lost = True
+            state.event.set()
 
     def pending(self) -> int:
         with self._lock:

@@ -163,6 +163,7 @@ class AsyncPublisher:
         name: str = "amqptasks publisher",
         on_reply: ReplyHandler | None = None,
         heartbeat: int | None = None,
+        on_replies_lost: Callable[[], object] | None = None,
     ) -> None:
         self.addresses = Addresses(url)
         #: The address of the current (or last) connection.
@@ -170,6 +171,9 @@ class AsyncPublisher:
         self.timeout = timeout
         self.name = name
         self.on_reply = on_reply
+        #: Called when a channel that consumed replies closed: what was still due on it
+        #: will never arrive (direct reply-to lives and dies with its channel).
+        self.on_replies_lost = on_replies_lost
         self.heartbeat = heartbeat
         self.last_error: BaseException | None = None
         self._conn: aio_pika.abc.AbstractConnection | None = None
@@ -240,6 +244,9 @@ class AsyncPublisher:
             handler(message.correlation_id, message.body)
 
         await queue.consume(on_message, no_ack=True)
+        lost = self.on_replies_lost
+        if lost is not None:
+            channel.close_callbacks.add(lambda *_: lost())
 
     async def publish(
         self,

@@ -139,10 +139,14 @@ class _Link:
         *,
         threaded: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
+        on_replies_lost: Callable[[], object] | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.on_reply = on_reply
+        #: Called once when this link, which consumed replies, closes: the replies still due
+        #: on its channel will never arrive (direct reply-to lives and dies with the channel).
+        self.on_replies_lost = on_replies_lost
         #: The asyncio loop that runs this link's I/O (None: a thread, or the owner, does).
         self.loop = loop
         #: False: no I/O thread; the one thread that uses the link drives it (:meth:`drive`).
@@ -295,8 +299,17 @@ class _Link:
         self._set_ready()
         self._stop_io()
 
+    def _replies_lost(self) -> None:
+        notify, self.on_replies_lost = self.on_replies_lost, None  # once
+        if notify is not None and self.on_reply is not None:
+            try:
+                notify()
+            except Exception:  # a waiter's problem must not break the close
+                log.exception("replies-lost callback failed")
+
     def _on_close(self, _conn: Any, exc: BaseException) -> None:
         self.closed = True
+        self._replies_lost()
         self.error = BrokerError(f"connection to broker {redact_url(self.url)} closed: {exc}")
         self._fail_all(
             BrokerError(
@@ -309,6 +322,7 @@ class _Link:
 
     def _on_channel_close(self, _ch: Any, exc: BaseException) -> None:
         self.closed = True
+        self._replies_lost()
         reason = refusal(exc)  # e.g. no write permission on the exchange
         if reason is not None:
             self.error = refused(self.url, reason, "the publish")
@@ -532,12 +546,15 @@ class SyncPublisher:
         name: str = "amqptasks publisher",
         on_reply: ReplyHandler | None = None,
         heartbeat: int | None = None,
+        on_replies_lost: Callable[[], object] | None = None,
     ) -> None:
         self.addresses = Addresses(url)
         self.url = self.addresses.urls[0]
         self.timeout = timeout
         self.name = name
         self.on_reply = on_reply
+        #: Called when the link that consumed replies closed (see :class:`_Link`).
+        self.on_replies_lost = on_replies_lost
         self.heartbeat = heartbeat
         self._link: _Link | None = None
         #: Links retired after a nack that still wait for their last confirms.
@@ -593,19 +610,25 @@ class SyncPublisher:
             if link is not None and link.retiring and not link.closed:
                 # Its last confirms are still due: it closes itself once they arrived.
                 self._retired = [x for x in self._retired if not x.closed] + [link]
-                link = self._link = _Link(
-                    link.url, self.name, self.timeout, self.on_reply, self.heartbeat
-                )
+                link = self._link = self._new_link(link.url)
             if link is None or link.closed:
                 if link is not None:
                     link.close()
                     if not link.retiring:
                         self.addresses.failed(link.url)
                 url = self.addresses.preferred
-                link = self._link = _Link(
-                    url, self.name, self.timeout, self.on_reply, self.heartbeat
-                )
+                link = self._link = self._new_link(url)
             return link
+
+    def _new_link(self, url: str) -> _Link:
+        return _Link(
+            url,
+            self.name,
+            self.timeout,
+            self.on_reply,
+            self.heartbeat,
+            on_replies_lost=self.on_replies_lost,
+        )
 
     def _direct_link(self) -> _Link:
         """The owner thread's link: the current one, or a new one in place of one that was

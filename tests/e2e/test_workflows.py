@@ -359,3 +359,30 @@ def test_a_replayed_dead_lettered_chain_step_continues_the_chain(setup, tmp_path
     finally:
         reader.close()
     assert broker.depth("default.dlq") == 0 and broker.depth("default") == 0
+
+
+def test_get_reads_the_store_when_the_reply_connection_is_lost(setup, tmp_path, broker):
+    """The caller's publisher connection (which carries direct reply-to) is closed by the
+    broker while the task runs: its reply can never arrive, and get() reads the stored result
+    as soon as it is written instead of waiting out its timeout (or forever)."""
+    import urllib.parse
+
+    from broker_fixtures import mgmt
+
+    app, ledger, _ = setup
+    gate = tmp_path / "gate"
+    r = app.send_task("testtasks.gated", ("held", str(gate)))
+    wait_for(lambda: any(x.startswith("start held") for x in ledger_lines(ledger)), message="run")
+    vh = urllib.parse.quote(broker.vhost, safe="")
+    ours = [
+        c["name"]
+        for c in mgmt("GET", f"/vhosts/{vh}/connections")
+        if c.get("client_properties", {}).get("connection_name") == "amqptasks publisher"
+    ]
+    assert ours, "the caller's publisher connection"
+    for name in ours:
+        mgmt("DELETE", "/connections/" + urllib.parse.quote(name, safe=""))
+    gate.touch()
+    started = time.monotonic()
+    assert r.get(timeout=120) == "held"
+    assert time.monotonic() - started < 60  # the store answered: not the 120 s timeout

@@ -63,6 +63,52 @@ def test_a_reply_is_delivered_once() -> None:
     assert result.get(timeout=0) == 1
 
 
+def test_a_lost_reply_connection_sends_the_waiter_to_the_store_at_once(tmp_path) -> None:
+    """The connection that carried replies closed while a task ran (its reply is gone with
+    it): get() does not wait out its timeout for a reply that cannot come, it waits on the
+    store, where the worker wrote the result first."""
+    from datetime import datetime, timezone
+
+    from amqptasks.results import ResultBackend, ResultMeta, store_from_url
+
+    store = store_from_url(f"sqlite:///{tmp_path / 'r.db'}")
+    collector = ResultCollector()
+    result = AsyncResult(
+        "id-1", "t", collector.expect("id-1"), backend=ResultBackend(collector, store, "x")
+    )
+    done = threading.Event()
+    got: list[object] = []
+
+    def wait() -> None:
+        got.append(result.get(timeout=None))  # before: forever, the reply being lost
+        done.set()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    collector.lost()  # the publisher's connection closed
+    now = datetime.now(timezone.utc)
+    store.save([ResultMeta(id="id-1", status=SUCCESS, task="t", result=7, date_done=now)])
+    assert done.wait(10) and got == [7]
+    waiter.join(5)
+    store.close()
+
+
+def test_without_a_store_a_lost_wake_keeps_waiting_for_a_reply_still_due() -> None:
+    """rpc:// only: the reply may have been due on another connection (the app's asyncio
+    publisher) that is still open, so the waiter goes on waiting for it."""
+    collector = ResultCollector()
+    result = AsyncResult("id-1", "t", collector.expect("corr-1"))
+    collector.lost()
+    done = threading.Event()
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: (got.append(result.get(10)), done.set()))
+    waiter.start()
+    assert not done.wait(0.2)  # still waiting: a lost wake is not an answer
+    assert collector.deliver("corr-1", success(3)) is True
+    assert done.wait(10) and got == [3]
+    waiter.join(5)
+
+
 def test_reply_for_a_dropped_handle_is_discarded() -> None:
     collector = ResultCollector()
     result = AsyncResult("id-1", "t", collector.expect("corr-1"))
