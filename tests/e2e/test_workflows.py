@@ -297,10 +297,10 @@ def test_results_expire_from_every_store(tmp_path, broker, worker_factory):
 def test_results_expires_from_the_config_removes_old_results(
     tmp_path, broker, worker_factory, kind
 ):
-    """``results.expires: 1``: a result the worker wrote is readable by id at first and gone
-    (PENDING, nothing left in the store) a little over a second later."""
+    """``results.expires: 2``: a result the worker wrote is readable by id at first and gone
+    (PENDING, nothing left in the store) a little over two seconds later."""
     cfg = write_config(
-        tmp_path, broker, results={"backend": _backend(tmp_path, kind), "expires": 1}
+        tmp_path, broker, results={"backend": _backend(tmp_path, kind), "expires": 2}
     )
     worker_factory(cfg, "-Q", "default")
     app = App(load_config(cfg, env={}))
