@@ -342,13 +342,15 @@ def test_get_reads_the_store_when_the_reply_connection_is_lost(setup, tmp_path, 
     r = app.send_task("testtasks.gated", ("held", str(gate)))
     wait_for(lambda: any(x.startswith("start held") for x in ledger_lines(ledger)), message="run")
     vh = urllib.parse.quote(broker.vhost, safe="")
-    ours = [
-        c["name"]
-        for c in mgmt("GET", f"/vhosts/{vh}/connections")
-        if c.get("client_properties", {}).get("connection_name") == "amqptasks publisher"
-    ]
-    assert ours, "the caller's publisher connection"
-    for name in ours:
+
+    def ours() -> list[str]:  # the management API lists a new connection a little later
+        return [
+            c["name"]
+            for c in mgmt("GET", f"/vhosts/{vh}/connections")
+            if c.get("client_properties", {}).get("connection_name") == "amqptasks publisher"
+        ]
+
+    for name in wait_for(ours, interval=0.2, message="the caller's publisher connection"):
         mgmt("DELETE", "/connections/" + urllib.parse.quote(name, safe=""))
     gate.touch()
     started = time.monotonic()
