@@ -86,12 +86,12 @@ class ReplyMiddleware(Middleware):
         #: The worker's merged task policies (decorator, then the YAML ``tasks:`` entry):
         #: their ``ignore_result``, for every reply (the fast path's successes included).
         self.policies = policies
+        self._sending: set[asyncio.Future[None]] = set()
 
     def _ignores(self, task: str) -> bool:
         policy = self.policies.get(task)
         ignore = policy.ignore_result if policy is not None else None
         return self.default_ignore if ignore is None else ignore
-        self._sending: set[asyncio.Future[None]] = set()
 
     def wants(self, envelope: Envelope) -> bool:
         # The fast path answers a success itself (fast_success).
