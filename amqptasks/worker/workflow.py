@@ -88,28 +88,24 @@ class Workflow:
             # A chain in a chord's header: its last step, which will never run, was the
             # member; the chord fails for it now instead of waiting for it forever.
             for sig, member_of in canvas.abandoned_members(links):
-                abandoned = ResultMeta(
-                    id=sig.options["task_id"],
-                    status=FAILURE,
-                    task=sig.task,
-                    error_type=error_type,
-                    error_message=detail,
-                    date_done=utcnow(),
-                    worker=self.hostname,
-                )
+                abandoned = self._failure(sig.options["task_id"], sig.task, error_type, detail)
                 await self._chord_failed(env, dict(member_of), abandoned, message_token)
         membership = links.get("chord")
         if membership is not None:
-            meta = ResultMeta(
-                id=env.id,
-                status=FAILURE,
-                task=env.task,
-                error_type=error_type,
-                error_message=error_message,
-                date_done=utcnow(),
-                worker=self.hostname,
-            )
+            meta = self._failure(env.id, env.task, error_type, error_message)
             await self._chord_failed(env, membership, meta, message_token)
+
+    def _failure(self, task_id: str, task: str, error_type: str, message: str) -> ResultMeta:
+        """A chord member's failure as its chord records it."""
+        return ResultMeta(
+            id=task_id,
+            status=FAILURE,
+            task=task,
+            error_type=error_type,
+            error_message=message,
+            date_done=utcnow(),
+            worker=self.hostname,
+        )
 
     # -- chords -----------------------------------------------------------------------------------
     def _require_store(self, env: Envelope) -> StoreRunner:
@@ -129,16 +125,8 @@ class Workflow:
         except TypeError as exc:
             # The member's own record is this EncodeError (worker/results.py); its chord
             # cannot hold the value either, so the member failed and the chord fails for it.
-            encode_error = ResultMeta(
-                id=env.id,
-                status=FAILURE,
-                task=env.task,
-                error_type="EncodeError",
-                error_message=f"result of type {type(result).__name__} is not "
-                f"JSON-serialisable: {exc}",
-                date_done=utcnow(),
-                worker=self.hostname,
-            )
+            why = f"result of type {type(result).__name__} is not JSON-serialisable: {exc}"
+            encode_error = self._failure(env.id, env.task, "EncodeError", why)
             await self._chord_failed(env, membership, encode_error, token)
             return
         meta = ResultMeta(
