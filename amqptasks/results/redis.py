@@ -272,7 +272,7 @@ class RedisStore:
         if _left(deadline) == 0:
             return False
         channels = {self._channel(t).encode(): t for t in pending}
-        pubsub = self._subscriber.pubsub()  # type: ignore[no-untyped-call]
+        pubsub = self._subscriber.pubsub()
         try:
             pubsub.subscribe(*channels)
             confirmed = 0
