@@ -23,7 +23,7 @@ from typing import Any, overload
 
 from . import canvas, tracing
 from .canvas import Signature
-from .config import Settings, load_config, redact_url
+from .config import Settings, load_config, policy_flag, redact_url
 from .control import Control
 from .errors import AmqpTasksError, ConfigError, DecodeError, TaskNotRegistered
 from .events import EventSource, encode_batch
@@ -209,9 +209,10 @@ class App(Sender):
             return task.ignore_result
         known = self._configured_ignore.get(name)
         if known is None:
-            settings = self.settings
-            configured = settings.task_policy(name).ignore_result  # globs: matched once
-            known = settings.results.ignore_result if configured is None else configured
+            settings = self.settings  # globs: matched once per name
+            known = policy_flag(
+                settings.task_policy(name), "ignore_result", settings.results.ignore_result
+            )
             self._configured_ignore[name] = known
         return known
 

@@ -234,6 +234,14 @@ class TaskPolicy:
         )
 
 
+def policy_flag(policy: TaskPolicy | None, field: str, default: bool) -> bool:
+    """One on/off policy field (``ignore_result``, ``track_started``) of a task, else the
+    setting it falls back to: the single place the caller and the worker's middlewares
+    resolve it, so they never disagree about whether a result (or a reply) will come."""
+    value = getattr(policy, field) if policy is not None else None
+    return default if value is None else bool(value)
+
+
 #: Built-in defaults: 3 retries; a retry without countdown waits default_retry_delay
 #: seconds, or ``retry_backoff * 2**retries`` (capped, full jitter) when backoff is on.
 DEFAULT_POLICY = TaskPolicy(

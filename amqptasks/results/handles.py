@@ -65,17 +65,16 @@ class ResultBackend:
 
 
 def _hear(state: _State, deadline: float | None, *, wait_on: bool) -> Reply | None:
-    """The reply, if it comes before ``deadline``. Woken early because a connection that
-    carried replies closed (``state.lost``), it gives up at once when the caller has a store
-    to read instead; without one (``wait_on``) it goes on waiting for the rest of the time:
-    the reply may have been due on another connection that is still open."""
+    """The reply, if it comes before ``deadline``. Woken with no reply (a connection that
+    carried replies closed: :meth:`ResultCollector.lost`), it gives up at once when the
+    caller has a store to read instead; without one (``wait_on``) it goes on waiting for the
+    rest of the time: the reply may have been due on another connection that is still open."""
     while state.event.wait(_left(deadline)):
         if state.reply is not None:
             return state.reply
         if not wait_on:
             return None
         state.event.clear()
-        state.lost = False
         if state.reply is not None:  # delivered between the wake and the clear
             return state.reply
     return None

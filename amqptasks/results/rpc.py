@@ -43,14 +43,13 @@ class RemoteFailure(Protocol):
 class _State:
     """What one handle waits on; owned by the handle, looked up weakly by the collector."""
 
-    __slots__ = ("__weakref__", "event", "lost", "reply")
+    __slots__ = ("__weakref__", "event", "reply")
 
     def __init__(self) -> None:
+        #: Set when the reply came, or when a connection that carried replies closed before
+        #: it did (the reply may never come: ``reply`` is still None, the waiter decides).
         self.event = threading.Event()
         self.reply: Reply | None = None
-        #: Set with the event when a connection that carried replies closed before this one
-        #: came: it may never come (the waiter reads the store instead).
-        self.lost = False
 
 
 class ResultCollector:
@@ -98,7 +97,6 @@ class ResultCollector:
         with self._lock:
             states = list(self._waiting.values())
         for state in states:
-            state.lost = True
             state.event.set()
 
     def pending(self) -> int:

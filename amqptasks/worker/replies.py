@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..celery_compat import encode_celery_reply, is_celery
+from ..config import policy_flag
 from ..protocol import (
     CONTENT_TYPE_JSON,
     FAILURE,
@@ -89,12 +90,11 @@ class ReplyMiddleware(Middleware):
         self._sending: set[asyncio.Future[None]] = set()
 
     def _ignores(self, task: str) -> bool:
-        policy = self.policies.get(task)
-        ignore = policy.ignore_result if policy is not None else None
-        return self.default_ignore if ignore is None else ignore
+        return policy_flag(self.policies.get(task), "ignore_result", self.default_ignore)
 
     def wants(self, envelope: Envelope) -> bool:
-        # The fast path answers a success itself (fast_success).
+        # Never the full pipeline for a reply (the base class says True): a success is
+        # answered by fast_success, a failure or retry by after_run, which runs anyway.
         return False
 
     def fast_success(

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..config import TaskPolicy
+from ..config import TaskPolicy, policy_flag
 from ..dlq import REPLAY_HEADER
 from ..protocol import Envelope, dumps
 from ..results import (
@@ -89,9 +89,7 @@ class ResultsMiddleware(Middleware):
         self.duplicates = 0
 
     def _keeps(self, task: str) -> bool:
-        policy = self.policies.get(task)
-        ignore = policy.ignore_result if policy is not None else None
-        return not (self.default_ignore if ignore is None else ignore)
+        return not policy_flag(self.policies.get(task), "ignore_result", self.default_ignore)
 
     def wants(self, envelope: Envelope) -> bool:
         """The full pipeline only where the store must be asked first (a workflow step, a
@@ -125,9 +123,7 @@ class ResultsMiddleware(Middleware):
         return True
 
     def _tracks_started(self, task: str) -> bool:
-        policy = self.policies.get(task)
-        track = policy.track_started if policy is not None else None
-        return self.default_track_started if track is None else bool(track)
+        return policy_flag(self.policies.get(task), "track_started", self.default_track_started)
 
     async def should_run(self, ctx: Context) -> bool:
         env = ctx.envelope
