@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import ResultsDisabled, ResultsUnavailable, ResultTimeout
 from ..protocol import Reply
-from .meta import FAILURE, PENDING, READY_STATES, SUCCESS, ResultMeta
+from .meta import FAILURE, PENDING, READY_STATES, REVOKED, SUCCESS, ResultMeta
 from .rpc import ResultCollector, _State, remote_error
 from .store import ResultStore
 
@@ -78,6 +78,15 @@ def _hear(state: _State, deadline: float | None, *, wait_on: bool) -> Reply | No
         if state.reply is not None:  # delivered between the wake and the clear
             return state.reply
     return None
+
+
+def _status(record: Reply | ResultMeta) -> str:
+    """A record's state. The reply of a revoked task says FAILURE with reason ``revoked`` (the
+    reply format knows only SUCCESS and FAILURE) where the store says REVOKED: a caller's
+    handle and ``AsyncResult(id)`` in another process must agree, so both read REVOKED."""
+    if record.status == FAILURE and isinstance(record, Reply) and record.reason == "revoked":
+        return REVOKED
+    return record.status
 
 
 def _revoker(backend: ResultBackend | None, what: str) -> Revoke:
@@ -144,7 +153,7 @@ class AsyncResult:
     def state(self) -> str:
         """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
         record = self._record()
-        return record.status if record is not None else PENDING
+        return _status(record) if record is not None else PENDING
 
     status = state
 
@@ -294,7 +303,7 @@ class GroupResult:
         for r in self.results:
             reply = r._reply()
             record = reply if reply is not None else stored.get(r.id)
-            out.append(record.status if record is not None else PENDING)
+            out.append(_status(record) if record is not None else PENDING)
         return out
 
     def completed_count(self) -> int:

@@ -202,6 +202,8 @@ def test_terminate_kills_a_process_pool_child_and_settles_the_task_as_revoked(
             long.get(timeout=10)  # the caller hears at once (rpc reply), no 60 s wait
         assert type(err.value).__name__ == "TaskRevoked"
         assert app.AsyncResult(long.id).state == "REVOKED"
+        # The caller's own handle (it heard the reply) says what the store says.
+        assert (long.state, long.ready(), long.failed()) == ("REVOKED", True, False)
 
         # The child was killed and replaced: the next task runs in a new one.
         after = app.send_task("testtasks.pid", ("after",), queue="default").get(timeout=30)
