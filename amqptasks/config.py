@@ -99,10 +99,11 @@ def redact_url(url: str) -> str:
     Safe for logs, banners, reprs and errors — and for reporting a malformed URL: the point of
     showing it is the typo (``amqps//``, a wrong host or port), so nothing but the password is
     hidden. Works on the raw text rather than ``urlsplit``, which finds no credentials at all
-    in ``amqps//user:pw@host``. The userinfo ends at the last '@' of the authority; when an
-    unencoded '/', '?' or '#' ends the authority before any '@' (a password containing one),
-    everything up to the last '@' counts as the password: better hide too much than show the
-    rest of a password.
+    in ``amqps//user:pw@host``. The userinfo ends at the last '@' before the query: an
+    unencoded '/' may be in a password as well as in the path (``user:p@ss/word@host`` and
+    ``user:pw@host/v@h`` read alike), so an '@' in the path ends it too — better hide a
+    vhost than show the rest of a password. With no '@' before the query, a password holding
+    '?' or '#' may still end at a later '@': up to the last one is hidden.
     """
     start = len(url) - len(url.lstrip())
     m = _URL_PREFIX.match(url)
@@ -115,10 +116,11 @@ def redact_url(url: str) -> str:
 
 def _redact_userinfo(url: str, start: int) -> str:
     rest = url[start:]
-    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
-    at = rest.rfind("@", 0, end)
+    query = next((i for i, c in enumerate(rest) if c in "?#"), len(rest))
+    at = rest.rfind("@", 0, query)
     if at < 0:
-        if ":" not in rest[:end]:
+        authority = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+        if ":" not in rest[:authority]:
             return url
         at = rest.rfind("@")
         if at < 0:
