@@ -60,6 +60,19 @@ RESTATED = frozenset(
         # A channel closed by the broker (404, 406...) fails what was waiting on it; the owner
         # reports that error. The record itself carries the channel's and socket's reprs.
         ("pika.channel", "Received remote Channel.Close (%s): %r on %s"),
+        # pika guesses at a connection closed during its handshake, then raises the guess
+        # (ProbableAuthenticationError...): the transport reports the broker's own reason
+        # ("refused the connection: ACCESS_REFUSED - Login was refused ...") in one line.
+        ("pika.connection", "Probably incompatible Protocol Versions"),
+        (
+            "pika.connection",
+            "Connection closed while authenticating indicating a probable authentication error",
+        ),
+        (
+            "pika.connection",
+            "Connection closed while tuning the connection indicating a probable permission "
+            "error when accessing a virtual host",
+        ),
     }
 )
 #: pika's I/O layer (sockets, transports, the connection workflow): every failure there reaches

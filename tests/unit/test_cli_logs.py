@@ -97,6 +97,12 @@ def test_a_client_traceback_becomes_one_line_with_the_exception() -> None:
         ),
         ("pika.adapters.base_connection", "connection_lost: %r", (OSError("lost"),)),
         ("pika.adapters.utils.io_services_utils", "Socket failed to connect: %s", ("<s>",)),
+        # pika's guess at a wrong password: the transport reports the broker's ACCESS_REFUSED.
+        (
+            "pika.connection",
+            "Connection closed while authenticating indicating a probable authentication error",
+            (),
+        ),
     ],
 )
 def test_restated_client_records_are_dropped(name: str, msg: str, args: tuple) -> None:
