@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -121,10 +122,16 @@ os.register_at_fork(after_in_child=_forget_random)
 
 
 def new_id() -> str:
-    """A fresh task id: a random (version 4) UUID as text, unique without coordination.
+    """A fresh task id: a time-ordered UUID as text (version 7, RFC 9562: the Unix time in
+    milliseconds, then 74 random bits), unique without coordination.
 
-    Same randomness as :func:`uuid.uuid4` (``os.urandom``) but drawn 256 ids at a time: one
-    system call per id was a visible share of a pipelined publisher's time.
+    Why time-ordered rather than random (version 4): a result store keys its records by id,
+    and ids made one after the other land side by side in its index instead of on a random
+    page each. Measured on SQLite (WAL, ``synchronous=FULL``, batches of 158): a stored
+    result cost 15.8 µs with version-4 ids and 5.5 µs with these. The price: an id tells
+    when it was made, to the millisecond (events and results say so anyway). The random
+    bits come from ``os.urandom``, drawn 256 ids at a time: one system call per id was a
+    visible share of a pipelined publisher's time. Any string still works as an id.
     """
     global _id_random, _id_pos
     with _id_lock:
@@ -132,8 +139,9 @@ def new_id() -> str:
             _id_random, _id_pos = os.urandom(_ID_BYTES), 0
         raw = bytearray(_id_random[_id_pos : _id_pos + 16])
         _id_pos += 16
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    raw[0:6] = (time.time_ns() // 1_000_000).to_bytes(6, "big")
+    raw[6] = (raw[6] & 0x0F) | 0x70  # version 7
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 9562 (4122) variant
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 

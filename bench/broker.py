@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pika
@@ -110,13 +110,16 @@ def wait_for_broker(timeout: float = 180) -> bool:
 @dataclass(frozen=True)
 class Template:
     """One message exactly as a framework published it, with :data:`PLACEHOLDER_ID` where
-    its id goes; :meth:`make` stamps a fresh id into a copy."""
+    its id goes; :meth:`make` stamps a fresh id into a copy — made the framework's own way
+    (``new_id``): a store that indexes results by id pays for random ids, so every worker
+    must meet the ids its framework would have sent."""
 
     body: bytes
     props: dict[str, Any]
+    new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
 
     def make(self) -> tuple[bytes, pika.BasicProperties]:
-        uid = str(uuid.uuid4())
+        uid = self.new_id()
         body = self.body.replace(PLACEHOLDER_ID.encode(), uid.encode())
         props = {k: _stamp(v, uid) for k, v in self.props.items()}
         return body, pika.BasicProperties(**props)
@@ -206,8 +209,9 @@ class VHost:
         if self.depth(queue)[0]:
             self.channel().queue_purge(queue)
 
-    def take_template(self, queue: str, timeout: float = 10) -> Template:
-        """basic.get the seed message a framework client published, as a :class:`Template`."""
+    def take_template(self, queue: str, new_id: Callable[[], str], timeout: float = 10) -> Template:
+        """basic.get the seed message a framework client published, as a :class:`Template`
+        whose copies get ids from ``new_id``."""
         deadline = time.monotonic() + timeout
         ch = self.channel()
         while True:
@@ -220,7 +224,7 @@ class VHost:
         if PLACEHOLDER_ID.encode() not in body and PLACEHOLDER_ID not in repr(props):
             raise BenchError(f"seed message in {queue!r} does not carry the placeholder id")
         fields = {k: getattr(props, k) for k in _PROPS if getattr(props, k) is not None}
-        return Template(body, fields)
+        return Template(body, fields, new_id)
 
     def peek(self, queue: str, n: int) -> list[str]:
         """What up to ``n`` messages at the head of ``queue`` are (id, task, redelivered),

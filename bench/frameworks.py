@@ -15,11 +15,14 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from amqptasks.protocol import new_id as amqptasks_new_id
 
 from .broker import Template, VHost
 from .procs import BenchError, Procs
@@ -83,6 +86,11 @@ class Framework:
     def __init__(self, python: str) -> None:
         self.python = python
 
+    def new_id(self) -> str:
+        """A task id as this framework's own client makes one (Celery, Dramatiq and a raw
+        client: a random UUID)."""
+        return str(uuid.uuid4())
+
     # -- per vhost ------------------------------------------------------------------------------
     def env(self, vh: VHost, workdir: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AMQPTASKS_", "BENCH_"))}
@@ -108,7 +116,7 @@ class Framework:
         pre-filling."""
         argv = self.client_argv("seed", "--task", task)
         procs.run(f"{self.name}-seed", argv, env, timeout=60)
-        return vh.take_template(QUEUE)
+        return vh.take_template(QUEUE, self.new_id)
 
     # -- configurations -------------------------------------------------------------------------
     def consume_specs(self, processes: int) -> list[WorkerSpec]:
@@ -195,6 +203,9 @@ class AmqpTasks(Framework):
     group = "amqptasks"
     client = "bench.peers.amq_client"
     dead_queues = (f"{QUEUE}.dlq",)
+
+    def new_id(self) -> str:
+        return amqptasks_new_id()  # time-ordered (docs/protocol.md)
 
     def setup(
         self, procs: Procs, vh: VHost, workdir: Path, queues: list[str] | None = None
@@ -654,7 +665,7 @@ class RawAioPika(RawPika):
 
     def seed(self, procs: Procs, vh: VHost, env: dict[str, str], task: str = "noop") -> Template:
         procs.run("raw-seed", [self.python, "-m", "bench.peers.raw_pika", "seed"], env, timeout=60)
-        return vh.take_template(QUEUE)
+        return vh.take_template(QUEUE, self.new_id)
 
     def consume_specs(self, processes: int) -> list[WorkerSpec]:
         specs = super().consume_specs(processes)[:1]

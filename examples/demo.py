@@ -96,7 +96,7 @@ def main() -> int:
         total = chord(add.s(i, i) for i in range(10))(reduce.s())
         print(f"chord(add.s(i, i) for i in range(10))(reduce.s()) -> {total.get(timeout=20)}")
         stored = app.AsyncResult(r1.id)  # any process could do this: the store has it
-        print(f"app.AsyncResult({r1.id[:8]}…) -> {stored.state} {stored.get(timeout=20)}")
+        print(f"app.AsyncResult(…{r1.id[-12:]}) -> {stored.state} {stored.get(timeout=20)}")
     except Exception as exc:
         print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         ok = False

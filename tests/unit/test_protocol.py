@@ -56,7 +56,7 @@ def test_minimal_message_without_properties_decodes_with_defaults() -> None:
     assert env.links == {}
     assert (env.correlation_id, env.reply_to, env.priority) == (None, None, None)
     assert env.headers == {}
-    assert uuid.UUID(env.id).version == 4
+    assert uuid.UUID(env.id).version == 7
 
 
 def test_generated_ids_are_unique() -> None:
@@ -87,7 +87,7 @@ def test_id_precedence_body_then_message_id(
 @pytest.mark.parametrize("message_id", [None, ""])
 def test_id_is_generated_when_neither_body_nor_properties_give_one(message_id: str | None) -> None:
     env = decode(body(), Properties(message_id=message_id))
-    assert uuid.UUID(env.id).version == 4
+    assert uuid.UUID(env.id).version == 7
 
 
 def test_amqp_properties_are_carried_on_the_envelope() -> None:
@@ -819,7 +819,7 @@ def test_doc_replay_column_is_what_dlq_replay_does() -> None:
     assert skipped == set(REPLAY_SKIPPED)
 
 
-def test_new_ids_are_distinct_version4_uuids_across_threads() -> None:
+def test_new_ids_are_distinct_version7_uuids_across_threads() -> None:
     import threading
 
     from amqptasks.protocol import new_id
@@ -841,8 +841,23 @@ def test_new_ids_are_distinct_version4_uuids_across_threads() -> None:
     for text in seen[:50] + seen[-50:]:
         parsed = uuid.UUID(text)
         assert str(parsed) == text
-        assert parsed.version == 4
+        assert parsed.version == 7
         assert parsed.variant == uuid.RFC_4122
+
+
+def test_new_ids_are_time_ordered_and_carry_the_millisecond_they_were_made() -> None:
+    import time
+
+    from amqptasks.protocol import new_id
+
+    before = time.time_ns() // 1_000_000
+    first = new_id()
+    time.sleep(0.002)  # the order holds across milliseconds (within one, the bits are random)
+    second = new_id()
+    after = time.time_ns() // 1_000_000
+    stamp = uuid.UUID(first).int >> 80  # the top 48 bits: Unix time in ms
+    assert before <= stamp <= after
+    assert first < second  # as text too: what a store's index sorts by
 
 
 def test_a_forked_child_does_not_reuse_the_parents_ids() -> None:

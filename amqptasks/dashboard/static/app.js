@@ -94,6 +94,12 @@ function chart(title, labels, series) {
   return el("figure", {}, el("figcaption", {}, title), root, legend);
 }
 
+// An id shortened for a table: its tail, the random part (amqptasks' ids start with the
+// millisecond they were made, so tasks sent together share their first characters).
+function shortId(id) {
+  return id.length > 13 ? `…${id.slice(-12)}` : id;
+}
+
 async function charts() {
   const data = await api("/api/charts");
   const labels = data.minutes.map((m) => m.minute.slice(11, 16));
@@ -229,7 +235,7 @@ pages.tasks = {
     catch (e) { notice(e.message, "bad"); return; }
     taskState.next = page.next;
     const rows = page.tasks.map((t) => el("tr", { dataset: { id: t.id, state: t.state } },
-      el("td", {}, taskLink(t.id, t.id.slice(0, 12))), el("td", {}, t.name), el("td", {}, badge(t.state)),
+      el("td", {}, taskLink(t.id, shortId(t.id))), el("td", {}, t.name), el("td", {}, badge(t.state)),
       el("td", { class: "code" }, t.args), el("td", { class: "code" }, t.kwargs),
       el("td", { class: "code" }, t.state === "SUCCESS" ? t.result : (t.exception ? `${t.exception.type}: ${t.exception.message}` : "")),
       el("td", {}, t.worker), el("td", {}, t.queue), el("td", {}, fmtTime(t.ts)),
