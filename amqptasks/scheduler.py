@@ -70,6 +70,10 @@ STATE_VERSION = 1
 #: Firings per transaction when a catch-up (``all``) has many to send.
 BATCH = 200
 _MAX_RETRY_DELAY = 30.0
+#: A session that fired, or lasted this long, was healthy: the next one starts without a pause.
+_HEALTHY_SESSION = 10.0
+#: The longest pause before rejoining after a session that held the lock and could not fire.
+_MAX_REJOIN_DELAY = 5.0
 
 
 def utc_now() -> datetime:
@@ -236,9 +240,9 @@ class Scheduler:
                     await _wait(self._stop, timeout=delay)
                     delay = min(delay * 2, _MAX_RETRY_DELAY)
                     continue
-                delay = 0.5
                 in_round = 0
                 addresses.answered(url)
+                opened, fired = time.monotonic(), self.fired
                 try:
                     await self._session(link)
                 except (TopologyError, BrokerRefused) as exc:
@@ -252,6 +256,22 @@ class Scheduler:
                 if link.lost.is_set() and len(addresses) > 1:
                     addresses.failed(url)  # rejoin through the next node first
                     in_round = 1
+                healthy = self.fired > fired or time.monotonic() - opened > _HEALTHY_SESSION
+                if healthy or not link.activated.is_set():
+                    delay = 0.5
+                elif not self._stop.is_set():
+                    # Held the lock and could not fire (on a cluster: a quorum queue whose
+                    # leader died and whose new one is not known yet closes the connection at
+                    # once). Rejoining at once, the schedulers would hand the lock back and
+                    # forth thousands of times a second and load the very nodes electing it.
+                    rejoin = min(delay, _MAX_REJOIN_DELAY)
+                    log.warning(
+                        "beat %s: held the lock but could not fire; rejoining in %.1fs",
+                        self.hostname,
+                        rejoin,
+                    )
+                    await _wait(self._stop, timeout=rejoin)
+                    delay = min(delay * 2, _MAX_RETRY_DELAY)
         finally:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
