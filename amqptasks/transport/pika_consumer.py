@@ -41,6 +41,7 @@ from ..config import redact_url
 from ..errors import BrokerError, BrokerRefused, TopologyError
 from ..protocol import Properties
 from . import pika_fields  # noqa: F401  (float header values decoded as floats, not ints)
+from .pika_frames import ConsumerConnection
 from .refusal import refusal, refused
 
 __all__ = ["AckWindow", "Feed", "PikaConsumer", "PikaDelivery", "SideChannel", "SideDelivery"]
@@ -354,6 +355,7 @@ class PikaConsumer:
 
         def on_channel(channel: Any) -> None:
             self._channel = channel
+            self._conn.fast_channel(channel)
             channel.add_on_close_callback(self._on_channel_closed)
             # global_qos=False: the limit applies to each consumer (per-consumer QoS).
             channel.basic_qos(
@@ -362,7 +364,7 @@ class PikaConsumer:
                 callback=lambda _f: _resolve(opened, None),
             )
 
-        self._conn = pika.adapters.asyncio_connection.AsyncioConnection(
+        self._conn = ConsumerConnection(
             params,
             on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel),
             on_open_error_callback=lambda _c, exc: fail(exc),
