@@ -165,9 +165,11 @@ class FastPath:
             or continues(env)
             or env.time_limit
             or env.soft_time_limit
-            or any(m.wants(env) for m in self.middleware)
         ):
             return False
+        for m in self.middleware:  # a loop, not any(<genexpr>): this runs once per delivery
+            if m.wants(env):
+                return False
         slots = self.pipeline.slots
         if slots.try_take():
             self._start(delivery, env)
