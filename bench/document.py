@@ -70,6 +70,16 @@ extra); without it the report says "plots skipped: matplotlib missing".
   `basic.ack multiple=True` once per event-loop turn — amqptasks' worker's own pattern — and
   a `BlockingConnection` acking `multiple=True` every 64 deliveries (whatever is left every
   20 ms). Raw pika with one ack per message and raw aio-pika are shown beside them.
+  Each reads its own minimal message (a 62-byte body, 57 bytes of properties). A second
+  ceiling, `consume1_same`, is the same `AsyncioConnection` consumer reading amqptasks'
+  messages from amqptasks' queue, with its own target row. Why both: RabbitMQ keeps a
+  body or a properties block of at most 64 bytes as an Erlang heap binary and a larger
+  one as a reference-counted binary, and the larger kind costs the broker about twice the
+  CPU per message (measured on this machine with one raw pika consumer: 13 µs per message
+  with raw pika's message, 23 µs with 13 more body bytes or a correlation id, 28 µs with
+  amqptasks' message). Any real task message (amqptasks' or Celery's) is past that line,
+  so on a 2-core machine a consumer of one is broker-bound below raw pika's own rate;
+  the second row says how close the worker comes to a raw client given the same bytes.
 * **Publish**: one client process per run, warm-up calls excluded, N raised until the timed
   part lasts 5 s. "Confirmed" waits for the broker's `basic.ack`. A loop is one call at a
   time (amqptasks: `noop.delay()`; raw pika: `basic_publish` on a confirm channel). Bulk is

@@ -630,6 +630,19 @@ class RawPika(Framework):
             )
         return specs
 
+    def same_messages_spec(self) -> WorkerSpec:
+        """The batched AsyncioConnection consumer again, reading amqptasks' own messages
+        from amqptasks' queue (``consume1_same``). Why a second ceiling: raw pika's own
+        message is small enough (62-byte body, 57 bytes of properties) that RabbitMQ keeps
+        both parts as Erlang heap binaries (≤ 64 bytes); a real task message is larger —
+        amqptasks' or Celery's — and the broker then spends about twice the CPU per
+        message (docs/benchmarks.md, Method), so a consumer of it is broker-bound well
+        below raw pika's own rate. This row is what raw pika does with the same bytes."""
+        spec = self.consume_specs(1)[-1]
+        spec.label = f"{spec.label}, amqptasks' messages and queue"
+        spec.variant = "same"
+        return spec
+
     def latency_specs(self) -> list[WorkerSpec]:
         # Raw pika's round trip publishes unconfirmed (the fastest a caller can be, and the
         # figure the target is set against); a second row has the caller confirm its publish

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import stores
 from .broker import Template, VHost, drain_marks, poll_depth, wait_for_broker
-from .frameworks import QUEUE, Framework, PublishSpec, WorkerSpec
+from .frameworks import QUEUE, AmqpTasks, Framework, PublishSpec, RawPika, WorkerSpec
 from .peers.common import percentile
 from .procs import BenchError, Invalid, Proc, Procs, TimedOut, wait_until
 from .report import Results
@@ -254,6 +254,13 @@ def consume(ctx: Ctx, frameworks: list[Framework], quick: bool, process_counts: 
             for spec in p.fw.consume_specs(procs)
             if spec.quick or not quick
         ]
+        ours = next((p for p in prepared if isinstance(p.fw, AmqpTasks)), None)
+        raw = next((p for p in prepared if type(p.fw) is RawPika), None)
+        if ours is not None and raw is not None and 1 in process_counts:
+            # Raw pika on amqptasks' vhost, queue and messages (RawPika.same_messages_spec).
+            same = Prepared(raw.fw, ours.vh, ours.env, ours.template)
+            spec = raw.fw.same_messages_spec()
+            items.append(_Item(same, _consume_fig(1, spec), spec, ctx.sizes.consume))
         run_items(ctx, items)
 
 

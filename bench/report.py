@@ -50,6 +50,13 @@ FIGURES = [
         baseline="consume1",
         compare=False,
     ),
+    Figure(
+        "consume1_same",
+        "Consume no-op, 1 process, amqptasks' messages (raw pika ceiling)",
+        "tasks/s",
+        True,
+        compare=False,
+    ),
     Figure("pub_loop_confirmed", "Publish, confirmed, one caller in a loop", "msg/s", True),
     Figure(
         "pub_bulk",

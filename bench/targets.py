@@ -104,6 +104,12 @@ def targets(res: Results) -> list[Target]:
             res.best("consume1", "raw", "raw-pika", having="batched"),
             lambda r: r >= 0.7,
         ),
+        _ratio(
+            "Consume no-op, 1 process ≥ 0.7× raw pika with batched acks, same messages",
+            res.best("consume1", a),
+            res.best("consume1_same", "raw", "raw-pika"),
+            lambda r: r >= 0.7,
+        ),
         _events_cost(res),
         *(
             _ratio(

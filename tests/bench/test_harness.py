@@ -90,6 +90,11 @@ def test_quick_run_measures_reports_and_cleans_up(tmp_path, broker):
     ), targets
     consume = next(x for x in targets.splitlines() if x.startswith("| Consume no-op, 1 process"))
     assert "batched" in consume and re.search(r"\| [\d.]+× \| (met|not met) \|$", consume)
+    # The second ceiling: raw pika reading amqptasks' own messages, and its target row.
+    same = "| Consume no-op, 1 process, amqptasks' messages (raw pika ceiling) (tasks/s) |"
+    assert re.search(re.escape(same) + r" raw-pika \| [^|]*amqptasks' messages[^|]*" + VALUE, text)
+    same_target = next(x for x in targets.splitlines() if "same messages" in x)
+    assert re.search(r"\| [\d.]+× \| (met|not met) \|$", same_target), same_target
     # 500 pending countdowns live in the broker, not the worker: none unacked.
     unacked = next(
         line
