@@ -336,37 +336,11 @@ def decode(
         raise DecodeError("field 'retries' must be a non-negative integer")
 
     task_id = _opt_str(obj, "id") or props.message_id or new_id()
-    if plain:  # no time or workflow field to read (most messages): the same Envelope, sooner
-        return Envelope(
-            task=task,
-            id=task_id,
-            args=tuple(args),
-            kwargs=kwargs,
-            retries=retries,
-            root_id=_opt_str(obj, "root_id"),
-            parent_id=_opt_str(obj, "parent_id"),
-            correlation_id=props.correlation_id,
-            reply_to=props.reply_to,
-            priority=props.priority,
-            headers=dict(props.headers) if props.headers else {},
-            reply_format=reply_format_of(props),
-        )
-    eta = None
-    if obj.get("eta") is not None and obj.get("countdown") is not None:
-        raise DecodeError("fields 'eta' and 'countdown' are mutually exclusive")
-    if obj.get("eta") is not None:
-        eta = parse_time(obj["eta"], "eta", now)
-    elif obj.get("countdown") is not None:
-        if not isinstance(obj["countdown"], (int, float)) or isinstance(obj["countdown"], bool):
-            raise DecodeError("field 'countdown' must be a number of seconds")
-        eta = parse_time(obj["countdown"], "countdown", now)
-    expires = parse_time(obj["expires"], "expires", now) if obj.get("expires") is not None else None
-
+    eta: datetime | None = None
+    expires: datetime | None = None
     links: dict[str, Any] = {}
-    for key in _LINK_FIELDS:
-        if obj.get(key) is not None:
-            links[key] = obj[key]
-    check_links(links)
+    if not plain:  # most messages have no time or workflow field: nothing to look for
+        eta, expires, links = _times_and_links(obj, now)
 
     priority = props.priority
     return Envelope(
@@ -386,6 +360,28 @@ def decode(
         headers=dict(props.headers) if props.headers else {},
         reply_format=reply_format_of(props),
     )
+
+
+def _times_and_links(
+    obj: dict[str, Any], now: datetime | None
+) -> tuple[datetime | None, datetime | None, dict[str, Any]]:
+    """A body's ``eta`` (or ``countdown``), ``expires`` and workflow fields, checked."""
+    eta = None
+    if obj.get("eta") is not None and obj.get("countdown") is not None:
+        raise DecodeError("fields 'eta' and 'countdown' are mutually exclusive")
+    if obj.get("eta") is not None:
+        eta = parse_time(obj["eta"], "eta", now)
+    elif obj.get("countdown") is not None:
+        if not isinstance(obj["countdown"], (int, float)) or isinstance(obj["countdown"], bool):
+            raise DecodeError("field 'countdown' must be a number of seconds")
+        eta = parse_time(obj["countdown"], "countdown", now)
+    expires = parse_time(obj["expires"], "expires", now) if obj.get("expires") is not None else None
+    links: dict[str, Any] = {}
+    for key in _LINK_FIELDS:
+        if obj.get(key) is not None:
+            links[key] = obj[key]
+    check_links(links)
+    return eta, expires, links
 
 
 def reply_format_of(props: Properties) -> str:

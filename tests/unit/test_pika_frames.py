@@ -24,22 +24,8 @@ import amqptasks.transport.pika_consumer  # noqa: F401  (pika_fields' float fix,
 from amqptasks.transport.pika_frames import ConsumerConnection
 
 TAG = "ctag-1"
-PROPERTY_NAMES = (
-    "content_type",
-    "content_encoding",
-    "headers",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "type",
-    "user_id",
-    "app_id",
-    "cluster_id",
-)
+#: Every basic property, named and ordered as pika's own decoder sets them.
+PROPERTY_NAMES = tuple(vars(pika.spec.BasicProperties()))
 
 
 @pytest.fixture
