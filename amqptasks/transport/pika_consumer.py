@@ -34,7 +34,6 @@ from functools import partial
 from typing import Any
 
 import pika
-import pika.adapters.asyncio_connection
 import pika.exceptions
 
 from ..config import redact_url

@@ -62,8 +62,6 @@ class Deliver:
     """``basic.deliver``'s fields, under the names ``spec.Basic.Deliver`` gives them."""
 
     __slots__ = ("consumer_tag", "delivery_tag", "exchange", "redelivered", "routing_key")
-    INDEX = _DELIVER_ID
-    NAME = "Basic.Deliver"
 
     def __init__(
         self,
@@ -220,6 +218,14 @@ class _Frame:
         self.properties = properties
 
 
+def _hand_over(
+    channel: pika.channel.Channel, deliver: Deliver | None, props: Props | None, body: bytes
+) -> None:
+    """A read delivery to the channel's own dispatch: its consumer lookup, and its reject of
+    a delivery that reaches a consumer cancelled on our side."""
+    channel._on_deliver(_Frame(deliver), _Frame(properties=props), body)
+
+
 class _Content:
     """One fast channel's delivery being read: its ``basic.deliver``, properties, body."""
 
@@ -289,7 +295,7 @@ class ConsumerConnection(pika.adapters.asyncio_connection.AsyncioConnection):  #
                         pos, deliver, props, body = whole
                         self.bytes_received += pos - start
                         self.frames_received += 3 if body else 2
-                        content.channel._on_deliver(_Frame(deliver), _Frame(properties=props), body)
+                        _hand_over(content.channel, deliver, props, body)
                         continue
                 if self._take(content, kind, buf, start + 7, end - 1):
                     self.bytes_received += end - start
@@ -390,9 +396,7 @@ class ConsumerConnection(pika.adapters.asyncio_connection.AsyncioConnection):  #
     def _deliver(self, content: _Content, body: bytes) -> None:
         deliver, props = content.deliver, content.props
         content.deliver = content.props = None
-        # The channel's own dispatch: consumer lookup, and the reject of a delivery that
-        # reaches a consumer cancelled on our side.
-        content.channel._on_deliver(_Frame(deliver), _Frame(properties=props), body)
+        _hand_over(content.channel, deliver, props, body)
 
     def _on_channel_cleanup(self, channel: pika.channel.Channel) -> None:
         self._fast.pop(channel.channel_number, None)

@@ -165,11 +165,9 @@ class FastPath:
             or continues(env)
             or env.time_limit
             or env.soft_time_limit
+            or self._wanted(env)
         ):
             return False
-        for m in self.middleware:  # a loop, not any(<genexpr>): this runs once per delivery
-            if m.wants(env):
-                return False
         slots = self.pipeline.slots
         if slots.try_take():
             self._start(delivery, env)
@@ -183,6 +181,14 @@ class FastPath:
         self.pipeline.observer.received(env, delivery.queue)  # reserved: inspect, events
         slots.enqueue(waiter)
         return True
+
+    def _wanted(self, env: Envelope) -> bool:
+        """Whether some middleware wants ``env`` (then the full pipeline runs it). A loop,
+        not ``any(<genexpr>)``: this runs once per delivery."""
+        for m in self.middleware:  # noqa: SIM110 (see the docstring)
+            if m.wants(env):
+                return True
+        return False
 
     def _granted(self, waiter: SyncWaiter, delivery: Delivery, env: Envelope) -> None:
         """A queued delivery's turn: start it — unless its connection died meanwhile (the
@@ -199,7 +205,7 @@ class FastPath:
                 slots.release()
                 observer.returned(env, delivery.queue)
                 self.pipeline.spawn(self.pipeline.settler.requeue(delivery), delivery)
-            elif env.task not in self.tasks or any(m.wants(env) for m in self.middleware):
+            elif env.task not in self.tasks or self._wanted(env):
                 slots.release()
                 self.pipeline.spawn(self.pipeline.process(delivery, env), delivery)
             else:
